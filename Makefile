@@ -1,0 +1,31 @@
+# One place that installs everything mmguard needs and runs its jobs.
+#   make demo   install, then run the main job on the bundled real emoji data
+#   make test   install, then lint and run the test suite (what CI runs)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/mmguard demo --out $(DEMO_OUT)
+
+lint: install
+	$(BIN)/ruff check src tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

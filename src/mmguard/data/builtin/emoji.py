@@ -1,0 +1,86 @@
+"""Emoji rendered from Debian's Noto Color Emoji font, named by Unicode's emoji-test.txt.
+
+Every fully-qualified emoji in Unicode's list that the font draws as one
+glyph: single code points, keycaps, flags and ZWJ sequences (families, people
+with objects...). Skin-tone variants are left out, so no two images differ only
+by a tone swatch. Captions are the official CLDR short names ("grinning face",
+"flag: France", "family: man, woman, boy"). Images are 64x64 RGB on white.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from mmguard.data.builtin.common import BuiltinItem, split_of
+from mmguard.errors import MMGuardError
+
+FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+DESCRIPTION = "~1,870 emoji with their Unicode names (64x64 RGB)"
+SOURCE = "Debian fonts-noto-color-emoji + unicode-data"
+PROMPT = "What does this emoji show?"
+SIZE = 64
+_FONT_SIZE = 109  # the only size the colour bitmap font carries
+_CANVAS = 136
+
+
+def parse_emoji_test(text: str) -> list[tuple[str, str]]:
+    """(emoji string, name) for fully-qualified, non-skin-tone, non-component emoji."""
+    found: list[tuple[str, str]] = []
+    group = ""
+    for line in text.splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        if "; fully-qualified" not in line or group == "Component":
+            continue
+        codepoints, rest = line.split(";", 1)
+        # "# 😀 E1.0 grinning face": drop the glyph and the version tag.
+        name = rest.split("#", 1)[1].strip().split(" ", 2)[2]
+        if "skin tone" in name:
+            continue
+        found.append(("".join(chr(int(cp, 16)) for cp in codepoints.split()), name))
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(FONT), _FONT_SIZE)
+
+
+def render(symbol: str) -> Image.Image:
+    canvas = Image.new("RGB", (_CANVAS, _CANVAS), "white")
+    font = _font()
+    left, top, right, bottom = font.getbbox(symbol)
+    origin = ((_CANVAS - (right - left)) // 2 - left, (_CANVAS - (bottom - top)) // 2 - top)
+    ImageDraw.Draw(canvas).text(origin, symbol, font=font, embedded_color=True)
+    return canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
+@functools.lru_cache(maxsize=1)
+def _all_emoji() -> tuple[tuple[str, str], ...]:
+    for needed, package in ((FONT, "fonts-noto-color-emoji"), (EMOJI_TEST, "unicode-data")):
+        if not needed.exists():
+            raise MMGuardError(f"the emoji dataset needs {needed}: install the Debian package "
+                               f"{package} (`make install` does)")
+    font = _font()
+    usable = []
+    for symbol, name in parse_emoji_test(EMOJI_TEST.read_text(encoding="utf-8")):
+        left, _, right, _ = font.getbbox(symbol)
+        # A sequence the font cannot ligate is drawn as several glyphs side by side.
+        if 0 < right - left <= _CANVAS:
+            usable.append((symbol, name))
+    return tuple(usable)
+
+
+def items(split: str) -> list[BuiltinItem]:
+    chosen = []
+    for symbol, name in _all_emoji():
+        if split_of(name) != split:
+            continue
+        key = "-".join(f"{ord(ch):x}" for ch in symbol) + ".png"
+        chosen.append(BuiltinItem(key=key, opener=functools.partial(render, symbol),
+                                  caption=name, answer=name))
+    return chosen

@@ -1,0 +1,123 @@
+"""Reading images as RGB at their stored resolution, and writing 8-bit PNGs.
+
+Every conversion is explicit: EXIF orientation is applied (what a viewer
+shows is what gets protected), grayscale and palette images become RGB,
+transparency is composited on white, CMYK is converted with Pillow's
+conversion. Nothing is resized: models resize inside their own differentiable
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmguard.data.records import ImageRef
+from mmguard.errors import BadItemError
+
+_WHITE = (255, 255, 255)
+
+
+def check_image_file(ref: ImageRef, item: str) -> None:
+    """Cheap checks that need no decoding: the file exists, is a file, is not empty."""
+    if ref.path is None:
+        return
+    path = ref.path
+    if not path.exists():
+        raise BadItemError(item, f"image file not found: {path}")
+    if not path.is_file():
+        raise BadItemError(item, f"image path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise BadItemError(item, f"image file is empty (0 bytes): {path}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB, compositing transparency on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        # Palette images may carry transparency in their info; RGBA keeps it.
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale to 8 bits rather than clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        array8 = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array8, mode="L").convert("RGB")
+    if image.mode == "F":
+        array8 = np.clip(np.round(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array8, mode="L").convert("RGB")
+    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's own conversions.
+    return image.convert("RGB")
+
+
+def open_pil(ref: ImageRef, item: str) -> Image.Image:
+    """Decode the image fully (so truncation is caught here) and orient it."""
+    check_image_file(ref, item)
+    try:
+        # Decompression bombs are a real risk with scraped folders: Pillow's
+        # size warning becomes an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if ref.path is not None:
+                with Image.open(ref.path) as handle:
+                    handle.load()
+                    image = handle.copy()  # copies info: transparency, exif
+            else:
+                image = ref.opener()
+                image.load()
+            return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise BadItemError(item, "not a recognised image format (Pillow cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise BadItemError(item, f"cannot decode image: {exc}") from None
+
+
+def load_image_uint8(ref: ImageRef, item: str) -> torch.Tensor:
+    """The image as a uint8 tensor of shape (3, H, W), oriented and in RGB."""
+    image = to_rgb(open_pil(ref, item))
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def to_float(image_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [0, 1]."""
+    return image_u8.to(torch.float32) / 255.0
+
+
+def save_png_atomic(image_u8: torch.Tensor, path: Path) -> None:
+    """Write a (3, H, W) uint8 tensor as PNG so the file is either whole or absent.
+
+    The PNG goes to a temporary file in the same folder and is renamed over the
+    target; a crash leaves at most a stray temporary, never a half image.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = image_u8.permute(1, 2, 0).contiguous().numpy()
+    handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_png_uint8(path: Path) -> torch.Tensor:
+    """Read back a PNG written by `save_png_atomic` as (3, H, W) uint8."""
+    with Image.open(path) as handle:
+        array = np.asarray(handle.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

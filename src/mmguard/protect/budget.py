@@ -1,0 +1,54 @@
+"""The perturbation budget: parsing it, and keeping it on the saved 8-bit file.
+
+A method optimises in float pixel space; what is released is an 8-bit image.
+Rounding could push a pixel one level past the budget (with eps = 0.03,
+255 * eps = 7.65, and a change of 7.7 levels rounds to 8). So the quantised
+change is clipped to the largest whole number of levels inside the budget,
+measured against the original's own 8-bit values.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from mmguard.errors import MMGuardError
+
+
+def parse_eps(text: str | float) -> float:
+    """'8/255' or '0.0314' -> float in (0, 1]; anything else is an error."""
+    raw = str(text).strip()
+    try:
+        value = float(Fraction(raw)) if "/" in raw else float(raw)
+    except (ValueError, ZeroDivisionError):
+        raise MMGuardError(f"budget {raw!r} is not a number; write it like 8/255 or 0.0314") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise MMGuardError(f"budget {raw!r} = {value:g} is outside (0, 1]; pixel values are "
+                           "in [0, 1], so 8/255 is the usual choice")
+    return value
+
+
+def levels(eps: float) -> int:
+    """The largest whole number of 8-bit levels k with k/255 <= eps."""
+    # The small tolerance keeps 8/255 (stored as a float) at 8 levels, not 7.
+    return math.floor(eps * 255.0 + 1e-6)
+
+
+def project_to_ball(perturbed: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1]."""
+    return torch.minimum(torch.maximum(perturbed, original - eps), original + eps).clamp(0.0, 1.0)
+
+
+def quantize_within_budget(original_u8: torch.Tensor, perturbed: torch.Tensor,
+                           eps: float) -> torch.Tensor:
+    """Round a float image in [0, 1] to uint8 with |result - original_u8| <= levels(eps)."""
+    k = levels(eps)
+    if k < 1:
+        raise MMGuardError(f"budget {eps:g} is below one 8-bit level (1/255); the saved image "
+                           "could not change at all")
+    base = original_u8.to(torch.int16)
+    rounded = torch.round(perturbed.detach().to(torch.float64) * 255.0).to(torch.int16)
+    clipped = torch.clamp(rounded, min=base - k, max=base + k).clamp(0, 255)
+    return clipped.to(torch.uint8)

@@ -1,0 +1,188 @@
+"""Protect a dataset end to end: validate, run a method, write the output.
+
+    dataset = read_dataset("photos/manifest.csv")
+    method = create_method("random", MethodSettings(eps=8 / 255, seed=0))
+    summary = protect_dataset(dataset, method, Path("protected"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from mmguard.data.images import check_image_file, load_image_uint8, to_float
+from mmguard.data.records import Dataset, ImageRef, Record
+from mmguard.errors import BadItemError, MMGuardError
+from mmguard.protect.base import ProtectionItem, ProtectionMethod
+from mmguard.protect.output import ProtectedDatasetWriter, output_image_paths
+
+MAX_TEXT_CHARS = 10_000
+_MAX_LISTED = 20
+
+
+@dataclass
+class ImageJob:
+    """One image to protect, with every text that goes with it."""
+
+    ref: ImageRef
+    where: str  # the first record naming this image, for messages
+    texts: list[str]
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    finished: int
+    written_now: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    max_linf_levels: int = 0
+    mean_psnr_db: float | None = None
+
+
+def plan_jobs(dataset: Dataset, limit: int | None,
+              max_text_chars: int = MAX_TEXT_CHARS) -> tuple[list[ImageJob], list[tuple[str, str]]]:
+    """Group records by image, keep the first `limit` images, and find bad items.
+
+    Returns the good jobs and the problems as (item, reason). Everything here
+    is cheap (no full decoding), so a bad row is reported before hours of work.
+    """
+    problems = [(r.where, r.reason) for r in dataset.rejected]
+    groups = dataset.records_by_image()
+    keys = list(groups)[:limit] if limit is not None else list(groups)
+    paths = output_image_paths(dataset)
+    jobs: list[ImageJob] = []
+    output_names: dict[str, str] = {}
+    for key in keys:
+        records = [dataset.records[i] for i in groups[key]]
+        first = records[0]
+        where = f"{first.where} ({key})"
+        try:
+            for record in records:
+                _check_texts(record, max_text_chars)
+            # Two images whose protected PNGs would share a path, also on
+            # case-insensitive file systems ("a/x.jpg" and "a/X.png").
+            name = paths[key].casefold()
+            if name in output_names:
+                raise BadItemError(where, f"its output file {paths[key]} would be the same as "
+                                          f"that of {output_names[name]}")
+            output_names[name] = where
+            _check_image_header(first.image, where)
+        except BadItemError as exc:
+            problems.append((exc.item, exc.reason))
+            continue
+        jobs.append(ImageJob(first.image, where, [t for r in records for t in r.texts()]))
+    return jobs, problems
+
+
+def _check_texts(record: Record, max_text_chars: int) -> None:
+    item = f"{record.where} ({record.image.key})"
+    named = record.named_texts()
+    if not named:
+        raise BadItemError(item, "no caption")
+    for name, text in named:
+        if not text.strip():
+            raise BadItemError(item, f"empty {name}")
+        if len(text) > max_text_chars:
+            raise BadItemError(item, f"{name} is {len(text):,} characters, over the "
+                                     f"{max_text_chars:,} limit")
+
+
+def _check_image_header(ref: ImageRef, where: str) -> None:
+    check_image_file(ref, where)
+    if ref.path is None:
+        return
+    try:
+        with Image.open(ref.path) as handle:
+            handle.size  # noqa: B018 - reading the header is the check
+    except UnidentifiedImageError:
+        raise BadItemError(where, "not a recognised image format (Pillow cannot identify "
+                                  f"{ref.path.name})") from None
+    except OSError as exc:
+        raise BadItemError(where, f"cannot read image: {exc}") from None
+
+
+def format_problems(problems: list[tuple[str, str]]) -> str:
+    lines = [f"  {item}: {reason}" for item, reason in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *,
+                    limit: int | None = None, skip_bad: bool = False, resume: bool = False,
+                    command: list[str] | None = None, progress: bool = True,
+                    input_fingerprint: dict | None = None) -> RunSummary:
+    jobs, problems = plan_jobs(dataset, limit)
+    if problems and not skip_bad:
+        raise MMGuardError(f"{len(problems)} bad item(s) in {dataset.source}; nothing was "
+                           f"written. Fix them or add --skip-bad:\n{format_problems(problems)}")
+    config = {**(input_fingerprint or {"input": dataset.source}), "kind": dataset.kind,
+              **method.describe(), "limit": limit, "skip_bad": skip_bad}
+    writer = ProtectedDatasetWriter(out_dir, dataset, config, command or [], resume,
+                                    method.trigger_position)
+    for item, reason in problems:
+        writer.skip_item(item, item, reason)
+    pending = [job for job in jobs if not writer.is_finished(job.ref.key)]
+    batch_size = max(1, method.settings.batch_size)
+    written = 0
+    status, error = "complete", None
+    try:
+        method.prepare(lambda: (batch for batch, _ in
+                                _load_batches(pending, batch_size, writer, skip_bad, None)))
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="img",
+                   desc=f"protect ({method.name})", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for batch, originals in _load_batches(pending, batch_size, writer, skip_bad, bar):
+                for item, original, result in zip(batch, originals,
+                                                  method.protect_batch(batch), strict=True):
+                    writer.write_item(item.key, original, result.image, result.trigger)
+                    written += 1
+                    bar.update(1)
+    except BadItemError as exc:
+        status, error = "failed", str(exc)
+        raise MMGuardError(
+            f"{exc}\n{len(writer.finished)} item(s) finished before this are kept in {out_dir}; "
+            "fix the item or add --skip-bad, then continue with --resume") from None
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the user"
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        writer.close(status, error)
+    finished = list(writer.finished.values())
+    psnrs = [i.psnr_db for i in finished if i.psnr_db != float("inf")]
+    return RunSummary(
+        out_dir=out_dir, finished=len(finished), written_now=written,
+        skipped=[(v["item"], v["reason"]) for v in writer.skipped.values()],
+        max_linf_levels=max((i.linf_levels for i in finished), default=0),
+        mean_psnr_db=sum(psnrs) / len(psnrs) if psnrs else None)
+
+
+def _load_batches(jobs: list[ImageJob], batch_size: int, writer: ProtectedDatasetWriter,
+                  skip_bad: bool, bar) -> Iterator[tuple[list[ProtectionItem], list]]:
+    """Decode images batch by batch; a bad image is skipped or stops the run."""
+    batch: list[ProtectionItem] = []
+    originals = []
+    for job in jobs:
+        try:
+            original = load_image_uint8(job.ref, job.where)
+        except BadItemError as exc:
+            if not skip_bad:
+                raise
+            writer.skip_item(job.ref.key, exc.item, exc.reason)
+            if bar is not None:
+                bar.update(1)
+            continue
+        batch.append(ProtectionItem(job.ref.key, to_float(original), job.texts))
+        originals.append(original)
+        if len(batch) == batch_size:
+            yield batch, originals
+            batch, originals = [], []
+    if batch:
+        yield batch, originals
