@@ -78,7 +78,8 @@ def open_pil(ref: ImageRef, item: str) -> Image.Image:
                 image.load()
             return ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
-        raise BadItemError(item, "not a recognised image format (Pillow cannot identify it)") from None
+        raise BadItemError(item, "not a recognised image format "
+                                 "(Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadItemError(item, f"cannot decode image: {exc}") from None

@@ -23,7 +23,8 @@ def parse_eps(text: str | float) -> float:
     try:
         value = float(Fraction(raw)) if "/" in raw else float(raw)
     except (ValueError, ZeroDivisionError):
-        raise MMGuardError(f"budget {raw!r} is not a number; write it like 8/255 or 0.0314") from None
+        raise MMGuardError(f"budget {raw!r} is not a number; "
+                           "write it like 8/255 or 0.0314") from None
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise MMGuardError(f"budget {raw!r} = {value:g} is outside (0, 1]; pixel values are "
                            "in [0, 1], so 8/255 is the usual choice")
