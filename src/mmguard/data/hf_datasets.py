@@ -42,6 +42,8 @@ def read_hf_dataset(path: Path, split: str | None) -> Dataset:
         if split is None or split not in loaded:
             raise MMGuardError(f"{path} has splits {', '.join(loaded)}; choose one with --split")
         loaded = loaded[split]
+    elif split is not None:
+        raise MMGuardError(f"{path} holds one dataset without splits; drop --split {split}")
     source = f"{path}" + (f" [{split}]" if split else "")
     kind = kind_from_columns(loaded.column_names, source)
     name_column = next((c for c in NAME_COLUMNS if c in loaded.column_names), None)

@@ -39,19 +39,20 @@ def check_image_file(ref: ImageRef, item: str) -> None:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB, compositing transparency on white."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
-    if image.mode == "P":
-        # Palette images may carry transparency in their info; RGBA keeps it.
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        # Palette entries or a PNG tRNS colour key can mark pixels transparent.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits rather than clipping at 255.
+        # 16-bit grayscale: scale to 8 bits rather than clipping at 255. Mode
+        # "I" (32-bit) does not say its range; values above 255 mean 16-bit.
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
+        top = 65535.0 if image.mode != "I" or array.max() > 255 else 255.0
         array8 = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(array8, mode="L").convert("RGB")
     if image.mode == "F":
@@ -97,24 +98,29 @@ def to_float(image_u8: torch.Tensor) -> torch.Tensor:
     return image_u8.to(torch.float32) / 255.0
 
 
-def save_png_atomic(image_u8: torch.Tensor, path: Path) -> None:
-    """Write a (3, H, W) uint8 tensor as PNG so the file is either whole or absent.
+def write_png_temporary(image_u8: torch.Tensor, folder: Path) -> Path:
+    """Write a (3, H, W) uint8 tensor as a fsynced PNG with a temporary name in `folder`.
 
-    The PNG goes to a temporary file in the same folder and is renamed over the
-    target; a crash leaves at most a stray temporary, never a half image.
+    The caller renames it into place (`os.replace`), so a crash leaves at most
+    a stray ``.tmp-*`` file, never a half image under the final name.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     array = image_u8.permute(1, 2, 0).contiguous().numpy()
-    handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     try:
         with os.fdopen(handle, "wb") as tmp:
             Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    return Path(tmp_name)
+
+
+def save_png_atomic(image_u8: torch.Tensor, path: Path) -> None:
+    """Write a (3, H, W) uint8 tensor as PNG so the file is either whole or absent."""
+    os.replace(write_png_temporary(image_u8, path.parent), path)
 
 
 def read_png_uint8(path: Path) -> torch.Tensor:

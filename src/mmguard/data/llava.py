@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,29 @@ def looks_like_llava(data: Any) -> bool:
         isinstance(entry, dict) and "conversations" in entry for entry in data)
 
 
+def _text_parts(value: str) -> list[str]:
+    """The value split around <image> tokens: text, token, text, token, ..."""
+    return re.split(f"({re.escape(IMAGE_TOKEN)})", value)
+
+
 def prompt_text(value: str) -> str:
-    return value.replace(IMAGE_TOKEN, "").strip()
+    """The prompt without the <image> token(s), whitespace joined once."""
+    return " ".join(part.strip() for part in _text_parts(value)
+                    if part != IMAGE_TOKEN and part.strip())
 
 
 def replace_prompt(value: str, new_prompt: str) -> str:
     """Put `new_prompt` where the old prompt text was, keeping the <image> token."""
-    old = prompt_text(value)
-    if old and old in value:
-        return value.replace(old, new_prompt, 1)
+    parts = _text_parts(value)
+    texts = [i for i, part in enumerate(parts) if part != IMAGE_TOKEN and part.strip()]
+    if len(texts) == 1:
+        # Keep the whitespace around the text, e.g. the newline after <image>.
+        part = parts[texts[0]]
+        lead = part[: len(part) - len(part.lstrip())]
+        trail = part[len(part.rstrip()):]
+        parts[texts[0]] = f"{lead}{new_prompt}{trail}"
+        return "".join(parts)
+    # The token sits inside the prompt (or there is no text): LLaVA's usual layout.
     return f"{IMAGE_TOKEN}\n{new_prompt}" if IMAGE_TOKEN in value else new_prompt
 
 

@@ -89,8 +89,10 @@ def read_csv(path: Path) -> Dataset:
             kind = kind_from_columns(columns, str(path))
             records: list[Record] = []
             rejected: list[Rejected] = []
+            first_line = 2  # after the header
             for row in reader:
-                where = f"{path.name} line {reader.line_num}"
+                # A quoted cell may span lines: name the row by its first line.
+                where, first_line = f"{path.name} line {first_line}", reader.line_num + 1
                 key, problem = safe_image_key(row.get("image"), root)
                 if problem:
                     rejected.append(Rejected(where, problem))
@@ -110,7 +112,9 @@ def read_jsonl(path: Path) -> Dataset:
     rejected: list[Rejected] = []
     kind: Kind | None = None
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        # Only "\n" ends a JSONL line: str.splitlines() would also split on
+        # U+2028 and friends, which JSON strings may hold unescaped.
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as exc:
         raise MMGuardError(f"{path}: not UTF-8 text ({exc})") from None
     for number, line in enumerate(lines, start=1):

@@ -8,8 +8,8 @@ Layout of an output folder:
     OUT/.mmguard/journal.jsonl                   append-only log of finished items
     OUT/.mmguard/lock                            held while a run writes here
 
-Each image is written to a temporary file and renamed, then one journal line
-is appended and fsynced. The journal is the truth for `--resume`; the manifest
+Each image is written to a temporary file and checked, one journal line is
+appended and fsynced, then the file is renamed into place. The journal is the truth for `--resume`; the manifest
 and run record are rebuilt from it at every flush, so a killed run leaves a
 usable, consistent folder of everything finished so far.
 """
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mmguard import __version__
-from mmguard.data.images import read_png_uint8, save_png_atomic
+from mmguard.data.images import read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.sources import mirror_manifest_name, write_mirror
 from mmguard.errors import MMGuardError
@@ -134,6 +134,9 @@ class ProtectedDatasetWriter:
         self.history: list[dict[str, Any]] = []
         if self.resuming:
             self._load_previous()
+            # A killed run can leave a half-written temporary; never a half image.
+            for stray in (out_dir / "images").rglob(".tmp-*"):
+                stray.unlink()
         self._journal = (out_dir / STATE_DIR / "journal.jsonl").open("a", encoding="utf-8")
         self.history.append({"command": command, "started": _now()})
         self._last_flush = time.monotonic()
@@ -188,16 +191,22 @@ class ProtectedDatasetWriter:
         image_u8 = quantize_within_budget(original_u8, protected, eps)
         relative = self.output_paths[key]
         target = self.out_dir / relative
-        save_png_atomic(image_u8, target)
-        # The budget is checked on what was saved, not on the tensor we meant to save.
-        saved = read_png_uint8(target)
-        change = linf_levels(original_u8, saved)
-        if saved.shape != original_u8.shape or change > levels(eps):
-            target.unlink(missing_ok=True)
-            raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps) or "
-                               "size; this is a bug in mmguard, please report it")
-        item = FinishedItem(key, relative, change, psnr_db(original_u8, saved), trigger)
-        self._append_journal({"status": "done", **item.to_json()})
+        # Order matters for --resume: check the temporary file, journal it, then
+        # rename. A final file therefore always has its journal line, and a
+        # crash at any point never makes a finished file be written again.
+        temporary = write_png_temporary(image_u8, target.parent)
+        try:
+            saved = read_png_uint8(temporary)
+            change = linf_levels(original_u8, saved)
+            if saved.shape != original_u8.shape or change > levels(eps):
+                raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps) "
+                                   "or size; this is a bug in mmguard, please report it")
+            item = FinishedItem(key, relative, change, psnr_db(original_u8, saved), trigger)
+            self._append_journal({"status": "done", **item.to_json()})
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         self.finished[key] = item
         self.skipped.pop(key, None)
         if time.monotonic() - self._last_flush > FLUSH_SECONDS:

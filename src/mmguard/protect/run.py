@@ -58,11 +58,11 @@ def plan_jobs(dataset: Dataset, limit: int | None,
     output_names: dict[str, str] = {}
     for key in keys:
         records = [dataset.records[i] for i in groups[key]]
-        first = records[0]
-        where = f"{first.where} ({key})"
+        where = f"{records[0].where} ({key})"
+        text_problems = [problem for record in records
+                         for problem in _text_problems(record, max_text_chars)]
+        problems.extend(text_problems)
         try:
-            for record in records:
-                _check_texts(record, max_text_chars)
             # Two images whose protected PNGs would share a path, also on
             # case-insensitive file systems ("a/x.jpg" and "a/X.png").
             name = paths[key].casefold()
@@ -70,25 +70,29 @@ def plan_jobs(dataset: Dataset, limit: int | None,
                 raise BadItemError(where, f"its output file {paths[key]} would be the same as "
                                           f"that of {output_names[name]}")
             output_names[name] = where
-            _check_image_header(first.image, where)
+            _check_image_header(records[0].image, where)
         except BadItemError as exc:
             problems.append((exc.item, exc.reason))
             continue
-        jobs.append(ImageJob(first.image, where, [t for r in records for t in r.texts()]))
+        if not text_problems:
+            jobs.append(ImageJob(records[0].image, where,
+                                 [text for record in records for text in record.texts()]))
     return jobs, problems
 
 
-def _check_texts(record: Record, max_text_chars: int) -> None:
+def _text_problems(record: Record, max_text_chars: int) -> list[tuple[str, str]]:
     item = f"{record.where} ({record.image.key})"
     named = record.named_texts()
     if not named:
-        raise BadItemError(item, "no caption")
+        return [(item, "no caption")]
+    problems = []
     for name, text in named:
         if not text.strip():
-            raise BadItemError(item, f"empty {name}")
-        if len(text) > max_text_chars:
-            raise BadItemError(item, f"{name} is {len(text):,} characters, over the "
-                                     f"{max_text_chars:,} limit")
+            problems.append((item, f"empty {name}"))
+        elif len(text) > max_text_chars:
+            problems.append((item, f"{name} is {len(text):,} characters, over the "
+                                   f"{max_text_chars:,} limit"))
+    return problems
 
 
 def _check_image_header(ref: ImageRef, where: str) -> None:

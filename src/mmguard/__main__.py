@@ -1,0 +1,3 @@
+from mmguard.cli import main
+
+main(prog_name="mmguard")

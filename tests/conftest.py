@@ -1,0 +1,59 @@
+"""Shared fixtures: small real image folders with manifests."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """A folder of 6 varied images (sizes, modes, formats, a subfolder) and manifest.csv."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    specs = [
+        ("a.jpg", "RGB", (40, 30), "JPEG"),
+        ("b.png", "RGBA", (17, 23), "PNG"),
+        ("c.png", "L", (32, 32), "PNG"),
+        ("sub/d.png", "RGB", (64, 48), "PNG"),
+        ("sub/e.webp", "RGB", (20, 20), "WEBP"),
+        ("f.png", "P", (25, 31), "PNG"),
+    ]
+    rows = []
+    for index, (name, mode, size, fmt) in enumerate(specs):
+        channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
+        array = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+        image = Image.fromarray(array.squeeze(-1) if channels == 1 else array,
+                                mode="L" if mode == "P" else mode)
+        if mode == "P":
+            image = image.convert("P")
+        image.save(root / name, format=fmt)
+        rows.append({"image": name, "caption": f"photo number {index}", "source": "test"})
+    rows.append({"image": "a.jpg", "caption": "a second caption of a", "source": "test"})
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "caption", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def write_manifest(root: Path, rows: list[dict], name: str = "manifest.csv") -> Path:
+    path = root / name
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.stealth import linf_levels, psnr_db
+from mmguard.protect.budget import levels, parse_eps, project_to_ball, quantize_within_budget
+
+
+@pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.0314", 0.0314), ("1", 1.0),
+                                         (" 16/255 ", 16 / 255)])
+def test_parse_eps_accepts_fractions_and_decimals(text, value):
+    assert parse_eps(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["0", "-8/255", "1.5", "256/255", "abc", "8/0", "nan", "inf", ""])
+def test_parse_eps_rejects_values_outside_the_unit_interval(text):
+    with pytest.raises(MMGuardError, match="budget"):
+        parse_eps(text)
+
+
+def test_levels_rounds_down_but_keeps_exact_fractions():
+    assert levels(8 / 255) == 8
+    assert levels(0.0314) == 8  # 8.007 levels
+    assert levels(0.03) == 7  # 7.65 levels: 8 would break the budget
+    assert levels(1.0) == 255
+
+
+@pytest.mark.parametrize("eps", [8 / 255, 0.03, 4 / 255, 1.5 / 255])
+def test_quantized_change_never_exceeds_budget(eps):
+    generator = torch.Generator().manual_seed(1)
+    original = torch.randint(0, 256, (3, 31, 17), generator=generator, dtype=torch.uint8)
+    base = original.float() / 255
+    # Push every pixel to the edge of (and past) the float ball.
+    noise = (torch.rand(base.shape, generator=generator) * 2 - 1) * eps * 1.3
+    perturbed = base + noise
+    quantized = quantize_within_budget(original, perturbed, eps)
+    assert quantized.dtype == torch.uint8
+    assert linf_levels(original, quantized) <= levels(eps)
+    assert linf_levels(original, quantized) == levels(eps)  # the bound is reached, not undershot
+
+
+def test_quantize_rejects_budget_below_one_level():
+    original = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    with pytest.raises(MMGuardError, match="below one 8-bit level"):
+        quantize_within_budget(original, original.float() / 255, 0.5 / 255)
+
+
+def test_projection_stays_in_ball_and_unit_range():
+    original = torch.tensor([0.0, 0.5, 1.0])
+    projected = project_to_ball(torch.tensor([-1.0, 0.9, 2.0]), original, 0.1)
+    assert torch.allclose(projected, torch.tensor([0.0, 0.6, 1.0]))
+
+
+def test_psnr_matches_hand_computation():
+    a = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    b = a.clone()
+    b[0, 0, 0] = 12  # mse = 144 / 12
+    assert psnr_db(a, b) == pytest.approx(10 * torch.log10(torch.tensor(255.0**2 / 12)).item())
+    assert psnr_db(a, a) == float("inf")

@@ -1,0 +1,331 @@
+"""Built-in datasets (emoji, digits, fashion-mnist) and exporting datasets to files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmguard.data.builtin import BUILTINS, load_builtin
+from mmguard.data.builtin import digits as digits_module
+from mmguard.data.builtin import emoji as emoji_module
+from mmguard.data.builtin import fashion_mnist as fashion_module
+from mmguard.data.builtin.emoji import parse_emoji_test
+from mmguard.data.export import export_dataset
+from mmguard.data.images import load_image_uint8, open_pil
+from mmguard.data.records import PairRecord, TripleRecord
+from mmguard.data.sources import read_dataset
+from mmguard.errors import MMGuardError
+
+needs_emoji = pytest.mark.skipif(
+    not (emoji_module.FONT.exists() and emoji_module.EMOJI_TEST.exists()),
+    reason="emoji font or emoji-test.txt not installed")
+needs_fashion = pytest.mark.skipif(
+    not (fashion_module.ROOT / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="dataset-fashion-mnist not installed")
+
+SMALL = [pytest.param("emoji", marks=needs_emoji), "digits"]
+
+
+def keys(dataset) -> list[str]:
+    return [record.image.key for record in dataset.records]
+
+
+def image(record) -> torch.Tensor:
+    return load_image_uint8(record.image, record.where)
+
+
+# --- shared properties -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_splits_disjoint_and_deterministic(name: str):
+    train = load_builtin(name, "train", "pairs")
+    test = load_builtin(name, "test", "pairs")
+
+    assert len(train.records) > len(test.records) > 0
+    assert not set(keys(train)) & set(keys(test))
+    assert len(set(keys(train))) == len(train.records)
+    assert len(set(keys(test))) == len(test.records)
+    assert keys(load_builtin(name, "train", "pairs")) == keys(train)
+    assert keys(load_builtin(name, "test", "pairs")) == keys(test)
+    assert train.source == f"builtin:{name}/train"
+    assert train.kind == "pairs"
+    assert train.images()[0].path is None  # in-memory images
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_pairs_and_triples_share_images(name: str):
+    pairs = load_builtin(name, "test", "pairs")
+    triples = load_builtin(name, "test", "triples")
+    prompt = BUILTINS[name].prompt
+
+    assert triples.kind == "triples"
+    assert keys(pairs) == keys(triples)
+    assert all(isinstance(record, PairRecord) for record in pairs.records)
+    assert all(isinstance(record, TripleRecord) for record in triples.records)
+    assert all(record.prompt == prompt for record in triples.records)
+    for pair, triple in list(zip(pairs.records, triples.records, strict=True))[:5]:
+        assert torch.equal(image(pair), image(triple))
+
+
+def test_prompts_are_the_module_prompts():
+    assert BUILTINS["emoji"].prompt == emoji_module.PROMPT
+    assert BUILTINS["digits"].prompt == digits_module.PROMPT
+    assert BUILTINS["fashion-mnist"].prompt == fashion_module.PROMPT
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(MMGuardError, match="digits"):
+        load_builtin("mnist")
+    with pytest.raises(MMGuardError, match="train"):
+        load_builtin("digits", "validation")
+
+
+# --- emoji -----------------------------------------------------------------------------
+
+
+@needs_emoji
+def test_emoji_captions():
+    records = (load_builtin("emoji", "train", "pairs").records
+               + load_builtin("emoji", "test", "pairs").records)
+    captions = [record.captions[0] for record in records]
+    by_key = {record.image.key: record.captions[0] for record in records}
+
+    assert len(records) > 1000
+    assert any(caption.startswith("flag: ") for caption in captions)
+    assert "flag: France" in captions
+    assert any("200d" in key for key in by_key)
+    assert not [caption for caption in captions if "skin tone" in caption]
+    assert not [key for key in by_key if any(f"1f3f{d}" in key for d in "bcdef")]
+    assert len(set(captions)) == len(captions)
+    for codepoint in (0x1F600, 0x1F431, 0x1F680, 0x1F34E):
+        key = f"{codepoint:x}.png"
+        assert by_key[key] == unicodedata.name(chr(codepoint)).lower(), key
+    assert by_key["1f1eb-1f1f7.png"] == "flag: France"
+
+
+@needs_emoji
+def test_emoji_triples_answer_is_the_name():
+    pairs = load_builtin("emoji", "test", "pairs")
+    triples = load_builtin("emoji", "test", "triples")
+    for pair, triple in zip(pairs.records, triples.records, strict=True):
+        assert triple.response == pair.captions[0]
+        assert triple.prompt == "What does this emoji show?"
+
+
+@needs_emoji
+def test_emoji_images_are_64x64_rgb_and_drawn():
+    records = (load_builtin("emoji", "train", "pairs").records
+               + load_builtin("emoji", "test", "pairs").records)
+    chosen = records[:3]
+    chosen.append(next(r for r in records if r.captions[0].startswith("flag: ")))
+    chosen.append(next(r for r in records if "200d" in r.image.key))
+    chosen.append(next(r for r in records if r.image.key == "1f600.png"))
+    for record in chosen:
+        pil = open_pil(record.image, record.where)
+        assert pil.mode == "RGB"
+        assert pil.size == (64, 64)
+        pixels = image(record)
+        assert tuple(pixels.shape) == (3, 64, 64)
+        assert (pixels != 255).any(), record.image.key
+        assert pixels[:, 0, 0].tolist() == [255, 255, 255]  # white background
+        # A drawn emoji covers a good part of the canvas, not a few stray pixels.
+        assert (pixels < 200).any(dim=0).float().mean() > 0.1, record.image.key
+    # Different emoji give different pictures.
+    assert not torch.equal(image(chosen[0]), image(chosen[1]))
+
+
+EMOJI_TEST_EXCERPT = """\
+# emoji-test.txt
+# Status: fully-qualified, minimally-qualified, unqualified, component
+
+# group: Smileys & Emotion
+
+# subgroup: face-smiling
+1F600                       ; fully-qualified     # 😀 E1.0 grinning face
+263A FE0F                   ; fully-qualified     # ☺️ E0.6 smiling face
+263A                        ; unqualified         # ☺ E0.6 smiling face
+1F636 200D 1F32B            ; minimally-qualified # 😶‍🌫 E13.1 face in clouds
+
+# group: People & Body
+1F44B                       ; fully-qualified     # 👋 E0.6 waving hand
+1F44B 1F3FB                 ; fully-qualified     # 👋🏻 E1.0 waving hand: light skin tone
+1F468 200D 1F469 200D 1F466 ; fully-qualified     # 👨‍👩‍👦 E2.0 family: man, woman, boy
+
+# group: Component
+1F3FB                       ; component           # 🏻 E1.0 light skin tone
+1F9B0                       ; fully-qualified     # 🦰 E11.0 red hair
+
+# group: Symbols
+0023 FE0F 20E3              ; fully-qualified     # #️⃣ E0.6 keycap: #
+
+# group: Flags
+1F1EB 1F1F7                 ; fully-qualified     # 🇫🇷 E2.0 flag: France
+"""
+
+
+def test_parse_emoji_test_excerpt():
+    assert parse_emoji_test(EMOJI_TEST_EXCERPT) == [
+        ("\U0001F600", "grinning face"),
+        ("\u263A\uFE0F", "smiling face"),
+        ("\U0001F44B", "waving hand"),
+        ("\U0001F468\u200D\U0001F469\u200D\U0001F466", "family: man, woman, boy"),
+        ("#\uFE0F\u20E3", "keycap: #"),
+        ("\U0001F1EB\U0001F1F7", "flag: France"),
+    ]
+
+
+# --- digits ----------------------------------------------------------------------------
+
+
+def test_digits_images_and_labels():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    train = load_builtin("digits", "train", "triples")
+    test = load_builtin("digits", "test", "triples")
+    assert len(train.records) + len(test.records) == len(bunch.target) == 1797
+
+    pairs = load_builtin("digits", "test", "pairs")
+    border_values = []
+    for pair, triple in zip(pairs.records, test.records, strict=True):
+        index = int(triple.image.key[len("digit-"):-len(".png")])
+        word = digits_module.WORDS[int(bunch.target[index])]
+        assert triple.response == word
+        assert pair.captions == (f"a handwritten digit {word}",)
+    for record in test.records[:40]:
+        pixels = image(record)
+        assert tuple(pixels.shape) == (3, 8, 8)
+        assert torch.equal(pixels[0], pixels[1])
+        assert torch.equal(pixels[0], pixels[2])
+        assert int(pixels.min()) < 128  # there is dark ink
+        border = torch.cat([pixels[0, 0], pixels[0, -1], pixels[0, :, 0], pixels[0, :, -1]])
+        border_values.extend(border.tolist())
+    assert np.mean(np.array(border_values) == 255) > 0.5  # white paper around the digit
+
+    first = test.records[0]
+    index = int(first.image.key[len("digit-"):-len(".png")])
+    expected = 255 - np.round(bunch.images[index] * 255.0 / 16.0)
+    assert np.array_equal(image(first)[0].numpy(), expected.astype(np.uint8))
+    assert open_pil(first.image, first.where).size == (8, 8)
+
+
+# --- fashion-mnist ------------------------------------------------------------------------
+
+
+def raw_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        return np.frombuffer(handle.read(), dtype=np.uint8, offset=header)
+
+
+@needs_fashion
+def test_fashion_mnist_sizes_and_items():
+    train = load_builtin("fashion-mnist", "train", "pairs")
+    test = load_builtin("fashion-mnist", "test", "triples")
+    assert len(train.records) == 60000
+    assert len(test.records) == 10000
+    assert not set(keys(train)) & set(keys(test))
+    assert keys(load_builtin("fashion-mnist", "test", "pairs")) == keys(test)
+
+    root = fashion_module.ROOT
+    labels = raw_idx(root / "t10k-labels-idx1-ubyte.gz", 8)
+    pixels = raw_idx(root / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    assert len(labels) == 10000
+    for index in (0, 1, 4321, 9999):
+        record = test.records[index]
+        name = fashion_module.CLASSES[int(labels[index])]
+        assert record.prompt == fashion_module.PROMPT
+        assert record.response == name
+        loaded = image(record)
+        assert tuple(loaded.shape) == (3, 28, 28)
+        assert np.array_equal(loaded[0].numpy(), pixels[index])
+
+    train_labels = raw_idx(root / "train-labels-idx1-ubyte.gz", 8)
+    first = train.records[0]
+    expected_name = fashion_module.CLASSES[int(train_labels[0])]
+    article = "an" if expected_name[0] in "aeiou" else "a"
+    assert first.captions == (f"a photo of {article} {expected_name}",)
+    assert train.records[59999].captions[0].startswith("a photo of ")
+
+
+# --- export -----------------------------------------------------------------------------
+
+
+def test_export_csv_round_trip(tmp_path: Path):
+    dataset = load_builtin("digits", "test", "pairs")
+    out = tmp_path / "export"
+
+    manifest = export_dataset(dataset, out, "csv", limit=5)
+
+    assert manifest == out / "manifest.csv"
+    pngs = sorted(p.name for p in (out / "images").iterdir())
+    assert pngs == sorted(record.image.key for record in dataset.records[:5])
+    assert len(pngs) == 5
+
+    back = read_dataset(manifest)
+    assert back.kind == "pairs"
+    assert back.rejected == []
+    assert [r.captions for r in back.records] == [r.captions for r in dataset.records[:5]]
+    for original, exported in zip(dataset.records[:5], back.records, strict=True):
+        assert exported.image.key == f"images/{original.image.key}"
+        assert torch.equal(image(exported), image(original))
+
+
+def test_export_jsonl_round_trip(tmp_path: Path):
+    dataset = load_builtin("digits", "train", "triples")
+    manifest = export_dataset(dataset, tmp_path / "export", "jsonl", limit=3)
+    assert manifest.name == "manifest.jsonl"
+    back = read_dataset(manifest)
+    assert back.kind == "triples"
+    assert [(r.prompt, r.response) for r in back.records] == [
+        (r.prompt, r.response) for r in dataset.records[:3]]
+
+
+def test_export_llava_triples_round_trip(tmp_path: Path):
+    dataset = load_builtin("digits", "test", "triples")
+    out = tmp_path / "export"
+
+    manifest = export_dataset(dataset, out, "llava", limit=4)
+
+    assert manifest == out / "conversations.json"
+    entries = json.loads(manifest.read_text(encoding="utf-8"))
+    assert len(entries) == 4
+    assert entries[0]["conversations"][0]["value"].startswith("<image>\n")
+    back = read_dataset(manifest)
+    assert back.kind == "triples"
+    assert back.fmt == "llava"
+    assert all(isinstance(record, TripleRecord) for record in back.records)
+    assert [(r.prompt, r.response) for r in back.records] == [
+        (digits_module.PROMPT, r.response) for r in dataset.records[:4]]
+    for original, exported in zip(dataset.records[:4], back.records, strict=True):
+        assert torch.equal(image(exported), image(original))
+
+
+def test_export_llava_needs_triples(tmp_path: Path):
+    with pytest.raises(MMGuardError, match="triples"):
+        export_dataset(load_builtin("digits", "test", "pairs"), tmp_path / "out", "llava")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_non_empty_folder(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(MMGuardError, match="not an empty folder"):
+        export_dataset(load_builtin("digits", "test", "pairs"), out, "csv", limit=2)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_export_into_existing_empty_folder_and_unknown_format(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = export_dataset(load_builtin("digits", "test", "pairs"), out, "csv", limit=1)
+    assert manifest.exists()
+    with pytest.raises(MMGuardError, match="unknown format"):
+        export_dataset(load_builtin("digits", "test", "pairs"), tmp_path / "x", "parquet")
