@@ -9,9 +9,10 @@ Layout of an output folder:
     OUT/.mmguard/lock                            held while a run writes here
 
 Each image is written to a temporary file and checked, one journal line is
-appended and fsynced, then the file is renamed into place. The journal is the truth for `--resume`; the manifest
-and run record are rebuilt from it at every flush, so a killed run leaves a
-usable, consistent folder of everything finished so far.
+appended and fsynced, then the file is renamed into place. The journal is the
+truth for `--resume`; the manifest and run record are rebuilt from it at every
+flush, so a killed run leaves a usable, consistent folder of everything
+finished so far.
 """
 
 from __future__ import annotations
