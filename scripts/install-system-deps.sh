@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages mmguard's built-in datasets read: the emoji font, Unicode's
-# emoji names, and Fashion-MNIST. Installs only what is missing.
+# emoji names, Fashion-MNIST, and an English word list (natural triggers).
+# Installs only what is missing.
 set -euo pipefail
-packages=(fonts-noto-color-emoji unicode-data dataset-fashion-mnist)
+packages=(fonts-noto-color-emoji unicode-data dataset-fashion-mnist wamerican)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

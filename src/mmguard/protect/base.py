@@ -8,16 +8,18 @@ the budget, writing files and run records, resuming.
 
 Methods that optimise over the whole dataset before emitting anything (EM,
 MEM: the surrogate is trained across rounds) do that work in `prepare`, which
-sees a re-iterable stream of batches; per-item state there must stream to
-disk, never sit in a dataset-sized tensor.
+gets a `DatasetView` (keys, texts, images loaded on demand) and a work folder;
+per-item state there streams to disk (see `state.py`), never into a
+dataset-sized tensor, and the work folder lets a killed run resume.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -44,11 +46,30 @@ class MethodSettings:
     device: str = "cpu"
     batch_size: int = 16
     surrogates: tuple[str, ...] = ()
+    surrogate_pretrained: str | None = None
     trigger_len: int | None = None
+    natural_triggers: bool = False
+    rounds: int = 10
+    pgd_steps: int = 8
+    step_size: float = 1 / 255
+    train_steps: int = 1
+    top_k: int = 16
+    beam_width: int = 1
+    trigger_rounds: int | None = None
+    stop_loss: float = 0.01
+    surrogate_lr: float = 1e-4
+    clean_epochs: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-BatchStream = Callable[[], Iterator[list[ProtectionItem]]]
+class DatasetView(Protocol):
+    """What `prepare` sees of the dataset: its images' keys and texts, and a loader."""
+
+    keys: list[str]
+    texts: dict[str, list[str]]
+
+    def load(self, keys: Sequence[str]) -> list[ProtectionItem]:
+        """Decode these images; bad ones are skipped (--skip-bad) or raise BadItemError."""
 
 
 class ProtectionMethod(ABC):
@@ -63,12 +84,20 @@ class ProtectionMethod(ABC):
     def __init__(self, settings: MethodSettings):
         self.settings = settings
 
-    def prepare(self, batches: BatchStream) -> None:  # noqa: B027 - optional hook
-        """Dataset-level optimisation before any output is written (default: none)."""
+    def prepare(self, data: DatasetView, workdir: Path) -> None:  # noqa: B027 - optional hook
+        """Dataset-level optimisation before any output is written (default: none).
+
+        `workdir` is kept between a run and its `--resume`; state saved there
+        lets a killed run continue where it stopped.
+        """
 
     @abstractmethod
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         """Protected images (and triggers) for one batch, in the batch's order."""
+
+    def report(self) -> dict[str, Any]:
+        """What the optimisation did (losses per round...), for the run record."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides the output, for the run record and resume checks."""

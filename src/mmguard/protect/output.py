@@ -234,7 +234,8 @@ class ProtectedDatasetWriter:
             rows.append((record.with_texts(texts), item.file))
         return rows
 
-    def flush(self, status: str, error: str | None = None) -> None:
+    def flush(self, status: str, error: str | None = None,
+              optimisation: dict[str, Any] | None = None) -> None:
         write_mirror(self.out_dir / mirror_manifest_name(self.dataset), self.dataset,
                      self.manifest_rows())
         finished = list(self.finished.values())
@@ -258,15 +259,17 @@ class ProtectedDatasetWriter:
                 "mean_psnr_db": round(sum(finite_psnr) / len(finite_psnr), 3)
                 if finite_psnr else None,
             },
+            "optimisation": optimisation or {},
             "skipped": [{"key": k, **v} for k, v in self.skipped.items()],
             "items": [i.to_json() for i in finished],
         }
         _write_json_atomic(self.out_dir / RUN_RECORD, record)
         self._last_flush = time.monotonic()
 
-    def close(self, status: str, error: str | None = None) -> None:
+    def close(self, status: str, error: str | None = None,
+                optimisation: dict[str, Any] | None = None) -> None:
         try:
-            self.flush(status, error)
+            self.flush(status, error, optimisation)
         finally:
             self._journal.close()
             self._lock.close()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodSettings, ProtectionMethod
+from mmguard.protect.em import ErrorMinimizing
+from mmguard.protect.mem import MultiStepErrorMinimizing
 from mmguard.protect.random_noise import RandomNoise
+from mmguard.protect.uap import ErrorMaximizing
 
-METHODS: dict[str, type[ProtectionMethod]] = {cls.name: cls for cls in (RandomNoise,)}
+METHODS: dict[str, type[ProtectionMethod]] = {
+    cls.name: cls for cls in (RandomNoise, ErrorMinimizing, ErrorMaximizing,
+                              MultiStepErrorMinimizing)
+}
 
 
 def create_method(name: str, settings: MethodSettings,

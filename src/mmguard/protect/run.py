@@ -18,7 +18,7 @@ from mmguard.data.images import check_image_file, load_image_uint8, to_float
 from mmguard.data.records import Dataset, ImageRef, Record
 from mmguard.errors import BadItemError, MMGuardError
 from mmguard.protect.base import ProtectionItem, ProtectionMethod
-from mmguard.protect.output import ProtectedDatasetWriter, output_image_paths
+from mmguard.protect.output import STATE_DIR, ProtectedDatasetWriter, output_image_paths
 
 MAX_TEXT_CHARS = 10_000
 _MAX_LISTED = 20
@@ -135,8 +135,7 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
     written = 0
     status, error = "complete", None
     try:
-        method.prepare(lambda: (batch for batch, _ in
-                                _load_batches(pending, batch_size, writer, skip_bad, None)))
+        method.prepare(_JobsView(jobs, writer, skip_bad), out_dir / STATE_DIR / "work")
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="img",
                    desc=f"protect ({method.name})", disable=not progress, dynamic_ncols=True)
         with bar:
@@ -158,7 +157,7 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        writer.close(status, error)
+        writer.close(status, error, method.report())
     finished = list(writer.finished.values())
     psnrs = [i.psnr_db for i in finished if i.psnr_db != float("inf")]
     return RunSummary(
@@ -166,6 +165,31 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
         skipped=[(v["item"], v["reason"]) for v in writer.skipped.values()],
         max_linf_levels=max((i.linf_levels for i in finished), default=0),
         mean_psnr_db=sum(psnrs) / len(psnrs) if psnrs else None)
+
+
+class _JobsView:
+    """The DatasetView a method's `prepare` sees: every good image, loaded on demand."""
+
+    def __init__(self, jobs: list[ImageJob], writer: ProtectedDatasetWriter, skip_bad: bool):
+        self._jobs = {job.ref.key: job for job in jobs}
+        self._writer = writer
+        self._skip_bad = skip_bad
+        self.keys = list(self._jobs)
+        self.texts = {key: job.texts for key, job in self._jobs.items()}
+
+    def load(self, keys) -> list[ProtectionItem]:
+        items = []
+        for key in keys:
+            job = self._jobs[key]
+            try:
+                image = to_float(load_image_uint8(job.ref, job.where))
+            except BadItemError as exc:
+                if not self._skip_bad:
+                    raise
+                self._writer.skip_item(key, exc.item, exc.reason)
+                continue
+            items.append(ProtectionItem(key, image, job.texts))
+        return items
 
 
 def _load_batches(jobs: list[ImageJob], batch_size: int, writer: ProtectedDatasetWriter,

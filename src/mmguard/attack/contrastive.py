@@ -1,0 +1,170 @@
+"""The attacker for image-caption data: train a CLIP-style model, test retrieval.
+
+The recipe follows MEM's (Liu et al. 2024, section 4.1): AdamW, weight decay
+0.2, linear warmup then cosine decay, temperature capped at 100. Recipes:
+
+- scratch: every weight from random initialisation (MEM's main setting);
+- finetune: start from the model's pretrained weights (`--pretrained`), train all;
+- projection: freeze both towers, train only the projection heads and the
+  temperature (a linear-probe style attacker).
+
+Images are decoded once and kept at the model's input size (the
+`ImagePreprocess` resize/crop, normalisation done per batch); an augmentation
+spec, if given, is applied to each stored-resolution image before that, once
+per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mmguard.attack.augment import AugmentPipeline
+from mmguard.data.images import load_image_uint8, to_float
+from mmguard.data.records import Dataset, PairRecord
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.retrieval import random_guess_level, retrieval_metrics
+from mmguard.models.contrastive import ContrastiveModel, info_nce
+from mmguard.models.registry import create_contrastive_model
+
+RECIPES = ("scratch", "finetune", "projection")
+
+
+@dataclass
+class AttackerRecipe:
+    model: str = "rn-tiny"
+    recipe: str = "scratch"
+    pretrained: str | None = None
+    epochs: int = 30
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    batch_size: int = 64
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    augment: AugmentPipeline | None = None
+
+
+@dataclass
+class ImageCaptionSet:
+    """Decoded images (at stored size) with their captions, for training or testing."""
+
+    images: list[torch.Tensor]
+    captions: list[list[str]]
+    keys: list[str] = field(default_factory=list)
+
+
+def load_pairs(dataset: Dataset) -> ImageCaptionSet:
+    if dataset.kind != "pairs":
+        raise MMGuardError(f"{dataset.source} holds {dataset.kind}; retrieval evaluation needs "
+                           "image-caption pairs")
+    groups = dataset.records_by_image()
+    images, captions = [], []
+    for indices in groups.values():
+        records = [dataset.records[i] for i in indices]
+        assert all(isinstance(r, PairRecord) for r in records)
+        images.append(to_float(load_image_uint8(records[0].image, records[0].where)))
+        captions.append([c for r in records for c in r.captions])
+    return ImageCaptionSet(images, captions, list(groups))
+
+
+def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:
+    if recipe.recipe not in RECIPES:
+        raise MMGuardError(f"unknown recipe {recipe.recipe!r}; choose one of {', '.join(RECIPES)}")
+    if recipe.recipe == "finetune" and not recipe.pretrained:
+        raise MMGuardError("--recipe finetune starts from pretrained weights: give --pretrained")
+    torch.manual_seed(recipe.seed)
+    model = create_contrastive_model(recipe.model, recipe.pretrained, recipe.device)
+    if recipe.recipe == "projection":
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(_is_head(name))
+    return model
+
+
+def _is_head(name: str) -> bool:
+    # open_clip: text_projection, visual.attnpool.c_proj / visual.proj, logit_scale
+    return any(part in name for part in ("text_projection", "attnpool.c_proj", "visual.proj",
+                                         "logit_scale"))
+
+
+def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
+                   progress=None) -> tuple[ContrastiveModel, list[float]]:
+    """Train the attacker; returns the model and the mean loss of every epoch."""
+    if len(train.images) < 2:
+        raise MMGuardError("the training set needs at least two images")
+    model = _build_model(recipe)
+    device = torch.device(recipe.device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train.images) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    warmup = int(total * recipe.warmup_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _cosine_with_warmup(step, total, warmup))
+    rng = random.Random(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    fixed_pixels = None if recipe.augment else _resized(model, train.images)
+    tokens = [model.tokenize(captions) for captions in train.captions]
+    epoch_losses = []
+    for epoch in range(recipe.epochs):
+        model.train()
+        pixels = fixed_pixels if fixed_pixels is not None else _resized(
+            model, [recipe.augment(image, generator) for image in train.images])
+        order = list(range(len(train.images)))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order), recipe.batch_size):
+            batch = order[start:start + recipe.batch_size]
+            if len(batch) < 2:
+                continue
+            ids = torch.stack([tokens[i][rng.randrange(len(tokens[i]))] for i in batch])
+            image_features = model.encode_pixels(model.preprocess.normalize(
+                pixels[batch].to(device)))
+            loss = info_nce(model.logits(image_features, model.encode_text(ids.to(device))))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        epoch_losses.append(sum(losses) / max(1, len(losses)))
+        if progress is not None:
+            progress(epoch + 1, epoch_losses[-1])
+    return model, epoch_losses
+
+
+def _resized(model: ContrastiveModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Images at the model's input size in [0, 1] (normalisation happens per batch)."""
+    with torch.no_grad():
+        return torch.cat([model.preprocess.resize_crop(image[None]) for image in images])
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
+                       batch_size: int = 256) -> dict:
+    """R@1/5/10, MedR and MeanR in both directions on a (clean) test set."""
+    model.eval()
+    device = model.device
+    pixels = _resized(model, test.images)
+    image_features = torch.cat([
+        model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
+        for chunk in pixels.split(batch_size)])
+    texts = [caption for captions in test.captions for caption in captions]
+    owners = torch.tensor([i for i, captions in enumerate(test.captions) for _ in captions])
+    text_features = torch.cat([model.encode_text(model.tokenize(texts[s:s + batch_size])
+                                                 .to(device))
+                               for s in range(0, len(texts), batch_size)])
+    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), owners)
+    per_image = max(1, round(len(texts) / len(test.images)))
+    metrics["random"] = random_guess_level(len(test.images), len(texts), per_image)
+    return metrics

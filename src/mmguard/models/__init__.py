@@ -1,0 +1,1 @@
+"""Surrogate and attacker models behind small contracts, chosen by name."""

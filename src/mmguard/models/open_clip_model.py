@@ -1,0 +1,109 @@
+"""open_clip CLIP models (ModifiedResNet and ViT image towers) as ContrastiveModels.
+
+Scaled-down architectures for CPU work are open_clip configs kept as JSON in
+`configs/` (registered with open_clip at import); full sizes (RN50, RN101,
+ViT-B-32, ...) are open_clip's own, with `pretrained=` passed straight to
+`open_clip.create_model` for users who can download weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmguard.models.contrastive import ContrastiveModel
+from mmguard.models.preprocess import ImagePreprocess
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class OpenClipModel(ContrastiveModel):
+    """An open_clip `CLIP` behind the ContrastiveModel contract.
+
+    Arguments:
+        architecture: open_clip model name, e.g. "mmguard-rn-tiny" or "RN50".
+        pretrained: open_clip pretrained tag or checkpoint path (None: random init).
+
+    Example:
+        model = OpenClipModel("mmguard-rn-tiny")
+        loss = info_nce(model.logits(model.encode_images(images), model.encode_texts(captions)))
+    """
+
+    def __init__(self, architecture: str, pretrained: str | None = None):
+        super().__init__()
+        self.architecture = architecture
+        self.clip = open_clip.create_model(architecture, pretrained=pretrained)
+        self.tokenizer = open_clip.get_tokenizer(architecture)
+        self.context_length = self.tokenizer.context_length
+        cfg = open_clip.get_model_preprocess_cfg(self.clip)
+        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+        self.preprocess = ImagePreprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]),
+                                          cfg.get("interpolation", "bicubic"))
+        self._replacement: torch.Tensor | None = None
+        # The hook swaps the table lookup's output for caller-given embeddings,
+        # so open_clip's own encode_text runs unchanged (no forked model code).
+        self.clip.token_embedding.register_forward_hook(self._swap_embeddings)
+
+    def _swap_embeddings(self, module, inputs, output):
+        return self._replacement
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, ids: torch.Tensor,
+                    replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        self._replacement = replace_embeddings
+        try:
+            return F.normalize(self.clip.encode_text(ids), dim=-1)
+        finally:
+            self._replacement = None
+
+    @property
+    def token_embeddings(self) -> nn.Embedding:
+        return self.clip.token_embedding
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    @property
+    def trigger_offset(self) -> int:
+        return 1  # after <start_of_text>
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def compose_ids(self, prefix: Sequence[int], text_ids: Sequence[int]) -> torch.Tensor:
+        body = [int(i) for i in prefix] + [int(i) for i in text_ids]
+        body = body[: self.context_length - 2]
+        ids = [self.tokenizer.sot_token_id, *body, self.tokenizer.eot_token_id]
+        return torch.tensor(ids + [0] * (self.context_length - len(ids)), dtype=torch.long)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids]).strip()
+
+    def word_token_ids(self) -> list[int]:
+        return list(_word_token_ids(self.architecture, self.tokenizer))
+
+
+@functools.lru_cache(maxsize=8)
+def _word_token_ids(architecture: str, tokenizer) -> tuple[int, ...]:
+    # BPE marks word-final pieces with "</w>"; keep plain alphabetic words of two
+    # or more letters that tokenize back to exactly themselves.
+    found = []
+    for piece, index in tokenizer.encoder.items():
+        word = piece[:-4]
+        if piece.endswith("</w>") and len(word) >= 2 and word.isascii() and word.isalpha() \
+                and tokenizer.encode(word) == [index]:
+            found.append(index)
+    return tuple(sorted(found))

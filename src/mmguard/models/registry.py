@@ -1,0 +1,68 @@
+"""Surrogates and attackers by name.
+
+The same name works as a surrogate (protect) and as an attacker (evaluate), so
+white-box means the same name on both sides and transfer means two names.
+
+- rn-tiny, vit-tiny: scaled-down open_clip ModifiedResNet / ViT CLIPs (64 px)
+  that train in minutes on a CPU;
+- rn-test: a minimal ResNet CLIP (32 px) for unit tests;
+- RN50, RN101, ViT-B-32, ViT-B-16: open_clip's full architectures, for GPUs,
+  with `pretrained` passed on;
+- open_clip:ARCH: any other open_clip architecture by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mmguard.errors import MMGuardError
+from mmguard.models.contrastive import ContrastiveModel
+
+_OPEN_CLIP_ALIASES = {
+    "rn-tiny": "mmguard-rn-tiny",
+    "vit-tiny": "mmguard-vit-tiny",
+    "rn-test": "mmguard-rn-test",
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "ViT-B-32": "ViT-B-32",
+    "ViT-B-16": "ViT-B-16",
+}
+
+CONTRASTIVE_MODELS: dict[str, str] = {
+    "rn-tiny": "open_clip ModifiedResNet CLIP, 64 px, 8M params (CPU scale)",
+    "vit-tiny": "open_clip ViT CLIP, 64 px, patch 8, 7M params (CPU scale)",
+    "rn-test": "minimal open_clip ResNet CLIP, 32 px (unit tests)",
+    "RN50": "open_clip RN50 (GPU; --pretrained openai/yfcc15m/cc12m)",
+    "RN101": "open_clip RN101 (GPU)",
+    "ViT-B-32": "open_clip ViT-B-32 (GPU; --pretrained openai/laion2b_s34b_b79k/...)",
+    "ViT-B-16": "open_clip ViT-B-16 (GPU)",
+    "open_clip:ARCH": "any open_clip architecture by its open_clip name",
+}
+
+
+def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
+    def build(pretrained: str | None) -> ContrastiveModel:
+        from mmguard.models.open_clip_model import OpenClipModel
+
+        return OpenClipModel(architecture, pretrained)
+
+    return build
+
+
+def create_contrastive_model(name: str, pretrained: str | None = None,
+                             device: str = "cpu") -> ContrastiveModel:
+    """Build a contrastive model by registry name (random init unless `pretrained`)."""
+    if name.startswith("open_clip:"):
+        builder = _open_clip(name.split(":", 1)[1])
+    elif name in _OPEN_CLIP_ALIASES:
+        builder = _open_clip(_OPEN_CLIP_ALIASES[name])
+    else:
+        raise MMGuardError(f"unknown model {name!r}; available: {', '.join(CONTRASTIVE_MODELS)}")
+    try:
+        model = builder(pretrained)
+    except RuntimeError as exc:
+        if pretrained:
+            raise MMGuardError(f"could not load pretrained weights {pretrained!r} for {name}: "
+                               f"{exc}") from None
+        raise
+    return model.to(device)

@@ -1,0 +1,47 @@
+"""Projected gradient descent (or ascent) on per-image L-infinity perturbations.
+
+Works on lists of images of different sizes. Gradients are taken with
+`torch.autograd.grad` w.r.t. the perturbations only, so nothing accumulates in
+the model's parameters between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def project(original: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip delta to [-eps, eps] and keep original + delta inside [0, 1]."""
+    delta = delta.clamp(-eps, eps)
+    return (original + delta).clamp(0.0, 1.0) - original
+
+
+def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
+        loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
+        step_size: float, steps: int, maximize: bool = False) -> list[torch.Tensor]:
+    """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
+
+    Arguments:
+        originals: clean images, each (3, H, W) in [0, 1].
+        deltas: current perturbations, same shapes (zeros for a fresh start).
+        loss_fn: perturbed images -> scalar loss.
+        eps: L-infinity budget; step_size: per-step change (e.g. 1/255).
+        maximize: ascend (error-maximising, UAP) instead of descend (EM, MEM).
+    """
+    sign = 1.0 if maximize else -1.0
+    current = [project(x, d.detach(), eps) for x, d in zip(originals, deltas, strict=True)]
+    for _ in range(steps):
+        variables = [d.clone().requires_grad_(True) for d in current]
+        loss = loss_fn([x + d for x, d in zip(originals, variables, strict=True)])
+        grads = torch.autograd.grad(loss, variables)
+        current = [project(x, d.detach() + sign * step_size * g.sign(), eps)
+                   for x, d, g in zip(originals, current, grads, strict=True)]
+    return current
+
+
+def random_start(originals: Sequence[torch.Tensor], eps: float,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    return [project(x, (torch.rand(x.shape, generator=generator) * 2 - 1) * eps, eps)
+            for x in originals]
