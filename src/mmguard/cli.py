@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from mmguard import __version__
+from mmguard.attack.contrastive import RECIPES
 from mmguard.data.builtin import BUILTINS, SPLITS, load_builtin
 from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
@@ -20,10 +21,8 @@ from mmguard.protect.budget import levels, parse_eps
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
 
-# Options of `protect` that are method settings; used to tell the method which
-# ones the user set, so a method can refuse options it would ignore.
-_METHOD_OPTIONS = {"batch_size": "batch_size", "device": "device", "surrogate": "surrogates",
-                   "trigger_len": "trigger_len"}
+# CLI option names that differ from their MethodSettings field.
+_SETTING_NAMES = {"surrogate": "surrogates"}
 
 
 class EpsParam(click.ParamType):
@@ -100,33 +99,56 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--skip-bad", is_flag=True,
               help="Skip bad items (listed with their reason in mmguard-run.json) instead of "
                    "stopping at the first one.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Images per optimisation batch (model-based methods).")
-@click.option("--device", default="cpu", show_default=True,
-              help="Torch device for model-based methods, e.g. cuda or cuda:1.")
 @click.option("--surrogate", multiple=True,
-              help="Surrogate model name (repeat for an ensemble; model-based methods).")
+              help="Surrogate model name (see `mmguard models`); model-based methods.")
+@click.option("--surrogate-pretrained", default=None,
+              help="Pretrained weights for the surrogate (open_clip tag or checkpoint path).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None,
+              help="Images per optimisation batch [method default: 16].")
+@click.option("--device", default=None, help="Torch device, e.g. cuda or cuda:1 [cpu].")
 @click.option("--trigger-len", type=click.IntRange(min=1, max=32), default=None,
-              help="Text trigger length in tokens (methods with a trigger).")
+              help="Text trigger length in tokens [mem: 3].")
+@click.option("--natural-triggers", is_flag=True, default=None,
+              help="Triggers of real English words only (MEM section 4.4).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Outer rounds of bilevel optimisation [10].")
+@click.option("--pgd-steps", type=click.IntRange(min=1), default=None,
+              help="PGD steps per batch and round [8].")
+@click.option("--step-size", type=EpsParam(), default=None, help="PGD step size [1/255].")
+@click.option("--train-steps", type=click.IntRange(min=0), default=None,
+              help="Surrogate training steps per batch and round [1].")
+@click.option("--surrogate-lr", type=float, default=None, help="Surrogate learning rate [1e-4].")
+@click.option("--clean-epochs", type=click.IntRange(min=0), default=None,
+              help="uap: clean surrogate training epochs [10].")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="HotFlip candidates per trigger position [16].")
+@click.option("--beam-width", type=click.IntRange(min=1), default=None,
+              help="Beam width of the trigger search [1].")
+@click.option("--trigger-rounds", type=click.IntRange(min=0), default=None,
+              help="Update triggers only in the first N rounds [half of --rounds].")
+@click.option("--stop-loss", type=float, default=None,
+              help="Stop when the mean training loss on protected data is below this [0.01].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.pass_context
-def protect(ctx, data, dataset_name, split, kind, method, eps, out, limit, seed, resume,
-            skip_bad, batch_size, device, surrogate, trigger_len, quiet):
+def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resume, skip_bad,
+            quiet, **method_options):
     """Protect a dataset: perturb its images (and add a text trigger if the method uses
     one) and write the protected copy, with a run record, to --out.
 
+    Method options left out take the method's defaults (in brackets).
+
     \b
     Examples:
-      mmguard protect --dataset emoji --method random --out protected/
+      mmguard protect --dataset emoji --method mem --trigger-len 5 --out protected/
       mmguard protect --data photos/manifest.csv --method random --eps 8/255 --out out/
     """
     dataset = load_input(data, dataset_name,
                          split, "pairs" if dataset_name and kind == "auto" else kind)
-    given = frozenset(setting for option, setting in _METHOD_OPTIONS.items()
-                      if ctx.get_parameter_source(option) == ParameterSource.COMMANDLINE)
-    settings = MethodSettings(eps=eps, seed=seed, device=device, batch_size=batch_size,
-                              surrogates=tuple(surrogate), trigger_len=trigger_len)
-    protection = create_method(method, settings, given)
+    given = {_SETTING_NAMES.get(option, option): value
+             for option, value in method_options.items() if value not in (None, ())}
+    if "surrogates" in given:
+        given["surrogates"] = tuple(given["surrogates"])
+    settings = MethodSettings(eps=eps, seed=seed, **given)
+    protection = create_method(method, settings, frozenset(given))
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))
     started = time.monotonic()
     summary = protect_dataset(dataset, protection, out, limit=limit, skip_bad=skip_bad,
@@ -148,26 +170,100 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
 
 
 @main.command()
-@click.option("--train", type=click.Path(path_type=Path), required=True,
-              help="Training manifest for the attacker (protected or clean).")
-@click.option("--test", type=click.Path(path_type=Path), required=True,
-              help="Clean test manifest.")
-@click.option("--attacker", required=True, help="Attacker model name from the registry.")
-@click.option("--recipe", type=click.Choice(("scratch", "finetune", "projection", "lora")),
-              default="scratch", show_default=True, help="How the attacker trains.")
-@click.option("--baseline-train", type=click.Path(path_type=Path),
-              help="Clean training manifest: also train a clean attacker and report degradation.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--augment", default=None, help="Attacker-side transformations, e.g. jpeg:75.")
-@click.option("--mix-clean", default=None, help="MANIFEST:FRACTION of clean data mixed in.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
-def evaluate(**options):
-    """Train an attacker on --train and measure it on the clean --test set."""
-    raise MMGuardError("attacker training and retrieval/answer evaluation are not built yet; "
-                       "`mmguard protect` works today with --method random")
+@click.option("--train", required=True,
+              help="Attacker's training data: a manifest (e.g. a protected folder's) or "
+                   "NAME:SPLIT of a built-in dataset.")
+@click.option("--test", required=True, help="Clean test data, e.g. emoji:test.")
+@click.option("--attacker", default="rn-tiny", show_default=True,
+              help="Attacker model name (see `mmguard models`).")
+@click.option("--recipe", type=click.Choice(RECIPES), default="scratch", show_default=True,
+              help="scratch: random init; finetune: from --pretrained; projection: heads only.")
+@click.option("--pretrained", default=None, help="Attacker's starting weights (finetune).")
+@click.option("--baseline-train", default=None,
+              help="Clean training data: also train a clean attacker and report degradation.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--augment", default=None,
+              help="Attacker-side transformations applied to training images each epoch, "
+                   "e.g. jpeg:75, resize:0.5, grayscale, crop-flip, blur:1 (comma-separated).")
+@click.option("--mix-clean", default=None,
+              help="CLEAN_MANIFEST:FRACTION: replace this fraction of the training images by "
+                   "their clean originals (partial protection).")
+@click.option("--seeds", default="0", show_default=True,
+              help="Comma-separated attacker seeds; results report mean and spread.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write the full report (per seed, mean, std, random level) here.")
+def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, lr, batch_size,
+             augment, mix_clean, seeds, device, json_out):
+    """Train an attacker on --train and measure retrieval on the clean --test set.
+
+    \b
+    Example (does protection work?):
+      mmguard evaluate --train protected/manifest.csv --baseline-train emoji:train \\
+          --test emoji:test --attacker rn-tiny --seeds 0,1,2
+    """
+    from mmguard.attack.augment import parse_augment
+    from mmguard.attack.contrastive import AttackerRecipe, load_pairs
+    from mmguard.evaluate.protocol import (
+        evaluate_contrastive,
+        markdown_table,
+        resolve_dataset,
+    )
+    from mmguard.evaluate.protocol import (
+        mix_clean as mix,
+    )
+
+    seed_list = _parse_seeds(seeds)
+    train_dataset = resolve_dataset(train)
+    train_set = load_pairs(train_dataset)
+    if mix_clean:
+        clean_spec, _, fraction = mix_clean.rpartition(":")
+        try:
+            share = float(fraction)
+        except ValueError:
+            raise MMGuardError(f"--mix-clean {mix_clean!r}: expected MANIFEST:FRACTION") from None
+        train_set = mix(train_set, train_dataset, resolve_dataset(clean_spec), share, seed_list[0])
+    recipe_settings = AttackerRecipe(
+        model=attacker, recipe=recipe, pretrained=pretrained, epochs=epochs, lr=lr,
+        batch_size=batch_size, device=device, augment=parse_augment(augment) if augment else None)
+    baseline = load_pairs(resolve_dataset(baseline_train)) if baseline_train else None
+    report = evaluate_contrastive(train_set, load_pairs(resolve_dataset(test)), recipe_settings,
+                                  seed_list, baseline, log=lambda line: click.echo(line, err=True))
+    report.update(train=train, test_data=test, mix_clean=mix_clean, command=sys.argv)
+    click.echo(markdown_table(report))
+    if "degradation" in report:
+        deg = report["degradation"]
+        click.echo(f"degradation of R@10: i→t {_percent(deg['i2t']['R@10'])}, "
+                   f"t→i {_percent(deg['t2i']['R@10'])}; MedR x{deg['i2t']['MedR_ratio']:.2f} "
+                   f"/ x{deg['t2i']['MedR_ratio']:.2f}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MMGuardError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise MMGuardError("--seeds needs at least one seed")
+    return seeds
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+@main.command("models")
+def models_list():
+    """List the surrogate/attacker models by name."""
+    from mmguard.models.registry import CONTRASTIVE_MODELS
+
+    for name, description in CONTRASTIVE_MODELS.items():
+        click.echo(f"{name:16s} {description}")
 
 
 @main.group(cls=_Group)

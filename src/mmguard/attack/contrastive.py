@@ -4,7 +4,8 @@ The recipe follows MEM's (Liu et al. 2024, section 4.1): AdamW, weight decay
 0.2, linear warmup then cosine decay, temperature capped at 100. Recipes:
 
 - scratch: every weight from random initialisation (MEM's main setting);
-- finetune: start from the model's pretrained weights (`--pretrained`), train all;
+- finetune: start from the model's pretrained weights (`--pretrained`, or the
+  packaged towers of `lit`), train all;
 - projection: freeze both towers, train only the projection heads and the
   temperature (a linear-probe style attacker).
 
@@ -75,20 +76,18 @@ def load_pairs(dataset: Dataset) -> ImageCaptionSet:
 def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:
     if recipe.recipe not in RECIPES:
         raise MMGuardError(f"unknown recipe {recipe.recipe!r}; choose one of {', '.join(RECIPES)}")
-    if recipe.recipe == "finetune" and not recipe.pretrained:
-        raise MMGuardError("--recipe finetune starts from pretrained weights: give --pretrained")
     torch.manual_seed(recipe.seed)
     model = create_contrastive_model(recipe.model, recipe.pretrained, recipe.device)
+    if recipe.recipe == "scratch" and model.pretrained_by_default:
+        raise MMGuardError(f"{recipe.model} is pretrained by construction; use --recipe "
+                           "finetune or projection")
+    if recipe.recipe == "finetune" and not (recipe.pretrained or model.pretrained_by_default):
+        raise MMGuardError("--recipe finetune starts from pretrained weights: give --pretrained")
     if recipe.recipe == "projection":
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(_is_head(name))
+        heads = {id(p) for p in model.head_parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in heads)
     return model
-
-
-def _is_head(name: str) -> bool:
-    # open_clip: text_projection, visual.attnpool.c_proj / visual.proj, logit_scale
-    return any(part in name for part in ("text_projection", "attnpool.c_proj", "visual.proj",
-                                         "logit_scale"))
 
 
 def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:

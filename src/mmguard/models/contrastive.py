@@ -31,6 +31,9 @@ class ContrastiveModel(nn.Module, ABC):
 
     preprocess: ImagePreprocess
     context_length: int
+    # True for models whose towers are pretrained by construction (LiT): they
+    # cannot be trained "from scratch" in any meaningful sense.
+    pretrained_by_default = False
 
     @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -83,6 +86,10 @@ class ContrastiveModel(nn.Module, ABC):
         made of `word_token_ids` (tested); the caption's tail is cut first when
         the context is too short, so the trigger always survives.
         """
+
+    @abstractmethod
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The projection heads and temperature: what the `projection` recipe trains."""
 
     @property
     @abstractmethod

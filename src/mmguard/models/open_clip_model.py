@@ -76,6 +76,13 @@ class OpenClipModel(ContrastiveModel):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        visual = self.clip.visual
+        # ModifiedResNet ends in attention pooling's output projection; ViT in `proj`.
+        image_head = (list(visual.attnpool.c_proj.parameters()) if hasattr(visual, "attnpool")
+                      else [visual.proj])
+        return [*image_head, self.clip.text_projection, self.clip.logit_scale]
+
     @property
     def trigger_offset(self) -> int:
         return 1  # after <start_of_text>

@@ -6,9 +6,10 @@ the perturbation, exactly as the attacker's data loader will apply it to the
 released file. This mirrors open_clip's evaluation transform (torchvision
 Resize on the shortest side, CenterCrop, Normalize) on PIL images.
 
-Resizing is done as two matrix products with the weights Pillow's own
-resampler uses (a separable convolution, support widened when downscaling),
-rather than `F.interpolate`: torch's bicubic uses another kernel constant
+Resizing is two matrix products with the weights of Pillow's own resampler
+(a separable convolution, support widened when downscaling), in the pass order
+the installed Pillow uses, rounding to 8 bits after each pass as Pillow does.
+`F.interpolate` is not used: torch's bicubic has another kernel constant
 (-0.75 against Pillow's -0.5), which put it up to 0.13 normalised units away
 from the real transform when upscaling.
 """
@@ -20,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
@@ -65,6 +67,56 @@ def resample_matrix(in_size: int, out_size: int, filter_name: str) -> torch.Tens
     return weights.to(torch.float32)
 
 
+def _two_pass(batch: torch.Tensor, new_h: int, new_w: int, filter_name: str,
+              vertical_first: bool) -> torch.Tensor:
+    """Pillow's separable resize: each pass clips the overshoot and rounds to 8 bits."""
+    height, width = batch.shape[-2:]
+
+    def horizontal(x):
+        cols = resample_matrix(width, new_w, filter_name).to(x)
+        return _round_8bit((x @ cols.T).clamp(0.0, 1.0)) if new_w != width else x
+
+    def vertical(x):
+        rows = resample_matrix(height, new_h, filter_name).to(x)
+        return _round_8bit((rows @ x).clamp(0.0, 1.0)) if new_h != height else x
+
+    return horizontal(vertical(batch)) if vertical_first else vertical(horizontal(batch))
+
+
+@functools.lru_cache(maxsize=4096)
+def pillow_resizes_vertically_first(height: int, width: int, new_h: int, new_w: int,
+                                    filter_name: str) -> bool:
+    """Which pass the installed Pillow runs first for this size change.
+
+    Pillow has run the horizontal pass first for years, but recent releases run
+    the vertical one first when the height shrinks much more than the width,
+    by a rule that may change again. Rather than copy the rule, resize a random
+    probe image with Pillow once per size pair and keep the order that
+    reproduces it.
+    """
+    from PIL import Image
+
+    if new_h == height or new_w == width:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    expected = torch.from_numpy(np.asarray(
+        Image.fromarray(probe.permute(1, 2, 0).numpy()).resize((new_w, new_h),
+                                                               resample[filter_name])).copy())
+    expected = expected.permute(2, 0, 1).float()
+    errors = [(_two_pass(probe[None].float() / 255, new_h, new_w, filter_name, order)[0] * 255
+               - expected).abs().gt(0.5).sum().item() for order in (False, True)]
+    return errors[1] < errors[0]
+
+
+def resize(batch: torch.Tensor, new_h: int, new_w: int, filter_name: str = "bicubic"):
+    """(B, 3, H, W) in [0, 1] -> (B, 3, new_h, new_w), as Pillow resizes 8-bit images."""
+    height, width = batch.shape[-2:]
+    order = pillow_resizes_vertically_first(height, width, new_h, new_w, filter_name)
+    return _two_pass(batch, new_h, new_w, filter_name, order)
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     size: int
@@ -80,14 +132,7 @@ class ImagePreprocess:
         new_long = int(self.size * long / short)
         new_h, new_w = (self.size, new_long) if height <= width else (new_long, self.size)
         if (new_h, new_w) != (height, width):
-            # Pillow resamples horizontally, then vertically, clipping the
-            # bicubic overshoot and rounding to 8 bits after each pass.
-            if new_w != width:
-                cols = resample_matrix(width, new_w, self.interpolation).to(batch)
-                batch = _round_8bit((batch @ cols.T).clamp(0.0, 1.0))
-            if new_h != height:
-                rows = resample_matrix(height, new_h, self.interpolation).to(batch)
-                batch = _round_8bit((rows @ batch).clamp(0.0, 1.0))
+            batch = resize(batch, new_h, new_w, self.interpolation)
         top = int(round((new_h - self.size) / 2.0))
         left = int(round((new_w - self.size) / 2.0))
         return batch[..., top:top + self.size, left:left + self.size]

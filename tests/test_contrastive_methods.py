@@ -1,0 +1,143 @@
+"""EM, MEM and UAP end to end on a tiny real open_clip model and real digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.sources import read_dataset
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.stealth import linf_levels
+from mmguard.models.registry import create_contrastive_model
+from mmguard.protect.base import MethodSettings
+from mmguard.protect.error_minimizing import ContrastiveErrorMinimizing
+from mmguard.protect.registry import create_method
+from mmguard.protect.run import protect_dataset
+from mmguard.protect.triggers import english_words
+
+FAST = dict(surrogates=("rn-test",), batch_size=8, rounds=2, pgd_steps=2, top_k=4,
+            train_steps=1, clean_epochs=1)
+LIMIT = 16
+
+
+def protect(method: str, out: Path, **overrides):
+    settings = MethodSettings(**{**FAST, **overrides})
+    dataset = load_builtin("digits", "train", "pairs")
+    summary = protect_dataset(dataset, create_method(method, settings, frozenset()), out,
+                              limit=LIMIT, progress=False)
+    return dataset, summary, json.loads((out / "mmguard-run.json").read_text())
+
+
+def captions(out: Path) -> list[str]:
+    return [record.captions[0] for record in read_dataset(out / "manifest.csv").records]
+
+
+def check_budget(dataset, out: Path, eps_levels: int = 8) -> list[int]:
+    changes = []
+    for record in read_dataset(out / "manifest.csv").records:
+        original = next(r for r in dataset.records
+                        if Path(r.image.key).stem == Path(record.image.key).stem)
+        saved = read_png_uint8(out / record.image.key)
+        changes.append(linf_levels(load_image_uint8(original.image, "o"), saved))
+    assert max(changes) <= eps_levels
+    return changes
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_mem_writes_a_per_image_trigger_that_survives_tokenization(tmp_path, length):
+    dataset, summary, record = protect("mem", tmp_path / "out", trigger_len=length)
+    assert summary.finished == LIMIT
+    model = create_contrastive_model("rn-test")
+    originals = [r.captions[0] for r in dataset.records[:LIMIT]]
+    triggers = []
+    for written, original in zip(captions(tmp_path / "out"), originals, strict=True):
+        assert written.endswith(" " + original)
+        trigger = written[: -len(original) - 1]
+        ids = model.text_token_ids(trigger)
+        assert len(ids) == length, trigger  # every trigger word is one token
+        assert model.tokenize([written])[0].tolist() == \
+            model.compose_ids(ids, model.text_token_ids(original)).tolist()
+        triggers.append(trigger)
+    assert len(set(triggers)) > 1, "HotFlip never changed a trigger"
+    assert triggers != ["the " * (length - 1) + "the"] * LIMIT
+    rounds = record["optimisation"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["trigger_changes"] > 0
+    assert record["config"]["trigger_len"] == length
+    changes = check_budget(dataset, tmp_path / "out")
+    assert sum(changes) > 0
+
+
+def test_mem_natural_triggers_are_dictionary_words(tmp_path):
+    protect("mem", tmp_path / "out", natural_triggers=True, rounds=1)
+    words = english_words()
+    originals = {r.captions[0] for r in load_builtin("digits", "train").records}
+    for written in captions(tmp_path / "out"):
+        trigger = next(written[: -len(o) - 1] for o in originals if written.endswith(" " + o))
+        assert all(word in words for word in trigger.split()), trigger
+
+
+def test_em_and_uap_perturb_images_but_leave_captions(tmp_path):
+    for method in ("em", "uap"):
+        out = tmp_path / method
+        dataset, summary, record = protect(method, out)
+        assert captions(out) == [r.captions[0] for r in dataset.records[:LIMIT]]
+        changes = check_budget(dataset, out)
+        assert sum(changes) > 0 and summary.finished == LIMIT
+    assert len(record["optimisation"]["clean_epoch_losses"]) == 1
+
+
+def test_interrupted_optimisation_resumes_from_the_last_finished_round(tmp_path, monkeypatch):
+    original = ContrastiveErrorMinimizing._optimise_batch
+    calls = {"n": 0}
+
+    def crash_in_round_two(self, items, round_index, update_trigger):
+        if round_index == 1:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return original(self, items, round_index, update_trigger)
+
+    monkeypatch.setattr(ContrastiveErrorMinimizing, "_optimise_batch", crash_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        protect("mem", tmp_path / "out")
+    progress = json.loads((tmp_path / "out/.mmguard/work/progress.json").read_text())
+    assert progress["round"] == 1  # round 1 was checkpointed, round 2 was not
+    assert not list((tmp_path / "out" / "images").glob("*.png"))  # nothing emitted yet
+    monkeypatch.setattr(ContrastiveErrorMinimizing, "_optimise_batch", original)
+    settings = MethodSettings(**FAST)
+    summary = protect_dataset(load_builtin("digits", "train", "pairs"),
+                              create_method("mem", settings), tmp_path / "out", limit=LIMIT,
+                              resume=True, progress=False)
+    assert summary.finished == LIMIT
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert [r["round"] for r in record["optimisation"]["rounds"]] == [1, 2]
+
+
+def test_contrastive_methods_refuse_an_ensemble():
+    settings = MethodSettings(surrogates=("rn-test", "rn-tiny"))
+    method = create_method("mem", settings, frozenset({"surrogates"}))
+    with pytest.raises(MMGuardError, match="one --surrogate"):
+        method.prepare(None, Path("/nonexistent"))
+
+
+def test_random_refuses_model_options():
+    with pytest.raises(MMGuardError, match="--rounds"):
+        create_method("random", MethodSettings(rounds=3), frozenset({"rounds"}))
+
+
+def test_pgd_deltas_are_whole_levels_so_the_saved_file_is_exact(tmp_path):
+    _, _, _ = protect("em", tmp_path / "out", rounds=1)
+    delta_files = list((tmp_path / "out/.mmguard/work/deltas").glob("*.npy"))
+    assert len(delta_files) == LIMIT
+    import numpy as np
+
+    for path in delta_files:
+        levels = np.load(path).astype(np.float64) * 255
+        assert np.allclose(levels, np.round(levels), atol=1e-2)
+    assert torch.is_tensor(torch.zeros(1))

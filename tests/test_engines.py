@@ -1,0 +1,351 @@
+"""The optimisation engines: PGD on pixels, HotFlip on trigger tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, to_float
+from mmguard.models.contrastive import info_nce
+from mmguard.models.registry import create_contrastive_model
+from mmguard.protect.budget import quantize_within_budget
+from mmguard.protect.contrastive_surrogate import encode_text_chunked, replaced_column_losses
+from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
+from mmguard.protect.pgd import pgd, project
+
+EPS = 8 / 255
+SHAPES = [(3, 7, 9), (3, 16, 16), (3, 5, 31)]
+
+
+# -- PGD ----------------------------------------------------------------------
+def images_with_extremes(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for shape in SHAPES:
+        image = torch.rand(shape, generator=generator)
+        image[0, 0, :3] = 0.0
+        image[1, -1, -3:] = 1.0
+        image[2, 1, 1] = 1.0
+        images.append(image)
+    return images
+
+
+def targets_for(images: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(image.shape, generator=generator) for image in images]
+
+
+def squared_error(targets: list[torch.Tensor]):
+    def loss(perturbed: list[torch.Tensor]) -> torch.Tensor:
+        return sum(((x - t) ** 2).sum() for x, t in zip(perturbed, targets, strict=True))
+    return loss
+
+
+def check_in_budget(originals, deltas, eps):
+    for x, d in zip(originals, deltas, strict=True):
+        assert d.shape == x.shape
+        assert not d.requires_grad
+        assert float(d.abs().max()) <= eps + 1e-7
+        assert float((x + d).min()) >= 0.0 and float((x + d).max()) <= 1.0
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_pgd_stays_in_budget_and_moves_the_loss_the_right_way(maximize):
+    originals = images_with_extremes(0)
+    # Targets far outside the ball, so every pixel pushes against a bound.
+    targets = [torch.where(t > 0.5, 2.0, -1.0) for t in targets_for(originals, 1)]
+    loss_fn = squared_error(targets)
+    zeros = [torch.zeros_like(x) for x in originals]
+    before = float(loss_fn(originals))
+    deltas = pgd(originals, zeros, loss_fn, eps=EPS, step_size=2 / 255, steps=10,
+                 maximize=maximize)
+    check_in_budget(originals, deltas, EPS)
+    after = float(loss_fn([x + d for x, d in zip(originals, deltas, strict=True)]))
+    assert (after > before) if maximize else (after < before)
+    # After 10 steps of 2 levels every pixel sits at the edge of its feasible box.
+    for x, d, t in zip(originals, deltas, targets, strict=True):
+        toward = torch.where((t > x) != maximize, 1.0, -1.0)
+        edge = (x + toward * EPS).clamp(0, 1) - x
+        assert torch.allclose(d, edge, atol=1e-6)
+    # Pixels at 0 cannot go down, pixels at 1 cannot go up.
+    assert float(deltas[0][0, 0, :3].min()) >= 0.0
+    assert float(deltas[0][1, -1, -3:].max()) <= 0.0
+
+
+def test_pgd_descent_reaches_a_target_inside_the_ball():
+    originals = images_with_extremes(2)
+    generator = torch.Generator().manual_seed(3)
+    targets = [(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS / 2).clamp(0, 1)
+               for x in originals]
+    loss_fn = squared_error(targets)
+    deltas = pgd(originals, [torch.zeros_like(x) for x in originals], loss_fn, eps=EPS,
+                 step_size=0.25 / 255, steps=40)
+    check_in_budget(originals, deltas, EPS)
+    for x, d, t in zip(originals, deltas, targets, strict=True):
+        assert float((x + d - t).abs().max()) <= 0.25 / 255 + 1e-6
+
+
+def test_pgd_projects_an_out_of_budget_start():
+    originals = images_with_extremes(4)
+    starts = [torch.full_like(x, 0.5) for x in originals]  # far beyond eps
+    deltas = pgd(originals, starts, squared_error(targets_for(originals, 5)), eps=EPS,
+                 step_size=1 / 255, steps=0)
+    check_in_budget(originals, deltas, EPS)
+    for x, d in zip(originals, deltas, strict=True):
+        assert torch.allclose(d, (x + EPS).clamp(0, 1) - x, atol=1e-7)
+
+
+def test_project():
+    x = torch.tensor([0.0, 0.5, 1.0, 0.99, 0.01])
+    d = torch.tensor([-0.2, 0.2, 0.2, 0.02, -0.003])
+    out = project(x, d, 0.05)
+    assert torch.allclose(out, torch.tensor([0.0, 0.05, 0.0, 0.01, -0.003]), atol=1e-7)
+
+
+def test_pgd_whole_level_steps_survive_8bit_quantisation():
+    generator = torch.Generator().manual_seed(6)
+    originals_u8 = [torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+                    for shape in SHAPES]
+    originals_u8[0][0, 0, :4] = 0
+    originals_u8[0][1, 0, :4] = 255
+    originals = [to_float(u8) for u8 in originals_u8]
+    loss_fn = squared_error(targets_for(originals, 7))
+    for steps in (3, 12):  # inside the budget, then clipped at it
+        deltas = pgd(originals, [torch.zeros_like(x) for x in originals], loss_fn, eps=EPS,
+                     step_size=1 / 255, steps=steps)
+        check_in_budget(originals, deltas, EPS)
+        for u8, x, d in zip(originals_u8, originals, deltas, strict=True):
+            perturbed = x + d
+            levels = perturbed * 255
+            assert float((levels - levels.round()).abs().max()) < 1e-3  # whole levels
+            saved = quantize_within_budget(u8, perturbed, EPS)
+            assert torch.equal(saved, levels.round().to(torch.uint8))
+            assert torch.allclose(to_float(saved), perturbed, atol=1e-6)
+            change = (saved.to(torch.int16) - u8.to(torch.int16)).abs()
+            assert int(change.max()) == min(steps, 8)
+
+
+def test_pgd_leaves_model_parameters_without_grad():
+    torch.manual_seed(8)
+    layer = nn.Linear(16, 4)
+    originals = [torch.rand(3, 4, 4), torch.rand(3, 4, 4)]
+
+    def loss_fn(perturbed: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.stack([x.mean(dim=0).reshape(16) for x in perturbed])
+        return layer(flat).pow(2).sum()
+
+    deltas = pgd(originals, [torch.zeros_like(x) for x in originals], loss_fn, eps=EPS,
+                 step_size=1 / 255, steps=5)
+    assert all(parameter.grad is None for parameter in layer.parameters())
+    assert any(float(d.abs().max()) > 0 for d in deltas)
+    check_in_budget(originals, deltas, EPS)
+
+
+# -- HotFlip ------------------------------------------------------------------
+def test_hotflip_candidates_are_the_brute_force_argmin():
+    generator = torch.Generator().manual_seed(10)
+    vocab, width, batch, length, top_k = 40, 6, 3, 4, 5
+    embedding = torch.randn(vocab, width, generator=generator)
+    grads = torch.randn(batch, length, width, generator=generator)
+    allowed = torch.tensor([1, 3, 4, 7, 9, 12, 15, 20, 21, 22, 30, 33, 38])
+    candidates = hotflip_candidates(grads, embedding, allowed, top_k)
+    assert candidates.shape == (batch, length, top_k)
+    for b, p in itertools.product(range(batch), range(length)):
+        scores = {int(i): float(embedding[i] @ grads[b, p]) for i in allowed}
+        expected = sorted(scores, key=scores.get)[:top_k]
+        got = candidates[b, p].tolist()
+        assert got == expected
+        assert all(i in scores for i in got)
+        values = [scores[i] for i in got]
+        assert values == sorted(values)
+    # top_k beyond the allowed set is capped at its size
+    assert hotflip_candidates(grads, embedding, allowed, 100).shape == (batch, length, 13)
+
+
+def table_score(table: torch.Tensor):
+    """Separable toy loss: item b's trigger t costs sum_p table[b, p, t[p]]."""
+
+    def score(owners: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(triggers.shape[1])
+        return table[owners[:, None], positions[None, :], triggers].sum(dim=1)
+
+    return score
+
+
+def test_beam_search_finds_the_reachable_optimum():
+    generator = torch.Generator().manual_seed(11)
+    batch, length, vocab, k = 4, 3, 25, 4
+    table = torch.rand(batch, length, vocab, generator=generator)
+    current = torch.randint(vocab, (batch, length), generator=generator)
+    candidates = torch.randint(vocab, (batch, length, k), generator=generator)
+    best, scores = beam_search(current, candidates, table_score(table), beam_width=1)
+    for b in range(batch):
+        expected = []
+        for p in range(length):
+            options = [int(current[b, p])] + candidates[b, p].tolist()
+            expected.append(min(options, key=lambda t, b=b, p=p: float(table[b, p, t])))
+        assert best[b].tolist() == expected
+        assert torch.isclose(scores[b], table[b, torch.arange(length), best[b]].sum())
+    assert torch.allclose(scores, table_score(table)(torch.arange(batch), best))
+
+
+def test_beam_search_keeps_the_trigger_when_every_candidate_is_worse():
+    batch, length, vocab = 3, 4, 10
+    table = torch.ones(batch, length, vocab)
+    current = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
+    for b in range(batch):
+        table[b, torch.arange(length), current[b]] = 0.0  # the current token is the best
+    candidates = (current[:, :, None] + torch.arange(1, 4)) % vocab  # never the current one
+    for width in (1, 3):
+        best, scores = beam_search(current, candidates, table_score(table), beam_width=width)
+        assert torch.equal(best, current)
+        assert torch.equal(scores, torch.zeros(batch))
+
+
+def test_beam_search_wider_beam_never_worse():
+    # A non-separable loss where greedy position-by-position choice is a trap.
+    current = torch.tensor([[0, 0]])
+    candidates = torch.tensor([[[1, 2], [1, 2]]])
+    cost = {(0, 0): 5.0, (1, 0): 4.0, (2, 0): 4.5, (0, 1): 6, (0, 2): 6,
+            (1, 1): 4.2, (1, 2): 4.3, (2, 1): 6.0, (2, 2): 0.0}
+
+    def score(owners, triggers):
+        return torch.tensor([cost[tuple(t)] for t in triggers.tolist()])
+
+    greedy, greedy_score = beam_search(current, candidates, score, beam_width=1)
+    wide, wide_score = beam_search(current, candidates, score, beam_width=3)
+    assert greedy.tolist() == [[1, 0]] and float(greedy_score[0]) == 4.0
+    assert wide.tolist() == [[2, 2]] and float(wide_score[0]) == 0.0
+
+
+def interacting_losses():
+    """Token 1 alone improves each item; items 0 and 1 changed together make it worse.
+
+    Token 2 changes nothing, token 3 costs 5 per item.
+    """
+    base, gain, clash = 10.0, torch.tensor([3.0, 2.0, 1.0]), 10.0
+
+    def joint_loss(triggers: torch.Tensor) -> torch.Tensor:
+        changed = (triggers[:, 0] == 1).float()
+        loss = base - float((gain * changed).sum())
+        if changed[0] and changed[1]:
+            loss += clash
+        loss += 5.0 * float((triggers[:, 0] == 3).sum())
+        return torch.tensor(loss)
+
+    def score(owners: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        out = []
+        for owner, trigger in zip(owners.tolist(), triggers, strict=True):
+            full = torch.zeros(3, 1, dtype=torch.long)
+            full[owner] = trigger
+            out.append(joint_loss(full))
+        return torch.stack(out)
+
+    return joint_loss, score
+
+
+def test_update_triggers_falls_back_when_the_joint_change_is_worse():
+    joint_loss, score = interacting_losses()
+    current = torch.zeros(3, 1, dtype=torch.long)
+    candidates = torch.tensor([[[1, 2]], [[1, 2]], [[1, 2]]])  # token 1 improves each alone
+    new, before, after = update_triggers(current, candidates, score, joint_loss)
+    assert before == 10.0
+    assert after <= before
+    changed_rows = (new != current).any(dim=1)
+    assert int(changed_rows.sum()) <= 1
+    # The single most improving change (item 0, gain 3) is kept.
+    assert new.tolist() == [[1], [0], [0]] and after == 7.0
+    assert after == float(joint_loss(new))
+
+
+def test_update_triggers_applies_all_changes_when_they_help_together():
+    joint_loss, score = interacting_losses()
+    current = torch.tensor([[0], [2], [0]])
+    candidates = torch.tensor([[[2, 1]], [[2, 2]], [[1, 2]]])  # items 0 and 2 improve
+    new, before, after = update_triggers(current, candidates, score, joint_loss)
+    assert new.tolist() == [[1], [2], [1]]
+    assert before == 10.0 and after == 6.0
+
+
+def test_update_triggers_unchanged_when_every_candidate_is_worse():
+    joint_loss, score = interacting_losses()
+    current = torch.zeros(3, 1, dtype=torch.long)
+    candidates = torch.full((3, 1, 2), 3)  # token 3 only costs
+    new, before, after = update_triggers(current, candidates, score, joint_loss)
+    assert torch.equal(new, current) and before == after == 10.0
+    assert float(joint_loss(torch.full((3, 1), 3))) == 25.0
+
+
+# -- HotFlip on a real CLIP -----------------------------------------------------
+def test_hotflip_round_on_rn_test_with_exact_batch_losses():
+    torch.manual_seed(0)
+    model = create_contrastive_model("rn-test").eval()
+    records = load_builtin("digits", "train").records[:6]
+    images = [to_float(load_image_uint8(r.image, r.where)) for r in records]
+    captions = [r.captions[0] for r in records]
+    assert len(set(captions)) > 1 and images[0].shape == (3, 8, 8)
+    words = torch.tensor(model.word_token_ids())
+    length, offset = 3, model.trigger_offset
+    generator = torch.Generator().manual_seed(1)
+    triggers = words[torch.randint(len(words), (6, length), generator=generator)]
+    caption_ids = [model.text_token_ids(c) for c in captions]
+    base_ids = torch.stack([model.compose_ids(t, ids)
+                            for t, ids in zip(triggers.tolist(), caption_ids, strict=True)])
+    assert torch.equal(base_ids[:, offset:offset + length], triggers)
+
+    with torch.no_grad():
+        image_features = model.encode_images(images)
+    embeddings = model.token_embeddings(base_ids).detach().requires_grad_(True)
+    text_features = model.encode_text(base_ids, replace_embeddings=embeddings)
+    loss = info_nce(model.logits(image_features, text_features))
+    (grads,) = torch.autograd.grad(loss, embeddings)
+    candidates = hotflip_candidates(grads[:, offset:offset + length],
+                                    model.token_embeddings.weight.detach(), words, 4)
+    assert candidates.shape == (6, length, 4)
+    assert torch.isin(candidates, words).all()
+
+    def with_triggers(base: torch.Tensor, rows: torch.Tensor, new: torch.Tensor):
+        ids = base[rows].clone()
+        ids[:, offset:offset + length] = new
+        return ids
+
+    with torch.no_grad():
+        current_logits = model.logits(image_features, text_features.detach())
+
+        def score(owners: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            columns = model.logits(image_features,
+                                   encode_text_chunked(model, with_triggers(base_ids, owners,
+                                                                            new)))
+            return replaced_column_losses(current_logits, owners, columns)
+
+        def joint_loss(new: torch.Tensor) -> torch.Tensor:
+            ids = with_triggers(base_ids, torch.arange(6), new)
+            return info_nce(model.logits(image_features, encode_text_chunked(model, ids)))
+
+        exact_before = float(joint_loss(triggers))
+        assert abs(exact_before - float(loss)) < 1e-5
+
+        # replaced_column_losses == info_nce of the batch with one text changed.
+        owners = torch.tensor([0, 1, 2, 3, 4, 5, 2, 5])
+        new = torch.cat([candidates[:, :, 0], candidates[[2, 5], :, 1]])
+        fast = score(owners, new)
+        for m, owner in enumerate(owners.tolist()):
+            ids = base_ids.clone()
+            ids[owner, offset:offset + length] = new[m]
+            direct = info_nce(model.logits(image_features, model.encode_text(ids)))
+            assert abs(float(fast[m]) - float(direct)) < 1e-5, m
+        assert not torch.allclose(fast, torch.full_like(fast, exact_before), atol=1e-6)
+        # The unchanged trigger scores the current loss.
+        unchanged = score(torch.arange(6), triggers)
+        assert torch.allclose(unchanged, torch.full((6,), exact_before), atol=1e-5)
+
+        updated, before, after = update_triggers(triggers, candidates, score, joint_loss)
+        assert abs(after - float(joint_loss(updated))) < 1e-6
+    assert abs(before - exact_before) < 1e-6
+    assert after <= before
+    assert torch.isin(updated, words).all()
+    assert all(parameter.grad is None for parameter in model.parameters())
