@@ -230,3 +230,54 @@ def test_vit_tiny_images_and_text():
     assert float(images[2].grad.abs().sum()) == 0  # not in the loss
     grad_norm = embeddings.grad.norm(dim=-1)
     assert (grad_norm[1, :3] > 0).all() and (grad_norm[1, 3:] == 0).all()
+
+
+# -- the other adapters: same contract -------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["hf-clip-tiny", "lit"])
+def other_model(request):
+    return create_contrastive_model(request.param)
+
+
+def test_other_adapters_keep_the_contract(other_model):
+    model = other_model
+    images = [torch.rand(3, 70, 50, requires_grad=True), torch.rand(3, 64, 64)]
+    features = model.encode_images(images)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
+    features.sum().backward()
+    assert images[0].grad.abs().sum() > 0
+    words = model.word_token_ids()
+    assert len(words) > 10_000
+    caption = "A grinning face, with big eyes!"
+    trigger = words[1000:1003]
+    written = model.decode(trigger) + " " + caption
+    assert torch.equal(model.tokenize([written])[0],
+                       model.compose_ids(trigger, model.text_token_ids(caption)))
+    ids = model.tokenize([caption, "flag: France"])
+    embeddings = model.token_embeddings(ids).detach().requires_grad_(True)
+    swapped = model.encode_text(ids, replace_embeddings=embeddings)
+    assert torch.allclose(swapped, model.encode_text(ids), atol=1e-5)
+    swapped.sum().backward()
+    assert embeddings.grad[:, model.trigger_offset].abs().sum() > 0
+
+
+def test_hf_clip_tokenizer_built_offline_matches_open_clip():
+    import open_clip
+
+    model = create_contrastive_model("hf-clip-tiny")
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    for text in ["a Grinning face, with big eyes!", "family: man, woman, boy", "café ☕ 123",
+                 "it's 5 o'clock,   don't", "flag: Åland Islands"]:
+        ours, theirs = model.tokenize([text])[0].tolist(), reference([text])[0].tolist()
+        end = theirs.index(reference.eot_token_id)
+        assert ours[: end + 1] == theirs[: end + 1], text
+
+
+def test_projection_recipe_trains_only_heads():
+    from mmguard.attack.contrastive import AttackerRecipe, _build_model
+
+    model = _build_model(AttackerRecipe(model="rn-test", recipe="projection"))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.head_parameters()}
+    assert 0 < len(trainable) < len(list(model.parameters()))

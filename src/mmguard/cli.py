@@ -110,6 +110,9 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
               help="Text trigger length in tokens [mem: 3].")
 @click.option("--natural-triggers", is_flag=True, default=None,
               help="Triggers of real English words only (MEM section 4.4).")
+@click.option("--trigger-vocab", type=click.IntRange(min=1), default=None,
+              help="Draw trigger words from a fixed random subset of this many words "
+                   "(mmguard extension; MEM uses the whole vocabulary).")
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="Outer rounds of bilevel optimisation [10].")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=None,

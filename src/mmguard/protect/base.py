@@ -49,6 +49,7 @@ class MethodSettings:
     surrogate_pretrained: str | None = None
     trigger_len: int | None = None
     natural_triggers: bool = False
+    trigger_vocab: int | None = None
     rounds: int = 10
     pgd_steps: int = 8
     step_size: float = 1 / 255

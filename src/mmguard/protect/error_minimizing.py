@@ -71,7 +71,8 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
         self.history: list[dict[str, Any]] = progress["history"]
         self.triggers: dict[str, list[int]] = self.store.read_json("triggers.json", {})
         if self.trigger_len:
-            self.allowed = trigger_vocabulary(model, settings.natural_triggers)
+            self.allowed = trigger_vocabulary(model, settings.natural_triggers,
+                                              settings.trigger_vocab, settings.seed)
             start = model.text_token_ids(INITIAL_TRIGGER_WORD)
             for key in data.keys:
                 self.triggers.setdefault(key, start * self.trigger_len)

@@ -28,6 +28,6 @@ class MultiStepErrorMinimizing(ContrastiveErrorMinimizing):
     name = "mem"
     summary = "MEM: noise + optimised text trigger (CLIP-style models)"
     uses = ContrastiveErrorMinimizing.uses | {"trigger_len", "natural_triggers", "top_k",
-                                              "beam_width", "trigger_rounds"}
+                                              "beam_width", "trigger_rounds", "trigger_vocab"}
     shuffle_captions = True
     trigger_len_default = 3

@@ -33,11 +33,21 @@ def english_words() -> frozenset[str]:
                      and len(w) >= MIN_NATURAL_LENGTH)
 
 
-def trigger_vocabulary(model: ContrastiveModel, natural: bool) -> torch.Tensor:
+def trigger_vocabulary(model: ContrastiveModel, natural: bool, size: int | None = None,
+                       seed: int = 0) -> torch.Tensor:
+    """Allowed trigger token ids; with `size`, a fixed random subset of that many.
+
+    A small vocabulary (an mmguard extension, not in MEM) makes images share
+    trigger words, so noise patterns tied to a word can recur across images.
+    """
     ids = model.word_token_ids()
     if natural:
         words = english_words()
         ids = [i for i in ids if model.decode([i]) in words]
     if not ids:
         raise MMGuardError("no usable trigger tokens in this model's vocabulary")
+    if size is not None and size < len(ids):
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(ids), generator=generator)[:size]
+        ids = sorted(ids[i] for i in chosen.tolist())
     return torch.tensor(ids, dtype=torch.long)
