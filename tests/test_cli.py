@@ -146,7 +146,13 @@ def test_killed_run_resumes_without_losing_or_redoing_items(tmp_path, how):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = mmguard("demo", "--out", str(tmp_path / "demo"), "--limit", "30")
-    assert "protected 30 images" in result.stdout
+    result = mmguard("demo", "--out", str(tmp_path / "demo"), "--limit", "24")
+    assert "exported 24 training pairs" in result.stdout
     assert "max |change| 8/255" in result.stdout or "max |change| 7/255" in result.stdout
-
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for row in ("| clean |", "| protected (MEM-3) |", "| control: triggers only |",
+                "| random guess |"):
+        assert row in report and row in result.stdout
+    captions = (tmp_path / "demo" / "protected" / "manifest.csv").read_text().splitlines()
+    assert len(captions) == 25 and all(len(line.split(",")[1].split()) > 3
+                                       for line in captions[1:3])

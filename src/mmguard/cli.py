@@ -300,10 +300,11 @@ def datasets_export(name, split, kind, fmt, out, limit):
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Folder for the demo's files (must be new or empty).")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Use only the first N training images.")
+@click.option("--limit", type=click.IntRange(min=16), default=None,
+              help="Training images to protect [600].")
 def demo(out, limit):
-    """Run the main job on the bundled emoji data: export, protect, check the budget."""
+    """The main job on bundled real data: protect emoji pairs with MEM, then train clean and
+    protected attackers and compare retrieval on clean test data."""
     from mmguard.demo import run_demo
 
     run_demo(out, limit)
