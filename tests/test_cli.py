@@ -156,3 +156,34 @@ def test_demo_runs_end_to_end(tmp_path):
     captions = (tmp_path / "demo" / "protected" / "manifest.csv").read_text().splitlines()
     assert len(captions) == 25 and all(len(line.split(",")[1].split()) > 3
                                        for line in captions[1:3])
+
+
+def test_evaluate_reports_clean_protected_random_and_degradation(tmp_path):
+    clean, protected = tmp_path / "c", tmp_path / "p"
+    mmguard("datasets", "export", "digits", "--out", str(clean), "--limit", "64")
+    mmguard("protect", "--data", str(clean / "manifest.csv"), "--method", "random", "--out",
+            str(protected), "--quiet")
+    result = mmguard("evaluate", "--train", str(protected / "manifest.csv"),
+                     "--baseline-train", str(clean / "manifest.csv"), "--test", "digits:test",
+                     "--attacker", "rn-test", "--epochs", "2", "--seeds", "0,1",
+                     "--augment", "jpeg:90", "--json", str(tmp_path / "r.json"))
+    for row in ("| clean |", "| given --train |", "| random guess |"):
+        assert row in result.stdout
+    assert "degradation of R@10" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["seeds"] == [0, 1] and len(report["protected"]["runs"]) == 2
+    assert report["augment"] == "jpeg:90"
+    assert report["test"] == {"images": 353, "captions": 353}
+    assert report["protected"]["random"]["t2i"]["MedR"] == 177.0
+    assert set(report["degradation"]["i2t"]) >= {"R@1", "R@10", "MedR_ratio"}
+
+
+def test_evaluate_rejects_bad_options_clearly(tmp_path):
+    bad = mmguard("evaluate", "--train", "nope.csv", "--test", "digits:test", check=False)
+    assert bad.returncode == 1 and "neither an existing manifest" in bad.stderr
+    bad = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                  "--augment", "jpeg:0", check=False)
+    assert bad.returncode == 1 and "jpeg" in bad.stderr
+    bad = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                  "--attacker", "lit", "--recipe", "scratch", check=False)
+    assert bad.returncode == 1 and "pretrained by construction" in bad.stderr

