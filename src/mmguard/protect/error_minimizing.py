@@ -88,6 +88,7 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
                                    generator=torch.Generator().manual_seed(settings.seed * 1000
                                                                            + round_index))
             losses, trigger_changes = [], 0
+            self._noise_stats = {"sum_abs": 0.0, "at_bound": 0, "count": 0}
             for start_index in range(0, len(order), settings.batch_size):
                 keys = [data.keys[i] for i in order[start_index:start_index + settings.batch_size]]
                 items = data.load(keys)
@@ -98,8 +99,12 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
                 losses.append(loss)
                 trigger_changes += changed
             mean_loss = sum(losses) / max(1, len(losses))
+            stats = self._noise_stats
+            count = max(1, stats["count"])
             self.history.append({"round": round_index + 1, "mean_loss": round(mean_loss, 5),
                                  "trigger_changes": trigger_changes,
+                                 "mean_abs_delta_levels": round(255 * stats["sum_abs"] / count, 3),
+                                 "share_at_bound": round(stats["at_bound"] / count, 4),
                                  "seconds": round(time.monotonic() - started, 1)})
             self.store.save_module("surrogate.pt", self.surrogate.state())
             self.store.write_json("triggers.json", self.triggers)
@@ -146,8 +151,12 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
 
         deltas = pgd(originals, deltas, loss_fn, eps=settings.eps, step_size=settings.step_size,
                      steps=settings.pgd_steps)
+        bound = settings.eps - 0.5 / 255  # within half a level of the budget
         for item, delta in zip(items, deltas, strict=True):
             self.store.save_delta(item.key, delta)
+            self._noise_stats["sum_abs"] += float(delta.abs().sum())
+            self._noise_stats["at_bound"] += int((delta.abs() >= bound).sum())
+            self._noise_stats["count"] += delta.numel()
         loss = self.surrogate.loss([x + d for x, d in zip(originals, deltas, strict=True)],
                                    true_ids)
         return loss, changed
