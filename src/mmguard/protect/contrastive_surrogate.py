@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model
 from mmguard.protect.base import MethodSettings
+from mmguard.protect.state import PerturbationStore
 
 DEFAULT_SURROGATE = "rn-tiny"
+CHECKPOINT = "surrogate.pt"
 TEXT_CHUNK = 512
 
 
@@ -57,6 +59,19 @@ class ContrastiveSurrogate:
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_surrogate(settings: MethodSettings, store: PerturbationStore) -> ContrastiveSurrogate:
+    """A fresh surrogate, or the one checkpointed in `store` by an interrupted run."""
+    surrogate = ContrastiveSurrogate(settings)
+    saved = store.load_module(CHECKPOINT)
+    if saved is not None:
+        surrogate.load(saved)
+    return surrogate
+
+
+def checkpoint_surrogate(surrogate: ContrastiveSurrogate, store: PerturbationStore) -> None:
+    store.save_module(CHECKPOINT, surrogate.state())
 
 
 def _to(images: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -25,9 +25,10 @@ import torch
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.protect.base import DatasetView, ProtectedItem, ProtectionItem, ProtectionMethod
 from mmguard.protect.contrastive_surrogate import (
-    ContrastiveSurrogate,
+    checkpoint_surrogate,
     encode_text_chunked,
     replaced_column_losses,
+    restore_surrogate,
 )
 from mmguard.protect.hotflip import hotflip_candidates, update_triggers
 from mmguard.protect.pgd import pgd
@@ -62,11 +63,8 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
     def prepare(self, data: DatasetView, workdir: Path) -> None:
         settings = self.settings
         self.store = PerturbationStore(workdir)
-        self.surrogate = ContrastiveSurrogate(settings)
+        self.surrogate = restore_surrogate(settings, self.store)
         model = self.surrogate.model
-        saved = self.store.load_module("surrogate.pt")
-        if saved is not None:
-            self.surrogate.load(saved)
         progress = self.store.read_json("progress.json", {"round": 0, "history": []})
         self.history: list[dict[str, Any]] = progress["history"]
         self.triggers: dict[str, list[int]] = self.store.read_json("triggers.json", {})
@@ -106,7 +104,7 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
                                  "mean_abs_delta_levels": round(255 * stats["sum_abs"] / count, 3),
                                  "share_at_bound": round(stats["at_bound"] / count, 4),
                                  "seconds": round(time.monotonic() - started, 1)})
-            self.store.save_module("surrogate.pt", self.surrogate.state())
+            checkpoint_surrogate(self.surrogate, self.store)
             self.store.write_json("triggers.json", self.triggers)
             self.store.write_json("progress.json", {"round": round_index + 1,
                                                     "history": self.history})

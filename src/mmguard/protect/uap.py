@@ -9,7 +9,11 @@ import torch
 
 from mmguard.models.contrastive import info_nce
 from mmguard.protect.base import DatasetView, ProtectedItem, ProtectionItem, ProtectionMethod
-from mmguard.protect.contrastive_surrogate import ContrastiveSurrogate, encode_text_chunked
+from mmguard.protect.contrastive_surrogate import (
+    checkpoint_surrogate,
+    encode_text_chunked,
+    restore_surrogate,
+)
 from mmguard.protect.pgd import pgd
 from mmguard.protect.state import PerturbationStore
 
@@ -40,11 +44,8 @@ class ErrorMaximizing(ProtectionMethod):
     def prepare(self, data: DatasetView, workdir: Path) -> None:
         settings = self.settings
         self.store = PerturbationStore(workdir)
-        self.surrogate = ContrastiveSurrogate(settings)
+        self.surrogate = restore_surrogate(settings, self.store)
         model = self.surrogate.model
-        saved = self.store.load_module("surrogate.pt")
-        if saved is not None:
-            self.surrogate.load(saved)
         progress = self.store.read_json("progress.json", {"epochs": 0, "losses": [],
                                                           "perturbed": False})
         self.progress = progress
@@ -55,7 +56,7 @@ class ErrorMaximizing(ProtectionMethod):
                                                         self._ids(items)))
             progress["epochs"] = epoch + 1
             progress["losses"].append(round(sum(losses) / max(1, len(losses)), 5))
-            self.store.save_module("surrogate.pt", self.surrogate.state())
+            checkpoint_surrogate(self.surrogate, self.store)
             self.store.write_json("progress.json", progress)
         if progress["perturbed"]:
             return
