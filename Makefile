@@ -1,13 +1,14 @@
 # One place that installs everything mmguard needs and runs its jobs.
 #   make demo   install, then run the main job on the bundled real emoji data
 #   make test   install, then lint and run the test suite (what CI runs)
+#   make bench  install, then run the (resumable, ~2 h) contrastive benchmark
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -21,8 +22,11 @@ $(STAMP): requirements.txt pyproject.toml scripts/install-system-deps.sh
 demo: install
 	$(BIN)/mmguard demo --out $(DEMO_OUT)
 
+bench: install
+	$(BIN)/python benchmarks/contrastive.py
+
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
