@@ -133,7 +133,8 @@ def clean_train():
 
 def stage_main(results: dict, seeds: list[int]) -> None:
     evaluate_row(results, "main/clean", clean_train, seeds)
-    for name in PROTECTIONS:
+    # MEM-3 and its controls first: they are the rows that decide whether it works.
+    for name in ("random", "mem-3", "em", "uap", "mem-5"):
         folder = protected_folder(name, results)
         protected, triggers, noise = training_sets(folder)
         evaluate_row(results, f"main/{name}", protected, seeds)
