@@ -349,3 +349,23 @@ def test_hotflip_round_on_rn_test_with_exact_batch_losses():
     assert after <= before
     assert torch.isin(updated, words).all()
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_batch_statistics_mode_leaves_running_statistics_alone():
+    from mmguard.protect.contrastive_surrogate import perturbation_mode
+
+    model = create_contrastive_model("rn-test")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [n.running_mean.clone() for n in norms]
+    momenta = [n.momentum for n in norms]
+    images = [torch.rand(3, 32, 32) for _ in range(4)]
+    with perturbation_mode(model, batch_statistics=True):
+        assert model.training
+        train_features = model.encode_images(images)
+    assert not model.training
+    assert all(torch.equal(b, n.running_mean) for b, n in zip(before, norms, strict=True))
+    assert [n.momentum for n in norms] == momenta
+    with perturbation_mode(model, batch_statistics=False):
+        eval_features = model.encode_images(images)
+    # batch statistics really are used: the two modes disagree on a fresh model
+    assert not torch.allclose(train_features, eval_features, atol=1e-4)

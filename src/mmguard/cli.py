@@ -121,6 +121,9 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--train-steps", type=click.IntRange(min=0), default=None,
               help="Surrogate training steps per batch and round [1].")
 @click.option("--surrogate-lr", type=float, default=None, help="Surrogate learning rate [1e-4].")
+@click.option("--surrogate-bn", type=click.Choice(("running", "batch")), default=None,
+              help="BatchNorm statistics while optimising noise and triggers: the surrogate's "
+                   "running ones, or each batch's own, as an attacker trains [running].")
 @click.option("--clean-epochs", type=click.IntRange(min=0), default=None,
               help="uap: clean surrogate training epochs [10].")
 @click.option("--top-k", type=click.IntRange(min=1), default=None,

@@ -59,6 +59,7 @@ class MethodSettings:
     trigger_rounds: int | None = None
     stop_loss: float = 0.01
     surrogate_lr: float = 1e-4
+    surrogate_bn: str = "running"
     clean_epochs: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -8,10 +8,12 @@ statistics are not moved by PGD or trigger search.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model
@@ -59,6 +61,32 @@ class ContrastiveSurrogate:
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@contextlib.contextmanager
+def perturbation_mode(model: ContrastiveModel, batch_statistics: bool):
+    """The surrogate's mode while noise and triggers are optimised.
+
+    Default: eval mode, BatchNorm uses its running statistics. With
+    `batch_statistics`, BatchNorm normalises with the batch's own statistics,
+    as it does while an attacker trains, but its running statistics are left
+    untouched (momentum 0 for the duration).
+    """
+    if not batch_statistics:
+        model.eval()
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    model.train()
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.eval()
 
 
 def restore_surrogate(settings: MethodSettings, store: PerturbationStore) -> ContrastiveSurrogate:

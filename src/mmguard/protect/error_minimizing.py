@@ -27,6 +27,7 @@ from mmguard.protect.base import DatasetView, ProtectedItem, ProtectionItem, Pro
 from mmguard.protect.contrastive_surrogate import (
     checkpoint_surrogate,
     encode_text_chunked,
+    perturbation_mode,
     replaced_column_losses,
     restore_surrogate,
 )
@@ -43,7 +44,8 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
     """Base of EM and MEM; subclasses set `trigger_len_default` and `shuffle_captions`."""
 
     uses = frozenset({"device", "batch_size", "surrogates", "surrogate_pretrained", "rounds",
-                      "pgd_steps", "step_size", "train_steps", "stop_loss", "surrogate_lr"})
+                      "pgd_steps", "step_size", "train_steps", "stop_loss", "surrogate_lr",
+                      "surrogate_bn"})
     shuffle_captions = False
     trigger_len_default = 0
 
@@ -126,29 +128,19 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
         perturbed = [x + d for x, d in zip(originals, deltas, strict=True)]
         for _ in range(settings.train_steps):
             self.surrogate.train_step(perturbed, true_ids)
-        model.eval()
-        # (2) triggers, with image features computed once
-        changed = 0
-        if update_trigger:
-            new_triggers = self._hotflip(model, perturbed, triggers, caption_ids)
-            changed = int((new_triggers != triggers).any(dim=1).sum())
-            triggers = new_triggers
-            for item, trigger in zip(items, triggers.tolist(), strict=True):
-                self.triggers[item.key] = trigger
-            true_ids = _compose(model, triggers, caption_ids)
-        # (3) noise, with text features computed once
-        if self.shuffle_captions:
-            shuffled = torch.randperm(len(items), generator=generator).tolist()
-            pgd_ids = _compose(model, triggers, [caption_ids[j] for j in shuffled])
-        else:
-            pgd_ids = true_ids
-        text_features = encode_text_chunked(model, pgd_ids.to(device))
-
-        def loss_fn(images: list[torch.Tensor]) -> torch.Tensor:
-            return info_nce(model.logits(model.encode_images(images), text_features))
-
-        deltas = pgd(originals, deltas, loss_fn, eps=settings.eps, step_size=settings.step_size,
-                     steps=settings.pgd_steps)
+        with perturbation_mode(model, settings.surrogate_bn == "batch"):
+            changed = 0
+            # (2) triggers, with image features computed once
+            if update_trigger:
+                new_triggers = self._hotflip(model, perturbed, triggers, caption_ids)
+                changed = int((new_triggers != triggers).any(dim=1).sum())
+                triggers = new_triggers
+                for item, trigger in zip(items, triggers.tolist(), strict=True):
+                    self.triggers[item.key] = trigger
+                true_ids = _compose(model, triggers, caption_ids)
+            # (3) noise, with text features computed once
+            deltas = self._noise_step(originals, deltas, triggers, caption_ids, true_ids,
+                                      generator)
         bound = settings.eps - 0.5 / 255  # within half a level of the budget
         for item, delta in zip(items, deltas, strict=True):
             self.store.save_delta(item.key, delta)
@@ -158,6 +150,21 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
         loss = self.surrogate.loss([x + d for x, d in zip(originals, deltas, strict=True)],
                                    true_ids)
         return loss, changed
+
+    def _noise_step(self, originals, deltas, triggers, caption_ids, true_ids, generator):
+        settings, model = self.settings, self.surrogate.model
+        if self.shuffle_captions:
+            shuffled = torch.randperm(len(originals), generator=generator).tolist()
+            pgd_ids = _compose(model, triggers, [caption_ids[j] for j in shuffled])
+        else:
+            pgd_ids = true_ids
+        text_features = encode_text_chunked(model, pgd_ids.to(self.surrogate.device))
+
+        def loss_fn(images: list[torch.Tensor]) -> torch.Tensor:
+            return info_nce(model.logits(model.encode_images(images), text_features))
+
+        return pgd(originals, deltas, loss_fn, eps=settings.eps, step_size=settings.step_size,
+                   steps=settings.pgd_steps)
 
     @staticmethod
     def _pick_caption(item: ProtectionItem, generator: torch.Generator) -> str:
