@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +106,6 @@ class ContrastiveModel(nn.Module, ABC):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         return scale * image_features @ text_features.T
-
-    @cached_property
-    def vocabulary_size(self) -> int:
-        return self.token_embeddings.num_embeddings
 
 
 def info_nce(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

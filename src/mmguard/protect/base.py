@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -61,7 +61,6 @@ class MethodSettings:
     surrogate_lr: float = 1e-4
     surrogate_bn: str = "running"
     clean_epochs: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DatasetView(Protocol):
