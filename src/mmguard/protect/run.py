@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 from tqdm import tqdm
 
 from mmguard.data.images import check_image_file, load_image_uint8, to_float
@@ -130,21 +131,25 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
                                     method.trigger_position)
     for item, reason in problems:
         writer.skip_item(item, item, reason)
-    pending = [job for job in jobs if not writer.is_finished(job.ref.key)]
+    pending = [job.ref.key for job in jobs if not writer.is_finished(job.ref.key)]
     batch_size = max(1, method.settings.batch_size)
+    view = _JobsView(jobs, writer, skip_bad)
     written = 0
     status, error = "complete", None
     try:
-        method.prepare(_JobsView(jobs, writer, skip_bad), out_dir / STATE_DIR / "work")
+        method.prepare(view, out_dir / STATE_DIR / "work")
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="img",
                    desc=f"protect ({method.name})", disable=not progress, dynamic_ncols=True)
         with bar:
-            for batch, originals in _load_batches(pending, batch_size, writer, skip_bad, bar):
-                for item, original, result in zip(batch, originals,
-                                                  method.protect_batch(batch), strict=True):
+            for start in range(0, len(pending), batch_size):
+                keys = pending[start:start + batch_size]
+                loaded = view.load_with_originals(keys)
+                batch = [item for item, _ in loaded]
+                results = method.protect_batch(batch) if batch else []
+                for (item, original), result in zip(loaded, results, strict=True):
                     writer.write_item(item.key, original, result.image, result.trigger)
                     written += 1
-                    bar.update(1)
+                bar.update(len(keys))
     except BadItemError as exc:
         status, error = "failed", str(exc)
         raise MMGuardError(
@@ -177,40 +182,20 @@ class _JobsView:
         self.keys = list(self._jobs)
         self.texts = {key: job.texts for key, job in self._jobs.items()}
 
-    def load(self, keys) -> list[ProtectionItem]:
-        items = []
+    def load(self, keys: Sequence[str]) -> list[ProtectionItem]:
+        return [item for item, _ in self.load_with_originals(keys)]
+
+    def load_with_originals(self, keys: Sequence[str]) -> list[tuple[ProtectionItem, Tensor]]:
+        """Float items plus their uint8 originals; a bad image is skipped or stops the run."""
+        loaded = []
         for key in keys:
             job = self._jobs[key]
             try:
-                image = to_float(load_image_uint8(job.ref, job.where))
+                original = load_image_uint8(job.ref, job.where)
             except BadItemError as exc:
                 if not self._skip_bad:
                     raise
                 self._writer.skip_item(key, exc.item, exc.reason)
                 continue
-            items.append(ProtectionItem(key, image, job.texts))
-        return items
-
-
-def _load_batches(jobs: list[ImageJob], batch_size: int, writer: ProtectedDatasetWriter,
-                  skip_bad: bool, bar) -> Iterator[tuple[list[ProtectionItem], list]]:
-    """Decode images batch by batch; a bad image is skipped or stops the run."""
-    batch: list[ProtectionItem] = []
-    originals = []
-    for job in jobs:
-        try:
-            original = load_image_uint8(job.ref, job.where)
-        except BadItemError as exc:
-            if not skip_bad:
-                raise
-            writer.skip_item(job.ref.key, exc.item, exc.reason)
-            if bar is not None:
-                bar.update(1)
-            continue
-        batch.append(ProtectionItem(job.ref.key, to_float(original), job.texts))
-        originals.append(original)
-        if len(batch) == batch_size:
-            yield batch, originals
-            batch, originals = [], []
-    if batch:
-        yield batch, originals
+            loaded.append((ProtectionItem(key, to_float(original), job.texts), original))
+        return loaded
