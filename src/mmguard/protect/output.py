@@ -45,7 +45,7 @@ RUN_RECORD = "mmguard-run.json"
 STATE_DIR = ".mmguard"
 FLUSH_SECONDS = 30.0
 # Settings that may differ between a run and its resumption.
-RESUMABLE_DIFFERENCES = frozenset({"limit", "skip_bad"})
+RESUMABLE_DIFFERENCES = frozenset({"limit", "skip_bad", "device"})
 
 
 def output_image_paths(dataset: Dataset) -> dict[str, str]:
