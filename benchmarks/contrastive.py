@@ -241,13 +241,16 @@ def write_table(results: dict) -> None:
         for key, row in protect_rows:
             pairs_per_second = row.get("pairs_per_second",
                                        round(row["pairs"] / row["seconds"], 2))
+            linf = row.get("max_linf_levels")
             lines.append(f"| {key} | {row['pairs']} | {row['seconds']} | {pairs_per_second} | "
-                         f"{row['peak_rss_mb']} | {row.get('max_linf_levels', '')}/255 | "
-                         f"{row.get('mean_psnr_db', '')} |")
+                         f"{row['peak_rss_mb']} | {'' if linf is None else f'{linf}/255'} | "
+                         f"{row.get('mean_psnr_db') or ''} |")
     speed = rows.get("speed/mem reference settings")
     if speed:
         lines += ["", "MEM per-batch phases at the reference code's settings "
-                  f"({speed['settings']}), {speed['uptime']}:", "",
+                  f"({speed['settings']}), measured alone; `uptime` right after: "
+                  f"{speed['uptime']}. Speed-up of trigger + PGD: "
+                  f"{speed['speedup_trigger_plus_pgd']}x.", "",
                   "| phase, per batch | mmguard (s) | reference (s, calibration.md) |",
                   "|---|---|---|"]
         for phase, seconds in speed["phases"].items():
