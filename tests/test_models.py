@@ -103,7 +103,8 @@ def test_word_token_ids_are_single_words_that_round_trip(rn, words):
 def test_word_token_ids_are_all_such_ids(rn, words):
     chosen = set(words)
     rng = random.Random(1)
-    others = [i for i in rng.sample(range(rn.vocabulary_size), 3000) if i not in chosen][:300]
+    vocabulary = range(rn.token_embeddings.num_embeddings)
+    others = [i for i in rng.sample(vocabulary, 3000) if i not in chosen][:300]
     assert len(others) == 300
     for index in others:
         text = rn.decode([index])
