@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -40,22 +41,38 @@ TINY_CONFIG = {
 
 @functools.lru_cache(maxsize=1)
 def offline_clip_tokenizer_files() -> tuple[str, str]:
-    """vocab.json and merges.txt written from open_clip's bundled BPE vocabulary."""
+    """vocab.json and merges.txt written once from open_clip's bundled BPE vocabulary.
+
+    They go to a cache folder named after the open_clip version, so every
+    process reuses the same two files instead of writing new ones.
+    """
+    from importlib import metadata
+
     from open_clip.tokenizer import SimpleTokenizer
 
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    folder = cache / "mmguard" / f"clip-vocab-{metadata.version('open_clip_torch')}"
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if vocab.exists() and merges.exists():
+        return str(vocab), str(merges)
+    folder.mkdir(parents=True, exist_ok=True)
     simple = SimpleTokenizer()
-    folder = Path(tempfile.mkdtemp(prefix="mmguard-clip-vocab-"))
     # open_clip spells the special tokens <start_of_text>/<end_of_text>; OpenAI's
     # files, which CLIPTokenizer expects, spell them <|startoftext|>/<|endoftext|>.
     renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     encoder = {renamed.get(token, token): index for token, index in simple.encoder.items()}
-    vocab = folder / "vocab.json"
-    vocab.write_text(json.dumps(encoder), encoding="utf-8")
-    merges = folder / "merges.txt"
     ranked = sorted(simple.bpe_ranks.items(), key=lambda item: item[1])
-    merges.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked) + "\n",
-                      encoding="utf-8")
+    _write_atomic(vocab, json.dumps(encoder))
+    _write_atomic(merges, "#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in ranked)
+                  + "\n")
     return str(vocab), str(merges)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(tmp, path)
 
 
 def offline_clip_tokenizer(context_length: int) -> CLIPTokenizer:
