@@ -100,7 +100,8 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
               help="Skip bad items (listed with their reason in mmguard-run.json) instead of "
                    "stopping at the first one.")
 @click.option("--surrogate", multiple=True,
-              help="Surrogate model name (see `mmguard models`); model-based methods.")
+              help="Surrogate model name (see `mmguard models`); model-based methods. mmguard "
+                   "takes it several times for an ensemble.")
 @click.option("--surrogate-pretrained", default=None,
               help="Pretrained weights for the surrogate (open_clip tag or checkpoint path).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None,
@@ -134,6 +135,19 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
               help="Update triggers only in the first N rounds [half of --rounds].")
 @click.option("--stop-loss", type=float, default=None,
               help="Stop when the mean training loss on protected data is below this [0.01].")
+@click.option("--binding", type=click.Choice(("bph", "crs", "none")), default=None,
+              help="mmguard: cross-modal binding disruption, Bridge Path Hijack or Contrastive "
+                   "Routing Shift [bph].")
+@click.option("--binding-weight", type=click.FloatRange(min=0), default=None,
+              help="mmguard: weight of the binding loss [0.5].")
+@click.option("--components", type=click.Choice(("image+text", "image", "text")), default=None,
+              help="mmguard: perturb the image, insert a trigger, or both [image+text].")
+@click.option("--trigger-position", default=None,
+              help="mmguard: where the trigger goes in the prompt: start, end or a word index "
+                   "[end].")
+@click.option("--bilevel", is_flag=True, default=None,
+              help="mmguard: train the surrogates' projectors on the protected data between "
+                   "perturbation updates.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resume, skip_bad,
             quiet, **method_options):
@@ -147,8 +161,9 @@ def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resu
       mmguard protect --dataset emoji --method mem --trigger-len 5 --out protected/
       mmguard protect --data photos/manifest.csv --method random --eps 8/255 --out out/
     """
-    dataset = load_input(data, dataset_name,
-                         split, "pairs" if dataset_name and kind == "auto" else kind)
+    if dataset_name and kind == "auto":
+        kind = METHODS[method].kinds[0]
+    dataset = load_input(data, dataset_name, split, kind)
     given = {_SETTING_NAMES.get(option, option): value
              for option, value in method_options.items() if value not in (None, ())}
     if "surrogates" in given:
@@ -311,3 +326,37 @@ def demo(out, limit):
     from mmguard.demo import run_demo
 
     run_demo(out, limit)
+
+
+@main.command()
+@click.option("--model", "model_name", default="smolvlm-lite", show_default=True,
+              help="Embedded LVLM whose projector to align (see `mmguard models`).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Projector weights to write (.safetensors; a .json log goes beside it).")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", "sources", default="emoji,digits", show_default=True,
+              help="Built-in datasets whose training captions to align on.")
+def align(model_name, out, steps, batch_size, lr, seed, sources):
+    """Stage-1 alignment: train an embedded LVLM's projector on public captions.
+
+    mmguard ships aligned projectors; this reproduces them (or aligns on other data).
+    Use the result with --projector PATH wherever an LVLM is named.
+    """
+    from mmguard.models.lvlm.align import AlignSettings, align_projector
+    from mmguard.models.lvlm.embedded import EMBEDDED_SPECS, create_embedded
+
+    if model_name not in EMBEDDED_SPECS:
+        raise MMGuardError(f"--model {model_name!r}: only the embedded LVLMs are aligned here "
+                           f"({', '.join(EMBEDDED_SPECS)})")
+    names = tuple(name.strip() for name in sources.split(",") if name.strip())
+    unknown = [name for name in names if name not in BUILTINS]
+    if unknown or not names:
+        raise MMGuardError(f"--data {sources!r}: built-in datasets are {', '.join(BUILTINS)}")
+    adapter = create_embedded(model_name, seed=seed, aligned=False)
+    record = align_projector(adapter, AlignSettings(steps, batch_size, lr, seed=seed,
+                                                    sources=names), out, log=click.echo)
+    click.echo(f"wrote {out} ({record['seconds']:.0f} s, final loss "
+               f"{sum(record['loss'][-20:]) / len(record['loss'][-20:]):.3f})")

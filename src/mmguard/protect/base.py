@@ -29,6 +29,7 @@ class ProtectionItem:
     key: str  # the image's key in its dataset
     image: torch.Tensor  # float32 (3, H, W) in [0, 1]
     texts: list[str]  # captions (pairs) or prompts (triples) of every record of the image
+    responses: list[str] | None = None  # triples: the response of each prompt, same order
 
 
 @dataclass
@@ -61,6 +62,12 @@ class MethodSettings:
     surrogate_lr: float = 1e-4
     surrogate_bn: str = "running"
     clean_epochs: int = 10
+    # LVLM methods (MMGuard)
+    binding: str = "bph"
+    binding_weight: float = 0.5
+    components: str = "image+text"
+    trigger_position: str = "end"
+    bilevel: bool = False
 
 
 class DatasetView(Protocol):
@@ -81,6 +88,10 @@ class ProtectionMethod(ABC):
     # Options of MethodSettings that this method reads, besides eps and seed.
     uses: ClassVar[frozenset[str]] = frozenset()
     trigger_position: ClassVar[str] = "start"
+    # Dataset kinds the method protects.
+    kinds: ClassVar[tuple[str, ...]] = ("pairs", "triples")
+    # Method-specific defaults for options the user left out.
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, settings: MethodSettings):
         self.settings = settings

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodSettings, ProtectionMethod
 from mmguard.protect.em import ErrorMinimizing
 from mmguard.protect.mem import MultiStepErrorMinimizing
+from mmguard.protect.mmguard import MMGuard
 from mmguard.protect.random_noise import RandomNoise
 from mmguard.protect.uap import ErrorMaximizing
 
 METHODS: dict[str, type[ProtectionMethod]] = {
     cls.name: cls for cls in (RandomNoise, ErrorMinimizing, ErrorMaximizing,
-                              MultiStepErrorMinimizing)
+                              MultiStepErrorMinimizing, MMGuard)
 }
 
 
@@ -30,4 +33,5 @@ def create_method(name: str, settings: MethodSettings,
     if unused:
         raise MMGuardError(f"method {name!r} does not use "
                            + ", ".join("--" + option.replace("_", "-") for option in unused))
-    return cls(settings)
+    defaults = {option: value for option, value in cls.defaults.items() if option not in given}
+    return cls(dataclasses.replace(settings, **defaults))

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmguard.data.images import check_image_file, load_image_uint8, to_float
-from mmguard.data.records import Dataset, ImageRef, Record
+from mmguard.data.records import Dataset, ImageRef, Record, TripleRecord
 from mmguard.errors import BadItemError, MMGuardError
 from mmguard.protect.base import ProtectionItem, ProtectionMethod
 from mmguard.protect.output import STATE_DIR, ProtectedDatasetWriter, output_image_paths
@@ -32,6 +32,7 @@ class ImageJob:
     ref: ImageRef
     where: str  # the first record naming this image, for messages
     texts: list[str]
+    responses: list[str] | None = None  # triples only, one per text
 
 
 @dataclass
@@ -76,8 +77,11 @@ def plan_jobs(dataset: Dataset, limit: int | None,
             problems.append((exc.item, exc.reason))
             continue
         if not text_problems:
+            responses = [record.response for record in records
+                         if isinstance(record, TripleRecord)] or None
             jobs.append(ImageJob(records[0].image, where,
-                                 [text for record in records for text in record.texts()]))
+                                 [text for record in records for text in record.texts()],
+                                 responses))
     return jobs, problems
 
 
@@ -121,6 +125,9 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
                     limit: int | None = None, skip_bad: bool = False, resume: bool = False,
                     command: list[str] | None = None, progress: bool = True,
                     input_fingerprint: dict | None = None) -> RunSummary:
+    if dataset.kind not in method.kinds:
+        raise MMGuardError(f"method {method.name!r} protects {' or '.join(method.kinds)}, but "
+                           f"{dataset.source} holds {dataset.kind}")
     jobs, problems = plan_jobs(dataset, limit)
     if problems and not skip_bad:
         raise MMGuardError(f"{len(problems)} bad item(s) in {dataset.source}; nothing was "
@@ -197,5 +204,6 @@ class _JobsView:
                     raise
                 self._writer.skip_item(key, exc.item, exc.reason)
                 continue
-            loaded.append((ProtectionItem(key, to_float(original), job.texts), original))
+            loaded.append((ProtectionItem(key, to_float(original), job.texts, job.responses),
+                           original))
         return loaded

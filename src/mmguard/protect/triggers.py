@@ -51,3 +51,36 @@ def trigger_vocabulary(model: ContrastiveModel, natural: bool, size: int | None 
         chosen = torch.randperm(len(ids), generator=generator)[:size]
         ids = sorted(ids[i] for i in chosen.tolist())
     return torch.tensor(ids, dtype=torch.long)
+
+
+def lvlm_trigger_vocabulary(tokenizer, natural: bool, size: int | None = None,
+                            seed: int = 0, embedding_rows: int | None = None) -> torch.Tensor:
+    """Allowed ids for triggers inserted into LVLM prompts.
+
+    A token qualifies when it decodes to a space followed by a whole ASCII
+    word of two or more letters and " word" tokenizes back to it alone, so a
+    trigger of k such tokens is k words that survive release as text (the
+    exact check after insertion still runs per candidate). `embedding_rows`
+    drops ids beyond the language model's embedding table (added special
+    tokens).
+    """
+    words = english_words() if natural else None
+    ids = []
+    for index in range(len(tokenizer)):
+        if embedding_rows is not None and index >= embedding_rows:
+            break
+        text = tokenizer.decode([index])
+        word = text[1:]
+        if not (text.startswith(" ") and len(word) >= 2 and word.isascii() and word.isalpha()):
+            continue
+        if words is not None and word not in words:
+            continue
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == [index]:
+            ids.append(index)
+    if not ids:
+        raise MMGuardError("no usable trigger tokens in this model's vocabulary")
+    if size is not None and size < len(ids):
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(len(ids), generator=generator)[:size]
+        ids = sorted(ids[i] for i in chosen.tolist())
+    return torch.tensor(ids, dtype=torch.long)

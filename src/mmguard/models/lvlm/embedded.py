@@ -278,8 +278,12 @@ def _left_padded(batch: EncodedBatch) -> EncodedBatch:
                         shift(batch.labels, -100), shift(batch.roles, PAD), batch.texts)
 
 
-def create_embedded(name: str, projector: Path | None = None, seed: int = 0) -> EmbeddedAdapter:
-    """Build an embedded LVLM by name, with its packaged (or the given) projector."""
+def create_embedded(name: str, projector: Path | None = None, seed: int = 0,
+                    aligned: bool = True) -> EmbeddedAdapter:
+    """Build an embedded LVLM by name, with its packaged (or the given) projector.
+
+    `aligned=False` leaves the projector randomly initialised (for `mmguard align`).
+    """
     from mmguard.models.lvlm.smollm import load_language_model, load_tokenizer, tiny_language_model
 
     if name not in EMBEDDED_SPECS:
@@ -291,7 +295,7 @@ def create_embedded(name: str, projector: Path | None = None, seed: int = 0) -> 
                       else load_language_model())
     model = EmbeddedLVLM(spec, _load_vision(spec.tiny), language_model)
     adapter = EmbeddedAdapter(model.eval(), tokenizer)
-    if projector is None and not spec.tiny:
+    if projector is None and aligned and not spec.tiny:
         projector = packaged_projector_path(name)
         if not projector.exists():
             raise MMGuardError(f"{name} has no aligned projector yet ({projector}); run "
