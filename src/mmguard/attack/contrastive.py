@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmguard.attack.augment import AugmentPipeline
+from mmguard.attack.schedule import warmup_cosine
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.records import Dataset, PairRecord
 from mmguard.errors import MMGuardError
@@ -91,13 +92,6 @@ def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:
     return model
 
 
-def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
                    progress=None) -> tuple[ContrastiveModel, list[float]]:
     """Train the attacker; returns the model and the mean loss of every epoch."""
@@ -110,8 +104,7 @@ def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
     steps_per_epoch = math.ceil(len(train.images) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     warmup = int(total * recipe.warmup_fraction)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _cosine_with_warmup(step, total, warmup))
+    scheduler = warmup_cosine(optimizer, total, warmup)
     rng = random.Random(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     fixed_pixels = None if recipe.augment else _resized(model, train.images)

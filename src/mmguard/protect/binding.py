@@ -73,8 +73,8 @@ def routing_profile(attention: torch.Tensor, batch: EncodedBatch,
     counts = image.sum(dim=1)
     bins = int(counts.max()) if image_bins is None else image_bins
     answers = answer_positions(batch.labels).to(attention.dtype)
-    # rows: mean over answer queries of each key's attention -> (B, L)
-    per_key = (attention * answers[..., None]).sum(dim=1) / answers.sum(dim=1, keepdim=True).clamp(min=1)
+    # mean over answer queries of each key's attention -> (B, L)
+    per_key = _mean_over(answers, attention)
     index = (image.long().cumsum(dim=1) - 1).clamp(min=0)  # k-th image token of its row
     image_part = torch.zeros(per_key.shape[0], bins, dtype=per_key.dtype, device=per_key.device)
     image_part = image_part.scatter_add(1, index, per_key * image.to(per_key.dtype))
