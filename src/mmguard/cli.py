@@ -11,6 +11,7 @@ import click
 
 from mmguard import __version__
 from mmguard.attack.contrastive import RECIPES
+from mmguard.attack.lvlm import LVLM_RECIPES
 from mmguard.data.builtin import BUILTINS, SPLITS, load_builtin
 from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
@@ -195,16 +196,25 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
               help="Attacker's training data: a manifest (e.g. a protected folder's) or "
                    "NAME:SPLIT of a built-in dataset.")
 @click.option("--test", required=True, help="Clean test data, e.g. emoji:test.")
-@click.option("--attacker", default="rn-tiny", show_default=True,
-              help="Attacker model name (see `mmguard models`).")
-@click.option("--recipe", type=click.Choice(RECIPES), default="scratch", show_default=True,
-              help="scratch: random init; finetune: from --pretrained; projection: heads only.")
-@click.option("--pretrained", default=None, help="Attacker's starting weights (finetune).")
+@click.option("--attacker", default=None,
+              help="Attacker model: a contrastive model for image-caption pairs [rn-tiny] or an "
+                   "LVLM for (image, prompt, response) triples [smolvlm-lite], e.g. lvlm-test. "
+                   "Built-in NAME:SPLIT data is read as pairs or triples to fit it.")
+@click.option("--recipe", type=click.Choice(RECIPES + LVLM_RECIPES), default=None,
+              help="Contrastive: scratch (random init) [default], finetune (from --pretrained), "
+                   "projection (heads only). LVLM: lora (LoRA on the language model plus the "
+                   "projector) [default], projector (connector only), full.")
+@click.option("--pretrained", default=None,
+              help="Contrastive attacker's starting weights (finetune).")
 @click.option("--baseline-train", default=None,
               help="Clean training data: also train a clean attacker and report degradation.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs [contrastive 30, LVLM 3].")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate [contrastive 5e-4; LVLM lora 2e-4, projector 1e-3, "
+                   "full 2e-5].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Training batch size [contrastive 64 (at least 2), LVLM 8].")
 @click.option("--augment", default=None,
               help="Attacker-side transformations applied to training images each epoch, "
                    "e.g. jpeg:75, resize:0.5, grayscale, crop-flip, blur:1 (comma-separated).")
@@ -213,55 +223,156 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
                    "their clean originals (partial protection).")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated attacker seeds; results report mean and spread.")
+@click.option("--limit-train", type=click.IntRange(min=1), default=None,
+              help="LVLM: first N training images only (each training set).")
+@click.option("--limit-test", type=click.IntRange(min=1), default=None,
+              help="LVLM: first N test images only.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="LVLM: longest generated answer, in tokens [16].")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None,
+              help="LVLM lora recipe: LoRA rank (alpha is twice the rank) [8].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
-              help="Write the full report (per seed, mean, std, random level) here.")
+              help="Write the full report (per seed, mean, std, reference levels) here.")
 def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, lr, batch_size,
-             augment, mix_clean, seeds, device, json_out):
-    """Train an attacker on --train and measure retrieval on the clean --test set.
+             augment, mix_clean, seeds, limit_train, limit_test, max_new_tokens, lora_rank,
+             device, json_out):
+    """Train an attacker on --train and measure it on the clean --test set: retrieval for
+    image-caption pairs, answer accuracy for instruction triples.
 
     \b
-    Example (does protection work?):
+    Examples (does protection work?):
       mmguard evaluate --train protected/manifest.csv --baseline-train emoji:train \\
           --test emoji:test --attacker rn-tiny --seeds 0,1,2
+      mmguard evaluate --train protected/manifest.csv --baseline-train digits:train \\
+          --test digits:test --attacker smolvlm-lite --recipe lora --epochs 2
     """
     from mmguard.attack.augment import parse_augment
+    from mmguard.evaluate.protocol import attacker_family, resolve_dataset
+
+    seed_list = _parse_seeds(seeds)
+    if attacker is None:
+        train_dataset = resolve_dataset(train)
+        attacker = "smolvlm-lite" if train_dataset.kind == "triples" else "rn-tiny"
+    else:
+        train_dataset = resolve_dataset(
+            train, "triples" if attacker_family(attacker) == "lvlm" else "pairs")
+    common = dict(train=train, train_dataset=train_dataset, test=test, attacker=attacker,
+                  recipe=recipe, baseline_train=baseline_train,
+                  mix=_parse_mix_clean(mix_clean) if mix_clean else None,
+                  overrides={k: v for k, v in (("epochs", epochs), ("lr", lr),
+                                               ("batch_size", batch_size)) if v is not None},
+                  augment=parse_augment(augment) if augment else None, seeds=seed_list,
+                  device=device)
+    if attacker_family(attacker) == "lvlm":
+        if pretrained:
+            raise MMGuardError("--pretrained applies to contrastive attackers; an LVLM attacker "
+                               "starts from its registry checkpoint")
+        report, table, summary = _evaluate_lvlm(**common, limits=(limit_train, limit_test),
+                                                max_new_tokens=max_new_tokens,
+                                                lora_rank=lora_rank)
+    else:
+        given = [name for name, value in (("--limit-train", limit_train),
+                                          ("--limit-test", limit_test),
+                                          ("--max-new-tokens", max_new_tokens),
+                                          ("--lora-rank", lora_rank)) if value is not None]
+        if given:
+            raise MMGuardError(f"{', '.join(given)} apply to LVLM attackers; {attacker} is a "
+                               "contrastive model")
+        report, table, summary = _evaluate_contrastive(**common, pretrained=pretrained)
+    report.update(train=train, test_data=test, mix_clean=mix_clean, command=sys.argv)
+    click.echo(table)
+    if summary:
+        click.echo(summary)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline_train, mix,
+                          overrides, augment, seeds, device, pretrained):
     from mmguard.attack.contrastive import AttackerRecipe, load_pairs
     from mmguard.evaluate.protocol import (
         evaluate_contrastive,
         markdown_table,
+        mix_clean,
+        require_kind,
         resolve_dataset,
     )
-    from mmguard.evaluate.protocol import (
-        mix_clean as mix,
-    )
 
-    seed_list = _parse_seeds(seeds)
-    train_dataset = resolve_dataset(train)
-    train_set = load_pairs(train_dataset)
-    if mix_clean:
-        clean_spec, _, fraction = mix_clean.rpartition(":")
-        try:
-            share = float(fraction)
-        except ValueError:
-            raise MMGuardError(f"--mix-clean {mix_clean!r}: expected MANIFEST:FRACTION") from None
-        train_set = mix(train_set, train_dataset, resolve_dataset(clean_spec), share, seed_list[0])
-    recipe_settings = AttackerRecipe(
-        model=attacker, recipe=recipe, pretrained=pretrained, epochs=epochs, lr=lr,
-        batch_size=batch_size, device=device, augment=parse_augment(augment) if augment else None)
-    baseline = load_pairs(resolve_dataset(baseline_train)) if baseline_train else None
-    report = evaluate_contrastive(train_set, load_pairs(resolve_dataset(test)), recipe_settings,
-                                  seed_list, baseline, log=lambda line: click.echo(line, err=True))
-    report.update(train=train, test_data=test, mix_clean=mix_clean, command=sys.argv)
-    click.echo(markdown_table(report))
+    if recipe in LVLM_RECIPES:
+        raise MMGuardError(f"--recipe {recipe} is for LVLM attackers; {attacker} is contrastive "
+                           f"(recipes: {', '.join(RECIPES)})")
+    if overrides.get("batch_size", 2) < 2:
+        raise MMGuardError("--batch-size: a contrastive batch needs at least 2 images")
+    train_set = load_pairs(require_kind(train_dataset, "pairs", attacker))
+    if mix:
+        train_set = mix_clean(train_set, train_dataset, resolve_dataset(mix[0]), mix[1], seeds[0])
+    recipe_settings = AttackerRecipe(model=attacker, recipe=recipe or "scratch",
+                                     pretrained=pretrained, device=device, augment=augment,
+                                     **overrides)
+    baseline = (load_pairs(require_kind(resolve_dataset(baseline_train), "pairs", attacker))
+                if baseline_train else None)
+    test_set = load_pairs(require_kind(resolve_dataset(test), "pairs", attacker))
+    report = evaluate_contrastive(train_set, test_set, recipe_settings, seeds, baseline,
+                                  log=lambda line: click.echo(line, err=True))
+    summary = None
     if "degradation" in report:
         deg = report["degradation"]
-        click.echo(f"degradation of R@10: i→t {_percent(deg['i2t']['R@10'])}, "
+        summary = (f"degradation of R@10: i→t {_percent(deg['i2t']['R@10'])}, "
                    f"t→i {_percent(deg['t2i']['R@10'])}; MedR x{deg['i2t']['MedR_ratio']:.2f} "
                    f"/ x{deg['t2i']['MedR_ratio']:.2f}")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report, markdown_table(report), summary
+
+
+def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train, mix, overrides,
+                   augment, seeds, device, limits, max_new_tokens, lora_rank):
+    from mmguard.attack.lvlm import LVLMRecipe
+    from mmguard.attack.triples import load_triples
+    from mmguard.evaluate.lvlm_protocol import (
+        AnswerEvaluation,
+        evaluate_lvlm,
+        lvlm_markdown_table,
+        mix_clean_triples,
+    )
+    from mmguard.evaluate.protocol import require_kind, resolve_dataset
+
+    if recipe in RECIPES:
+        raise MMGuardError(f"--recipe {recipe} is for contrastive attackers; {attacker} is an "
+                           f"LVLM (recipes: {', '.join(LVLM_RECIPES)})")
+    limit_train, limit_test = limits
+
+    def triples(spec: str, dataset=None, limit=None):
+        dataset = dataset or resolve_dataset(spec, "triples")
+        return load_triples(require_kind(dataset, "triples", attacker), limit)
+
+    train_set = triples(train, train_dataset, limit_train)
+    if mix:
+        train_set = mix_clean_triples(train_set, train_dataset,
+                                      require_kind(resolve_dataset(mix[0], "triples"), "triples",
+                                                   attacker), mix[1], seeds[0])
+    lora = {"lora_rank": lora_rank, "lora_alpha": 2 * lora_rank} if lora_rank else {}
+    recipe_settings = LVLMRecipe(model=attacker, recipe=recipe or "lora", device=device,
+                                 augment=augment, **overrides, **lora)
+    settings = AnswerEvaluation(**({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+    baseline = triples(baseline_train, limit=limit_train) if baseline_train else None
+    report = evaluate_lvlm(train_set, triples(test, limit=limit_test), recipe_settings, seeds,
+                           baseline, settings, log=lambda line: click.echo(line, err=True))
+    summary = None
+    if "degradation" in report:
+        deg = report["degradation"]
+        summary = (f"degradation (1 - protected/clean): exact match "
+                   f"{_percent(deg['exact_match'])}, contains match "
+                   f"{_percent(deg['contains_match'])}")
+    return report, lvlm_markdown_table(report), summary
+
+
+def _parse_mix_clean(text: str) -> tuple[str, float]:
+    spec, _, fraction = text.rpartition(":")
+    try:
+        return spec, float(fraction)
+    except ValueError:
+        raise MMGuardError(f"--mix-clean {text!r}: expected MANIFEST:FRACTION") from None
 
 
 def _parse_seeds(text: str) -> list[int]:

@@ -5,6 +5,11 @@
 Each training set is trained once per seed; retrieval on the clean test set
 is reported per seed and as mean and standard deviation, next to the random-
 guess level for that test set and, with a clean baseline, the degradation.
+
+The pieces both attacker families share live here too: naming data
+(`resolve_dataset`) and checking it fits the attacker, choosing which images
+go back to clean (`clean_swaps`), and the per-seed loop and its statistics;
+`lvlm_protocol.py` is the same protocol for LVLM attackers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mmguard.attack.contrastive import (
     train_attacker,
 )
 from mmguard.data.builtin import BUILTINS, load_builtin
-from mmguard.data.records import Dataset
+from mmguard.data.records import Dataset, Kind
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.retrieval import degradation
@@ -33,61 +38,117 @@ from mmguard.protect.output import output_image_paths
 METRICS = ("R@1", "R@5", "R@10", "MedR")
 
 
-def resolve_dataset(spec: str) -> Dataset:
-    """A manifest path, or NAME:SPLIT for a built-in dataset (e.g. emoji:test)."""
+def resolve_dataset(spec: str, kind: Kind = "pairs") -> Dataset:
+    """A manifest path, or NAME:SPLIT for a built-in dataset (e.g. emoji:test) read as `kind`.
+
+    A manifest says itself what it holds; check it with `require_kind`.
+    """
     path = Path(spec)
     if path.exists():
         return read_dataset(path)
     name, _, split = spec.partition(":")
     if name in BUILTINS and split:
-        return load_builtin(name, split, "pairs")
+        return load_builtin(name, split, kind)
     raise MMGuardError(f"{spec!r} is neither an existing manifest nor NAME:SPLIT of a built-in "
                        f"dataset ({', '.join(BUILTINS)})")
 
 
-def mix_clean(protected: ImageCaptionSet, protected_dataset: Dataset, clean_dataset: Dataset,
-              fraction: float, seed: int) -> ImageCaptionSet:
-    """Replace `fraction` of the protected images by their clean originals.
+def attacker_family(name: str) -> str:
+    """"contrastive" (trains on pairs) or "lvlm" (trains on triples), from the registries."""
+    from mmguard.models.lvlm.registry import lvlm_models
+    from mmguard.models.registry import CONTRASTIVE_MODELS
+
+    if name in CONTRASTIVE_MODELS or name.startswith(("hf:", "open_clip:")):
+        return "contrastive"
+    if name in lvlm_models() or "/" in name:  # a Hugging Face LVLM checkpoint id
+        return "lvlm"
+    raise MMGuardError(f"unknown attacker {name!r}; contrastive models: "
+                       f"{', '.join(CONTRASTIVE_MODELS)}; LVLMs: {', '.join(lvlm_models())} "
+                       "or a Hugging Face checkpoint id")
+
+
+def require_kind(dataset: Dataset, kind: Kind, attacker: str) -> Dataset:
+    """Stop early, naming both sides, when data and attacker do not fit together."""
+    if dataset.kind != kind:
+        wants = {"pairs": "image-caption pairs", "triples": "(image, prompt, response) triples"}
+        raise MMGuardError(f"{dataset.source} holds {wants[dataset.kind]}, but the attacker "
+                           f"{attacker} trains on {wants[kind]}; give {kind} data or an "
+                           f"attacker for {dataset.kind} (contrastive models take pairs, "
+                           "LVLMs take triples)")
+    return dataset
+
+
+def clean_swaps(protected_dataset: Dataset, clean_dataset: Dataset, fraction: float,
+                seed: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """(protected image index, clean image index) pairs: the images to swap back to clean.
 
     Images are matched by the path the protect command gives each clean image,
     so a protected folder and the manifest it was made from pair up exactly.
-    Models an attacker holding only partly protected data (MEM's 100/50/20%).
+    Indices follow `records_by_image` order; only the first `limit` protected
+    images are candidates. Models an attacker holding only partly protected
+    data (MEM's 100/50/20%).
     """
     if not 0.0 <= fraction <= 1.0:
         raise MMGuardError(f"--mix-clean fraction {fraction} is outside [0, 1]")
-    clean = load_pairs(clean_dataset)
     by_output = {path: index for index, path in
                  enumerate(output_image_paths(clean_dataset).values())}
-    protected_paths = list(protected_dataset.records_by_image())
+    protected_paths = list(protected_dataset.records_by_image())[:limit]
     matches = [(i, by_output.get(key)) for i, key in enumerate(protected_paths)]
     matched = [(i, j) for i, j in matches if j is not None]
     if not matched:
         raise MMGuardError("--mix-clean: no protected image matches an image of the clean set")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(matched), generator=generator).tolist()
-    chosen = [matched[k] for k in order[: round(fraction * len(matched))]]
+    return [matched[k] for k in order[: round(fraction * len(matched))]]
+
+
+def mix_clean(protected: ImageCaptionSet, protected_dataset: Dataset, clean_dataset: Dataset,
+              fraction: float, seed: int) -> ImageCaptionSet:
+    """Replace `fraction` of the protected images (and captions) by their clean originals."""
+    swaps = clean_swaps(protected_dataset, clean_dataset, fraction, seed)
+    clean = load_pairs(clean_dataset)
     images, captions = list(protected.images), list(protected.captions)
-    for i, j in chosen:
+    for i, j in swaps:
         images[i], captions[i] = clean.images[j], clean.captions[j]
     return ImageCaptionSet(images, captions, list(protected.keys))
 
 
-def run_seeds(train: ImageCaptionSet, test: ImageCaptionSet, recipe: AttackerRecipe,
-              seeds: list[int], label: str, log=print) -> dict:
+def over_seeds(seeds: list[int], run_one, describe, label: str, log=print) -> list[dict]:
+    """`run_one(seed) -> metrics` for every seed, each timed and logged as `describe(metrics)`."""
     runs = []
     for seed in seeds:
         started = time.monotonic()
+        metrics = run_one(seed)
+        metrics.update(seed=seed, seconds=round(time.monotonic() - started, 1))
+        runs.append(metrics)
+        log(f"{label} seed {seed}: {describe(metrics)} ({metrics['seconds']:.0f} s)")
+    return runs
+
+
+def population_std(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def mean_std_cell(mean: float, std: float, runs: int, digits: int = 1) -> str:
+    """"m ± s" over several seeds, just "m" for one."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"
+
+
+def run_seeds(train: ImageCaptionSet, test: ImageCaptionSet, recipe: AttackerRecipe,
+              seeds: list[int], label: str, log=print) -> dict:
+    def run_one(seed: int) -> dict:
         model, losses = train_attacker(train, replace(recipe, seed=seed))
         metrics = evaluate_retrieval(model, test)
-        metrics.update(seed=seed, final_train_loss=round(losses[-1], 4),
-                       seconds=round(time.monotonic() - started, 1))
-        runs.append(metrics)
-        log(f"{label} seed {seed}: i2t R@10 {metrics['i2t']['R@10']:.1f} MedR "
-            f"{metrics['i2t']['MedR']:.0f}, t2i R@10 {metrics['t2i']['R@10']:.1f} MedR "
-            f"{metrics['t2i']['MedR']:.0f} ({metrics['seconds']:.0f} s)")
+        metrics["final_train_loss"] = round(losses[-1], 4)
+        return metrics
+
+    def describe(m: dict) -> str:
+        return (f"i2t R@10 {m['i2t']['R@10']:.1f} MedR {m['i2t']['MedR']:.0f}, "
+                f"t2i R@10 {m['t2i']['R@10']:.1f} MedR {m['t2i']['MedR']:.0f}")
+
+    runs = over_seeds(seeds, run_one, describe, label, log)
     return {"runs": runs, "mean": _aggregate(runs, statistics.mean),
-            "std": _aggregate(runs, lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0),
-            "random": runs[0]["random"]}
+            "std": _aggregate(runs, population_std), "random": runs[0]["random"]}
 
 
 def _aggregate(runs: list[dict], reduce) -> dict:
@@ -126,5 +187,5 @@ def markdown_table(report: dict) -> str:
 
 
 def _cell(result: dict, direction: str, metric: str) -> str:
-    mean, std = result["mean"][direction][metric], result["std"][direction][metric]
-    return f"{mean:.1f} ± {std:.1f}" if len(result["runs"]) > 1 else f"{mean:.1f}"
+    return mean_std_cell(result["mean"][direction][metric], result["std"][direction][metric],
+                         len(result["runs"]))
