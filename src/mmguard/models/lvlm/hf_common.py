@@ -9,10 +9,10 @@ runs PyTorch's native uint8 kernel: Pillow's filters and support, but weights
 rounded to int16 at a per-axis precision, the width pass first, each pass
 rounded back to uint8. `torch_resize` reproduces that kernel bit for bit in its
 forward pass and is differentiable through the float weights (a straight-through
-estimate of the rounding). Pillow's own resize (`mmguard.models.preprocess`,
-the "slow" `...ImageProcessorPil` classes) differs by one or two levels here
-and there, which is 0.015-0.03 in CLIP-normalised units: too much to call the
-same processor.
+estimate of the rounding). The "slow" `...ImageProcessorPil` classes resize
+with Pillow (as `mmguard.models.preprocess` does), one or two levels away here
+and there: 0.008 to 0.06 normalised units on the emoji images, too much to call
+them the same processor, so the adapters match the default one only.
 
 The adapter base runs a model's backbone (`model.model`) once with the
 family's inputs and applies the LM head only where a response token follows,
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,14 +165,17 @@ class HFAdapter(LVLMAdapter):
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
 
     # -- where things are (per family) -------------------------------------------------------
+    @abstractmethod
     def vision_tower(self) -> nn.Module:
-        raise NotImplementedError
+        """The vision encoder (frozen by the "full" recipe)."""
 
+    @abstractmethod
     def projector(self) -> nn.Module:
-        raise NotImplementedError
+        """The modality connector (what the "projector" recipe trains)."""
 
+    @abstractmethod
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The decoder whose attention projections LoRA adapts."""
 
     def model_inputs(self, batch: EncodedBatch, pixels: PixelInputs) -> dict[str, torch.Tensor]:
         """Keyword arguments of the Hugging Face model's `forward` / `generate` for a batch
@@ -197,6 +201,8 @@ class HFAdapter(LVLMAdapter):
         return prefix + ids, [TEMPLATE] * len(prefix) + roles, self._prefix_text + text
 
     def _run(self, batch, pixels, output_attentions):
+        # The backbone (`model.model`) rather than the full model, so that the LM head
+        # runs only on the response positions instead of the whole (B, L, V) logits.
         out = self.model.model(**self.model_inputs(batch, pixels),
                                output_attentions=output_attentions, use_cache=False,
                                return_dict=True)
@@ -219,8 +225,8 @@ class HFAdapter(LVLMAdapter):
                                                                      skip_special_tokens=True)]
 
     def trainable_parameters(self, recipe: str) -> list[nn.Parameter]:
-        """"projector": the modality connector; "full": everything but the vision encoder
-        (the connector included, even where it sits inside the vision module)."""
+        """The "projector" recipe trains the modality connector; "full" trains everything
+        but the vision encoder (the connector included, even where it sits inside it)."""
         if recipe == "projector":
             return list(self.projector().parameters())
         if recipe == "full":

@@ -149,13 +149,14 @@ class Idefics3Adapter(HFAdapter):
     def _grid(self, image_tokens: int) -> tuple[int, int]:
         if isinstance(image_tokens, ImageTokens):
             return image_tokens.rows, image_tokens.cols
-        tiles = image_tokens // self.image_seq_len - 1
-        if tiles == 0:
+        if image_tokens == self.image_seq_len:
             return 0, 0
-        side = math.isqrt(tiles)
-        if side * side != tiles:  # 1x2 and 2x1 need the same count but not the same text
-            raise MMGuardError(f"{self.name}: pass the image-token counts of pixel_inputs, "
-                               f"which carry the tile grid of a split image")
+        tiles = image_tokens // self.image_seq_len - 1
+        side = math.isqrt(max(tiles, 0))
+        # 1x2 and 2x1 tiles need the same count but not the same text; squares are unambiguous.
+        if tiles <= 0 or side * side != tiles or image_tokens % self.image_seq_len:
+            raise MMGuardError(f"{self.name}: {image_tokens} image tokens is no tile grid; pass "
+                               f"the counts of pixel_inputs, which carry the grid")
         return side, side
 
 
