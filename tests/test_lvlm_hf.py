@@ -112,24 +112,29 @@ def test_index_sets_by_construction(adapter, pil_images):
     assert decoded(adapter, batch, ANSWER).strip() == RESPONSE + adapter.end_of_turn
 
 
+def real_processor(adapter):
+    """The family's own Hugging Face processor around the adapter's tokenizer and image
+    processor (built offline)."""
+    import transformers
+
+    if "llava" in adapter.name:
+        return transformers.LlavaProcessor(
+            image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+            patch_size=adapter.model.config.vision_config.patch_size,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if "qwen" in adapter.name:
+        return transformers.Qwen2VLProcessor(
+            image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
+            video_processor=transformers.Qwen2VLVideoProcessor())
+    return transformers.Idefics3Processor(image_processor=adapter.image_processor,
+                                          tokenizer=adapter.tokenizer,
+                                          image_seq_len=adapter.image_seq_len)
+
+
 def test_encoding_matches_the_real_processor(adapter, pil_images):
     """The templated prompt through the family's own HF processor (image placeholder
     expanded by it) gives exactly the adapter's ids."""
-    import transformers
-
-    processors = {
-        "llava": lambda: transformers.LlavaProcessor(
-            image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
-            patch_size=adapter.model.config.vision_config.patch_size,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1),
-        "qwen": lambda: transformers.Qwen2VLProcessor(
-            image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
-            video_processor=transformers.Qwen2VLVideoProcessor()),
-        "idefics3": lambda: transformers.Idefics3Processor(
-            image_processor=adapter.image_processor, tokenizer=adapter.tokenizer,
-            image_seq_len=adapter.image_seq_len),
-    }
-    processor = next(make() for key, make in processors.items() if key in adapter.name)
+    processor = real_processor(adapter)
     for image in (pil_images[0], pil_images[6]):
         pixels = adapter.pixel_inputs([as_tensor(image)])
         ours = adapter.encode([TextExample(PROMPT_TEXT)], pixels)
@@ -257,6 +262,43 @@ def test_recipes_name_the_projector_and_the_language_model(adapter):
     modules = dict(adapter.model.named_modules())
     language = {id(m) for m in adapter.language_model().modules()}
     assert len(names) == 4 * 2 and all(id(modules[name]) in language for name in names)
+
+
+def test_a_saved_checkpoint_loads_by_its_model_type(adapter, pil_images, tmp_path):
+    """The checkpoint path (AutoConfig -> family, from_pretrained, AutoProcessor) on a local
+    folder, since the hub is out of reach: same model, same processor, same loss."""
+    adapter.model.save_pretrained(tmp_path)
+    real_processor(adapter).save_pretrained(tmp_path)
+    loaded = create_hf_lvlm(str(tmp_path))
+    assert type(loaded) is type(adapter)
+    assert loaded.model.config._attn_implementation == "eager"
+    images = [as_tensor(pil_images[0])]
+    with torch.no_grad():
+        expected = adapter.loss(images, [example()]).loss
+        assert torch.allclose(loaded.loss(images, [example()]).loss, expected, atol=1e-5)
+
+
+def test_a_saved_smolvlm_checkpoint_loads_as_idefics3(pil_images, tmp_path):
+    """SmolVLM(2) has its own model_type and classes but Idefics3's layout and processor."""
+    import transformers
+
+    from mmguard.models.lvlm.hf_common import build_tiny
+
+    tiny = create_hf_lvlm("idefics3-tiny")
+    config = transformers.SmolVLMConfig(
+        vision_config=tiny.model.config.vision_config.to_dict(),
+        text_config=tiny.model.config.text_config.to_dict(), scale_factor=2,
+        image_token_id=tiny.model.config.image_token_id)
+    build_tiny(transformers.SmolVLMForConditionalGeneration, config, 0).save_pretrained(tmp_path)
+    processor = transformers.SmolVLMImageProcessor(size={"longest_edge": 64},
+                                                   max_image_size={"longest_edge": 32})
+    processor.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = create_hf_lvlm(str(tmp_path))
+    assert type(loaded.model).__name__ == "SmolVLMForConditionalGeneration"
+    image = as_tensor(pil_images[6]).requires_grad_(True)
+    loaded.loss([image], [example()]).loss.sum().backward()
+    assert image.grad.abs().sum() > 0
 
 
 def test_registry_lists_and_dispatches_the_families():

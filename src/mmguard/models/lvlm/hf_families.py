@@ -6,10 +6,12 @@
   family (`config.model_type`: llava, qwen2_vl, qwen2_5_vl, idefics3, smolvlm);
   the model is loaded with `from_pretrained(attn_implementation="eager")`, because
   attention maps are part of the contract, in the checkpoint's own dtype
-  (`dtype="auto"`: bf16/fp16 for most, so a 7B LLaVA fits a 24 GB GPU), and
-  the checkpoint's own processor (`AutoProcessor`) supplies the tokenizer and the
-  image-processor settings that the adapter reproduces in torch. This needs
-  the Hugging Face hub (or a local copy: set `HF_HUB_OFFLINE=1` and point at the cache).
+  (`dtype="auto"`: bf16/fp16 for most, so a 7B LLaVA fits a 24 GB GPU), with
+  the checkpoint's own tokenizer (`AutoTokenizer`) and image processor
+  (`AutoImageProcessor`, whose settings the adapter reproduces in torch). Not
+  `AutoProcessor`: the adapter needs no more, and SmolVLM's processor imports
+  `num2words` for video prompts. This needs the Hugging Face hub (or a local
+  copy: set `HF_HUB_OFFLINE=1` and point at the cache).
 """
 
 from __future__ import annotations
@@ -61,11 +63,11 @@ def load_checkpoint(name: str) -> LVLMAdapter:
 
     The family comes from the checkpoint's config; the model class is the
     family's `...ForConditionalGeneration`, with eager attention; tokenizer
-    and image processor come from the checkpoint's `AutoProcessor` (whose
-    torchvision-backend image processor is the one the adapter reproduces).
+    and image processor are the checkpoint's (the image processor with its
+    default torchvision backend, the one the adapter reproduces).
     """
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     config = AutoConfig.from_pretrained(name)
     families = _families()
@@ -73,10 +75,10 @@ def load_checkpoint(name: str) -> LVLMAdapter:
         raise MMGuardError(f"{name} is a {config.model_type!r} model; supported LVLM families: "
                            f"{', '.join(sorted(families))}")
     class_name, adapter_class = families[config.model_type]
-    processor = AutoProcessor.from_pretrained(name)
     model = getattr(transformers, class_name).from_pretrained(
         name, config=config, attn_implementation="eager", dtype="auto")
-    return adapter_class(name, model, processor.tokenizer, processor.image_processor)
+    return adapter_class(name, model, AutoTokenizer.from_pretrained(name),
+                         AutoImageProcessor.from_pretrained(name))
 
 
 def create_hf_lvlm(name: str, seed: int = 0) -> LVLMAdapter | None:
