@@ -49,7 +49,8 @@ from mmguard.protect.base import (
 )
 from mmguard.protect.hotflip import beam_search, hotflip_candidates
 from mmguard.protect.lvlm_surrogates import SurrogateEnsemble
-from mmguard.protect.pgd import pgd
+from mmguard.protect.pgd import pgd, random_start
+from mmguard.protect.seeding import item_generator
 from mmguard.protect.state import PerturbationStore
 from mmguard.protect.triggers import lvlm_trigger_vocabulary
 
@@ -164,7 +165,7 @@ class MMGuard(ProtectionMethod):
                         update_trigger: bool) -> tuple[dict[str, float], int]:
         settings, ensemble = self.settings, self.ensemble
         originals = [item.image for item in items]
-        deltas = [self.store.delta(item.key, item.image.shape) for item in items]
+        deltas = [self._delta(item) for item in items]
         examples = self._examples(items, round_index)
         if settings.bilevel:
             for _ in range(max(1, settings.train_steps)):
@@ -187,6 +188,17 @@ class MMGuard(ProtectionMethod):
             _, parts = ensemble.objective([x + d for x, d in zip(originals, deltas, strict=True)],
                                           examples, clean_profiles)
         return parts, changed
+
+    def _delta(self, item: ProtectionItem) -> torch.Tensor:
+        """The item's noise so far; a seeded random start in the ball the first time.
+
+        A zero start would leave CRS stuck: a divergence from the clean input
+        has zero gradient at the clean input itself.
+        """
+        if not self.perturbs_image or self.store.has_delta(item.key):
+            return self.store.delta(item.key, item.image.shape)
+        generator = item_generator(self.settings.seed, f"start {item.key}")
+        return random_start([item.image], self.settings.eps, generator)[0]
 
     # -- trigger search ------------------------------------------------------
     def _update_triggers(self, items, perturbed, examples, clean_profiles):

