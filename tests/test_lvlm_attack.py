@@ -41,8 +41,21 @@ TRIGGER_TEXT = "cf zx"
 
 
 @pytest.fixture(scope="module")
-def pristine():
-    return create_lvlm("lvlm-test")
+def attackers():
+    """One pristine copy per model name, built on first use."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = create_lvlm(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pristine(attackers):
+    return attackers("lvlm-test")
 
 
 @pytest.fixture(scope="module")
@@ -149,46 +162,49 @@ def _base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-# Which parameters each recipe may change (by name prefix), on the embedded models.
-_CHANGES = {
-    "lora": lambda name: ".lora_" in name or name.startswith("projector."),
-    "projector": lambda name: name.startswith("projector."),
-    "full": lambda name: not name.startswith("vision."),
-}
+def _names(adapter, parameters) -> set[str]:
+    wanted = {id(p) for p in parameters}
+    return {name for name, p in adapter.model.named_parameters() if id(p) in wanted}
 
 
-@pytest.mark.parametrize("recipe, lr", [("lora", 5e-3), ("projector", 5e-3), ("full", 1e-3)])
-def test_each_recipe_trains_its_parameters_only_and_lowers_the_loss(pristine, digits_train,
-                                                                    recipe, lr):
-    may_change = _CHANGES[recipe]
+@pytest.mark.parametrize("model, recipe, lr", [
+    ("lvlm-test", "lora", 5e-3), ("lvlm-test", "projector", 5e-3), ("lvlm-test", "full", 1e-3),
+    ("llava-tiny", "lora", 5e-3)])
+def test_each_recipe_trains_its_parameters_only_and_lowers_the_loss(attackers, digits_train,
+                                                                    model, recipe, lr):
+    pristine = attackers(model)
+    projector = _names(pristine, pristine.trainable_parameters("projector"))
+    allowed = projector | (_names(pristine, pristine.trainable_parameters("full"))
+                           if recipe == "full" else set())
     prepared = copy.deepcopy(pristine)
     trainable = {id(p) for p in prepare_for_training(prepared, LVLMRecipe(recipe=recipe))}
-    requiring = [n for n, p in prepared.model.named_parameters() if p.requires_grad]
-    assert requiring and all(may_change(n) for n in requiring)
+    requiring = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
     assert trainable == {id(p) for p in prepared.model.parameters() if p.requires_grad}
+    assert all(n in allowed or ".lora_" in n for n in requiring) and projector <= requiring
+    if recipe == "lora":  # LoRA sits in the language model only
+        lora = {n for n in requiring if ".lora_" in n}
+        assert lora and not any("vision" in n or "visual" in n for n in lora)
 
     adapter = copy.deepcopy(pristine)
     before = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
     loss_before = _eval_loss(adapter, digits_train)
     log = fine_tune_lvlm(adapter, digits_train, LVLMRecipe(
-        model="lvlm-test", recipe=recipe, lr=lr, epochs=6, batch_size=4, warmup_fraction=0.0))
-    after = dict(adapter.model.named_parameters())
+        model=model, recipe=recipe, lr=lr, epochs=6, batch_size=4, warmup_fraction=0.0))
     changed = set()
-    for name, value in after.items():
-        if name in before or _base_name(name) in before:
+    for name, value in adapter.model.named_parameters():
+        if _base_name(name) in before:
             if not torch.equal(value, before[_base_name(name)]):
-                changed.add(name)
+                changed.add(_base_name(name))
         else:
             assert ".lora_" in name and recipe == "lora"
             if "lora_B" in name and value.abs().sum() > 0:  # B starts at zero
                 changed.add(name)
-    assert changed and all(may_change(name) for name in changed), sorted(changed)[:5]
-    assert any(name.startswith("projector.") for name in changed)
+    assert projector <= changed
+    assert all(n in allowed or ".lora_" in n for n in changed), sorted(changed - allowed)[:5]
     if recipe == "lora":
         assert any(".lora_" in name for name in changed)
-        assert not any(".base_layer." in name for name in changed)
     if recipe == "full":
-        assert any(name.startswith("language_model.") for name in changed)
+        assert len(changed - projector) > 10  # the language model moved too
     assert len(log.epoch_losses) == 6 and len(log.step_losses) == 12
     assert _eval_loss(adapter, digits_train) < loss_before - 0.2
     assert not adapter.model.training

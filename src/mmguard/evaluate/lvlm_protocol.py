@@ -11,7 +11,8 @@ Rows of the report, each scored on the same clean test triples:
 once per seed, as mean and standard deviation; plus the random-guess and
 majority levels of the test answers and, with a baseline, the degradation.
 Every row also carries the attention TV distance between its training inputs
-and the clean test inputs (see `vqa.attention_shift`).
+(for the untouched attacker: the given training set) and the clean test
+inputs (see `vqa.attention_shift`).
 """
 
 from __future__ import annotations
