@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.sources import read_dataset
+from mmguard.models.lvlm.attention import GROUP_NAMES, key_group_mass
 from mmguard.models.lvlm.base import (
     ANSWER,
     IMAGE,
@@ -24,7 +25,7 @@ from mmguard.models.lvlm.base import (
 )
 from mmguard.models.lvlm.registry import create_lvlm
 from mmguard.protect.base import MethodSettings
-from mmguard.protect.binding import bph_loss, js_divergence, key_mass, routing_profile
+from mmguard.protect.binding import bph_loss, js_divergence, routing_profile
 from mmguard.protect.pgd import pgd, random_start
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
@@ -138,8 +139,9 @@ def _answer_bridge_share(adapter, images, examples):
     batch = adapter.encode(examples, pixels)
     attention = adapter.forward(batch, pixels, output_attentions=True).attention
     answers = answer_positions(batch.labels)
-    bridge = key_mass(attention, (batch.roles == IMAGE) | (batch.roles == TRIGGER))
-    prompt = key_mass(attention, batch.roles == PROMPT)
+    mass = key_group_mass(attention, batch.roles)
+    bridge = mass[..., GROUP_NAMES.index("image")] + mass[..., GROUP_NAMES.index("trigger")]
+    prompt = mass[..., GROUP_NAMES.index("prompt")]
     share = bridge / (bridge + prompt)
     return float(share[answers].mean().detach()), batch, attention
 

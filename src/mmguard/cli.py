@@ -392,10 +392,15 @@ def _percent(value: float | None) -> str:
 @main.command("models")
 def models_list():
     """List the surrogate/attacker models by name."""
+    from mmguard.models.lvlm.registry import lvlm_models
     from mmguard.models.registry import CONTRASTIVE_MODELS
 
+    click.echo("Contrastive (CLIP-style; methods em, uap, mem; pairs):")
     for name, description in CONTRASTIVE_MODELS.items():
-        click.echo(f"{name:16s} {description}")
+        click.echo(f"  {name:16s} {description}")
+    click.echo("Generative LVLMs (method mmguard; triples):")
+    for name, description in lvlm_models().items():
+        click.echo(f"  {name:16s} {description}")
 
 
 @main.group(cls=_Group)

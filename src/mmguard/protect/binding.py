@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from mmguard.models.lvlm.attention import ROLE_GROUPS, key_group_mass
 from mmguard.models.lvlm.base import (
     ANSWER,
     IMAGE,
@@ -44,22 +45,16 @@ def _mean_over(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
-def key_mass(attention: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, L) attention mass each query puts on the keys in `keys` (B, L)."""
-    return (attention * keys[:, None, :].to(attention.dtype)).sum(dim=-1)
-
-
 def _preference(bridge: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     return -torch.log((bridge + EPS) / (bridge + content + 2 * EPS))
 
 
 def bph_loss(attention: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
     """(B,) Bridge Path Hijack loss; lower means the bridge path carries more attention."""
-    roles = batch.roles
-    image, prompt, trigger = roles == IMAGE, roles == PROMPT, roles == TRIGGER
-    answers = answer_positions(batch.labels)
-    to_image, to_prompt = key_mass(attention, image), key_mass(attention, prompt)
-    to_trigger = key_mass(attention, trigger)
+    mass = key_group_mass(attention, batch.roles)  # (B, L, group)
+    to_image, to_prompt, to_trigger = (mass[..., ROLE_GROUPS.index(role)]
+                                       for role in (IMAGE, PROMPT, TRIGGER))
+    answers, trigger = answer_positions(batch.labels), batch.roles == TRIGGER
     answer_term = _mean_over(answers, _preference(to_image + to_trigger, to_prompt))
     trigger_term = _mean_over(trigger, _preference(to_image, to_prompt))
     return answer_term + trigger_term

@@ -299,3 +299,17 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     predicting = torch.zeros_like(labels, dtype=torch.bool)
     predicting[:, :-1] = labels[:, 1:] != -100
     return predicting
+
+
+def left_padded(batch: EncodedBatch) -> EncodedBatch:
+    """Move each row's padding to the left, as generation needs."""
+    lengths = batch.attention_mask.sum(dim=1)
+    width = batch.input_ids.shape[1]
+    rows = [(width - int(n)) for n in lengths]
+    def shift(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full_like(t, fill)
+        for i, pad in enumerate(rows):
+            out[i, pad:] = t[i, :width - pad]
+        return out
+    return EncodedBatch(shift(batch.input_ids, 0), shift(batch.attention_mask, 0),
+                        shift(batch.labels, -100), shift(batch.roles, PAD), batch.texts)

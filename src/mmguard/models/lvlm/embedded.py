@@ -40,7 +40,6 @@ from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import (
     ANSWER,
     IMAGE,
-    PAD,
     TEMPLATE,
     EncodedBatch,
     LVLMAdapter,
@@ -48,6 +47,7 @@ from mmguard.models.lvlm.base import (
     Segment,
     TextExample,
     answer_positions,
+    left_padded,
 )
 from mmguard.models.preprocess import resize
 
@@ -228,7 +228,7 @@ class EmbeddedAdapter(LVLMAdapter):
                  max_new_tokens: int = 16) -> list[str]:
         prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
         pixels = self.pixel_inputs(images)
-        batch = _left_padded(self.encode(prompts, pixels)).to(self.device)
+        batch = left_padded(self.encode(prompts, pixels)).to(self.device)
         embeds = self._embed(batch, pixels)
         output = self.model.language_model.generate(
             inputs_embeds=embeds, attention_mask=batch.attention_mask,
@@ -261,20 +261,6 @@ class EmbeddedAdapter(LVLMAdapter):
         if missing:
             raise MMGuardError(f"{path} lacks {sorted(missing)}; it is not a {self.name} projector")
         self.model.load_state_dict(state, strict=False)
-
-
-def _left_padded(batch: EncodedBatch) -> EncodedBatch:
-    """Move each row's padding to the left, as generation needs."""
-    lengths = batch.attention_mask.sum(dim=1)
-    width = batch.input_ids.shape[1]
-    rows = [(width - int(n)) for n in lengths]
-    def shift(t: torch.Tensor, fill: int) -> torch.Tensor:
-        out = torch.full_like(t, fill)
-        for i, pad in enumerate(rows):
-            out[i, pad:] = t[i, :width - pad]
-        return out
-    return EncodedBatch(shift(batch.input_ids, 0), shift(batch.attention_mask, 0),
-                        shift(batch.labels, -100), shift(batch.roles, PAD), batch.texts)
 
 
 def create_embedded(name: str, projector: Path | None = None, seed: int = 0,

@@ -42,8 +42,8 @@ from mmguard.models.lvlm.base import (
     PixelInputs,
     TextExample,
     answer_positions,
+    left_padded,
 )
-from mmguard.models.lvlm.embedded import _left_padded
 from mmguard.models.preprocess import _kernel, _round_8bit
 
 # PILImageResampling values (what an image processor stores in `resample`) -> filter name.
@@ -215,7 +215,7 @@ class HFAdapter(LVLMAdapter):
                  max_new_tokens: int = 16) -> list[str]:
         prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
         pixels = self.pixel_inputs(images)
-        batch = _left_padded(self.encode(prompts, pixels)).to(self.device)
+        batch = left_padded(self.encode(prompts, pixels)).to(self.device)
         output = self.model.generate(**self.model_inputs(batch, pixels),
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=self.end_of_turn_id,
