@@ -233,3 +233,21 @@ def test_mmguard_refuses_pairs(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "protects triples" in result.stderr
+
+
+def test_align_trains_only_the_projector_and_round_trips_through_safetensors(tmp_path):
+    from mmguard.models.lvlm.align import AlignSettings, align_projector
+    from mmguard.models.lvlm.embedded import create_embedded
+
+    adapter = create_embedded("lvlm-test", aligned=False)
+    before = {name: p.detach().clone() for name, p in adapter.model.named_parameters()}
+    out = tmp_path / "projector.safetensors"
+    record = align_projector(adapter, AlignSettings(steps=3, batch_size=2, lr=1e-2, warmup=1,
+                                                    sources=("digits",)), out, log=lambda _: None)
+    assert len(record["loss"]) == 3 and out.with_suffix(".json").exists()
+    changed = {name for name, p in adapter.model.named_parameters()
+               if not torch.equal(p.detach(), before[name])}
+    assert changed and all(name.startswith("projector.") for name in changed)
+    reloaded = create_embedded("lvlm-test", projector=out)
+    for name, value in adapter.projector_state().items():
+        assert torch.equal(reloaded.projector_state()[name], value)
