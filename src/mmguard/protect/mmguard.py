@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TRIGGER, TextExample
@@ -124,7 +125,11 @@ class MMGuard(ProtectionMethod):
                 settings.seed * 1000 + round_index)).tolist()
             sums: dict[str, float] = {}
             batches = changed = 0
-            for start_index in range(0, len(order), settings.batch_size):
+            starts = range(0, len(order), settings.batch_size)
+            # Shown on terminals only (disable=None): rounds take minutes on a CPU.
+            for start_index in tqdm(starts, desc=f"mmguard round {round_index + 1}/"
+                                    f"{settings.rounds}", unit="batch", disable=None,
+                                    leave=False):
                 keys = [data.keys[i] for i in order[start_index:start_index + settings.batch_size]]
                 items = data.load(keys)
                 if not items:
