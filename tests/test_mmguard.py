@@ -251,3 +251,11 @@ def test_align_trains_only_the_projector_and_round_trips_through_safetensors(tmp
     reloaded = create_embedded("lvlm-test", projector=out)
     for name, value in adapter.projector_state().items():
         assert torch.equal(reloaded.projector_state()[name], value)
+
+
+def test_method_defaults_fill_only_what_a_command_line_user_left_out():
+    # Python API: settings exactly as passed
+    assert create_method("mmguard", MethodSettings(rounds=2, top_k=4)).settings.rounds == 2
+    # command line: options not given take mmguard's own defaults, given ones are kept
+    cli = create_method("mmguard", MethodSettings(rounds=5, top_k=4), frozenset({"top_k"}))
+    assert (cli.settings.rounds, cli.settings.top_k) == (3, 4)

@@ -19,16 +19,20 @@ METHODS: dict[str, type[ProtectionMethod]] = {
 
 
 def create_method(name: str, settings: MethodSettings,
-                  given: frozenset[str] = frozenset()) -> ProtectionMethod:
-    """Build a method; `given` names the options the user set explicitly.
+                  given: frozenset[str] | None = None) -> ProtectionMethod:
+    """Build a method.
 
-    An option the method does not use is an error rather than silently
-    ignored: `--surrogate` on `random` would suggest a protection that is not
-    happening.
+    `given` names the options a command-line user set explicitly: an option
+    the method does not use is then an error rather than silently ignored
+    (`--surrogate` on `random` would suggest a protection that is not
+    happening), and options left out take the method's own defaults. Without
+    `given` (the Python API), `settings` is used exactly as passed.
     """
     if name not in METHODS:
         raise MMGuardError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     cls = METHODS[name]
+    if given is None:
+        return cls(settings)
     unused = sorted(given - cls.uses - {"eps", "seed"})
     if unused:
         raise MMGuardError(f"method {name!r} does not use "
