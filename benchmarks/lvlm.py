@@ -53,7 +53,7 @@ PROTECTIONS = {
     "bph-b": ["--method", "mmguard", "--binding", "bph", "--surrogate", "smolvlm-lite-b",
               *OPTIMISE],
 }
-ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=3, batch_size=8)
+ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=8, lr=1e-3, batch_size=8)
 
 
 def load_results() -> dict:
@@ -220,8 +220,9 @@ def write_table(results: dict) -> None:
              "clothing is this?\" -> class name), "
              f"{results.get('sizes', {}).get('train', '?')} training and "
              f"{results.get('sizes', {}).get('test', '?')} test images. Attacker: LoRA "
-             "(+ projector) fine-tuning, 3 epochs; exact match after normalisation on the clean "
-             "test prompts. Degradation = 1 - row / clean row of the same attacker.", ""]
+             "(+ projector) fine-tuning, 8 epochs at lr 1e-3; exact match after normalisation "
+             "on the clean test prompts. Degradation = 1 - row / clean row of the same "
+             "attacker.", ""]
     lines += ["| training data | attacker | exact match % | contains % | degradation | "
               "attention TV train↔test | final train loss |", "|---|---|---|---|---|---|---|"]
     clean = {row["attacker"]: row["mean"]["exact_match"] for key, row in rows.items()

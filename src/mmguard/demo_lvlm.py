@@ -38,7 +38,7 @@ TEST_IMAGES = 100
 SURROGATE = "smolvlm-lite"
 MMGUARD_SETTINGS = dict(eps=EPS, seed=0, surrogates=(SURROGATE,), binding="bph", rounds=2,
                         pgd_steps=6, top_k=4, batch_size=8)
-ATTACKER = LVLMRecipe(model=SURROGATE, recipe="lora", epochs=3, batch_size=8)
+ATTACKER = LVLMRecipe(model=SURROGATE, recipe="lora", epochs=8, lr=1e-3, batch_size=8)
 EVALUATION = AnswerEvaluation(max_new_tokens=6, attention_examples=32)
 
 
