@@ -44,13 +44,7 @@ def trigger_vocabulary(model: ContrastiveModel, natural: bool, size: int | None 
     if natural:
         words = english_words()
         ids = [i for i in ids if model.decode([i]) in words]
-    if not ids:
-        raise MMGuardError("no usable trigger tokens in this model's vocabulary")
-    if size is not None and size < len(ids):
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(ids), generator=generator)[:size]
-        ids = sorted(ids[i] for i in chosen.tolist())
-    return torch.tensor(ids, dtype=torch.long)
+    return _subset(ids, size, seed)
 
 
 def lvlm_trigger_vocabulary(tokenizer, natural: bool, size: int | None = None,
@@ -77,6 +71,11 @@ def lvlm_trigger_vocabulary(tokenizer, natural: bool, size: int | None = None,
             continue
         if tokenizer(text, add_special_tokens=False)["input_ids"] == [index]:
             ids.append(index)
+    return _subset(ids, size, seed)
+
+
+def _subset(ids: list[int], size: int | None, seed: int) -> torch.Tensor:
+    """The ids as a tensor; with `size`, a fixed random subset of that many."""
     if not ids:
         raise MMGuardError("no usable trigger tokens in this model's vocabulary")
     if size is not None and size < len(ids):
