@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import results_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "contrastive.json"
@@ -46,15 +48,11 @@ ATTACKER = dict(model="rn-tiny", recipe="scratch", epochs=30, lr=5e-4, batch_siz
 
 
 def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    return results_file.load_results(RESULTS)
 
 
 def save_results(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
-    RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    write_table(results)
+    results_file.save_results(RESULTS, results, write_table)
 
 
 def run_measured(command: list[str]) -> dict:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import results_file  # noqa: E402
 from benchmarks.contrastive import run_measured  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "lvlm.json"
@@ -57,15 +56,11 @@ ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=8, lr=1e-3, batch_si
 
 
 def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    return results_file.load_results(RESULTS)
 
 
 def save_results(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()}
-    RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    write_table(results)
+    results_file.save_results(RESULTS, results, write_table)
 
 
 class Bench:
