@@ -127,9 +127,20 @@ class LVLMAdapter(ABC):
         `answer_logits`) and, if asked, per-layer attentions (B, heads, L, L)."""
 
     @abstractmethod
+    def _generate_ids(self, batch: EncodedBatch, pixels: PixelInputs,
+                      max_new_tokens: int) -> torch.Tensor:
+        """Greedy generation from a left-padded prompt batch: the new token ids only,
+        stopping at the end-of-turn token."""
+
     def generate(self, images: Sequence[torch.Tensor], examples: Sequence[TextExample],
                  max_new_tokens: int = 16) -> list[str]:
         """Greedy answers to the examples' prompts (responses ignored)."""
+        prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
+        pixels = self.pixel_inputs(images)
+        batch = left_padded(self.encode(prompts, pixels)).to(self.device)
+        answers = self._generate_ids(batch, pixels, max_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(answers,
+                                                                     skip_special_tokens=True)]
 
     def trainable_parameters(self, recipe: str) -> list[nn.Parameter]:
         """Parameters an attacker trains: "projector" (the modality connector) or "full"."""

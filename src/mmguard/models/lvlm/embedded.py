@@ -45,9 +45,7 @@ from mmguard.models.lvlm.base import (
     LVLMAdapter,
     PixelInputs,
     Segment,
-    TextExample,
     answer_positions,
-    left_padded,
 )
 from mmguard.models.preprocess import resize
 
@@ -224,19 +222,13 @@ class EmbeddedAdapter(LVLMAdapter):
         return logits, out.attentions if output_attentions else None
 
     @torch.no_grad()
-    def generate(self, images: Sequence[torch.Tensor], examples: Sequence[TextExample],
-                 max_new_tokens: int = 16) -> list[str]:
-        prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
-        pixels = self.pixel_inputs(images)
-        batch = left_padded(self.encode(prompts, pixels)).to(self.device)
-        embeds = self._embed(batch, pixels)
-        output = self.model.language_model.generate(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask,
+    def _generate_ids(self, batch, pixels, max_new_tokens):
+        # Generating from embeddings alone, transformers returns only the new tokens.
+        return self.model.language_model.generate(
+            inputs_embeds=self._embed(batch, pixels), attention_mask=batch.attention_mask,
             max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=self.pad_token_id)
-        return [text.strip() for text in self.tokenizer.batch_decode(output,
-                                                                     skip_special_tokens=True)]
 
     # -- attacker recipes ------------------------------------------------------
     def trainable_parameters(self, recipe: str) -> list[nn.Parameter]:

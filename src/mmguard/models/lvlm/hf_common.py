@@ -42,7 +42,6 @@ from mmguard.models.lvlm.base import (
     PixelInputs,
     TextExample,
     answer_positions,
-    left_padded,
 )
 from mmguard.models.preprocess import _kernel, _round_8bit
 
@@ -211,18 +210,12 @@ class HFAdapter(LVLMAdapter):
         return logits, out.attentions if output_attentions else None
 
     @torch.no_grad()
-    def generate(self, images: Sequence[torch.Tensor], examples: Sequence[TextExample],
-                 max_new_tokens: int = 16) -> list[str]:
-        prompts = [TextExample(e.prompt, None, e.trigger, e.trigger_position) for e in examples]
-        pixels = self.pixel_inputs(images)
-        batch = left_padded(self.encode(prompts, pixels)).to(self.device)
+    def _generate_ids(self, batch, pixels, max_new_tokens):
         output = self.model.generate(**self.model_inputs(batch, pixels),
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=self.end_of_turn_id,
                                      pad_token_id=self.pad_token_id)
-        answers = output[:, batch.input_ids.shape[1]:]
-        return [text.strip() for text in self.tokenizer.batch_decode(answers,
-                                                                     skip_special_tokens=True)]
+        return output[:, batch.input_ids.shape[1]:]
 
     def trainable_parameters(self, recipe: str) -> list[nn.Parameter]:
         """The "projector" recipe trains the modality connector; "full" trains everything
