@@ -88,6 +88,28 @@ def test_replaced_embeddings_equal_table_lookup_and_grads_stop_at_eot(rn):
     assert int((ids[1] == EOT).nonzero()[0]) == 2  # "hello": sot, hello, eot, then padding
 
 
+def test_padding_cut_is_exact_for_features_and_gradients(rn):
+    """encode_text drops the columns after the last end-of-text token (HotFlip speed);
+    features and parameter gradients must equal open_clip's full-length forward."""
+    ids = rn.tokenize(["a cat", "hello", "two dogs on a beach"])
+    assert int(ids.argmax(dim=-1).max()) + 1 < rn.context_length  # there is padding to cut
+    weights = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for encode in (rn.encode_text, lambda t: torch.nn.functional.normalize(
+            rn.clip.encode_text(t), dim=-1)):
+        rn.zero_grad()
+        features = encode(ids)
+        (features * weights).sum().backward()
+        grads.append((features.detach(), rn.clip.positional_embedding.grad.clone(),
+                      rn.clip.token_embedding.weight.grad.clone()))
+    rn.zero_grad()
+    (short, short_pos, short_tok), (full, full_pos, full_tok) = grads
+    assert torch.allclose(short, full, atol=1e-5)
+    assert torch.allclose(short_pos, full_pos, atol=1e-5)
+    assert torch.allclose(short_tok, full_tok, atol=1e-5)
+    assert float(full_pos.abs().sum()) > 0
+
+
 def test_word_token_ids_are_single_words_that_round_trip(rn, words):
     assert len(words) > 20000
     assert words == sorted(set(words))

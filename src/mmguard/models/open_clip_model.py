@@ -62,11 +62,44 @@ class OpenClipModel(ContrastiveModel):
 
     def encode_text(self, ids: torch.Tensor,
                     replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        ids, replace_embeddings = self._drop_padding(ids, replace_embeddings)
         self._replacement = replace_embeddings
         try:
-            return F.normalize(self.clip.encode_text(ids), dim=-1)
+            if ids.shape[1] == self.context_length:
+                return F.normalize(self.clip.encode_text(ids), dim=-1)
+            return F.normalize(self._encode_short_text(ids), dim=-1)
         finally:
             self._replacement = None
+
+    def _drop_padding(self, ids: torch.Tensor, replacement: torch.Tensor | None):
+        """Cut the padding columns after the batch's last end-of-text token.
+
+        Exact, not an approximation: the text tower is causal and pools at the
+        end-of-text token, so no later position can change the feature. Captions
+        fill about a third of CLIP's 77 positions, so this is the cheap part of
+        every HotFlip scoring pass. Only for open_clip's own `CLIP` class with
+        argmax pooling; anything else runs at full length.
+        """
+        if type(self.clip) is not open_clip.CLIP or self.clip.text_pool_type != "argmax" \
+                or self.clip.attn_mask is None:
+            return ids, replacement
+        length = int(ids.argmax(dim=-1).max()) + 1
+        if replacement is not None:
+            replacement = replacement[:, :length]
+        return ids[:, :length], replacement
+
+    def _encode_short_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's `CLIP.encode_text` on the first `ids.shape[1]` positions (same modules,
+        same order; positional embeddings and the causal mask cut to that length)."""
+        clip, length = self.clip, ids.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(ids).to(cast_dtype)
+        x = x + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        return x @ clip.text_projection if not isinstance(clip.text_projection, nn.Linear) \
+            else clip.text_projection(x)
 
     @property
     def token_embeddings(self) -> nn.Embedding:
