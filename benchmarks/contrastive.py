@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--force", action="store_true", help="forget saved rows and redo all")
     args = parser.parse_args()
-    results = {"rows": {}} if args.force else load_results()
+    results = results_file.forget_results(RESULTS) if args.force else load_results()
     seeds = [int(s) for s in args.seeds.split(",")]
     for stage in args.stages.split(","):
         print(f"== stage {stage}", flush=True)

@@ -95,13 +95,11 @@ class Bench:
         key = f"protect/{name}"
         if key in self.rows and (out / "mmguard-run.json").exists():
             return out
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
         command = [*MMGUARD, "protect", "--dataset", DATA, "--split", "train", "--kind",
                    "triples", "--limit", str(self.train_size), "--out", str(out), "--quiet",
                    *PROTECTIONS[name]]
+        if out.exists():
+            command.append("--resume")  # a killed benchmark keeps its finished rounds
         print(f"protect {name}: {' '.join(command[2:])}", flush=True)
         measured = run_measured(command)
         record = json.loads((out / "mmguard-run.json").read_text())
@@ -265,7 +263,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--force", action="store_true", help="forget saved rows and redo all")
     args = parser.parse_args()
-    results = {"rows": {}} if args.force else load_results()
+    results = results_file.forget_results(RESULTS) if args.force else load_results()
     sizes = {"train": args.train, "test": args.test}
     if results.get("sizes") not in (None, sizes):
         raise SystemExit(f"{RESULTS} holds rows for sizes {results['sizes']}; pass the same "
