@@ -92,6 +92,14 @@ class Bench:
     def protected(self, name: str) -> Path:
         """Protect the training slice with one setting once; reuse the folder afterwards."""
         out = WORK / f"lvlm-{name}-{self.train_size}"
+        WORK.mkdir(parents=True, exist_ok=True)
+        # Another benchmark process may be making the same folder: wait for it, then reuse.
+        with results_file.locked(out):
+            for key, row in load_results()["rows"].items():
+                self.rows.setdefault(key, row)
+            return self._protect(name, out)
+
+    def _protect(self, name: str, out: Path) -> Path:
         key = f"protect/{name}"
         if key in self.rows and (out / "mmguard-run.json").exists():
             return out
@@ -189,10 +197,10 @@ def stage_blackbox(bench: Bench) -> None:
     other = dict(model="smolvlm-lite-b")
     bench.zero_shot("smolvlm-lite-b")
     bench.row("blackbox/clean (attacker smolvlm-lite-b)", bench.clean_set, **other)
-    bench.row("blackbox/mmguard-bph from smolvlm-lite (attacker smolvlm-lite-b)",
-              lambda: bench.training_sets("bph")[0], **other)
     bench.row("blackbox/mmguard-bph from smolvlm-lite-b (attacker smolvlm-lite)",
               lambda: bench.training_sets("bph-b")[0])
+    bench.row("blackbox/mmguard-bph from smolvlm-lite (attacker smolvlm-lite-b)",
+              lambda: bench.training_sets("bph")[0], **other)
 
 
 STAGES = {"main": stage_main, "binding": stage_binding, "ablation": stage_ablation,

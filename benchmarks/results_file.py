@@ -20,7 +20,7 @@ def load_results(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -31,7 +31,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def save_results(path: Path, results: dict, write_table: Callable[[dict], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with locked(path):
         for key, row in load_results(path).get("rows", {}).items():
             results["rows"].setdefault(key, row)
         results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
