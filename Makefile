@@ -2,13 +2,14 @@
 #   make demo   install, then run the main job on the bundled real emoji data
 #   make test   install, then lint and run the test suite (what CI runs)
 #   make bench  install, then run the (resumable, ~2 h) contrastive benchmark
+#   make bench-lvlm  install, then run the (resumable, several hours) LVLM benchmark
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-lvlm clean
 
 install: $(STAMP)
 
@@ -25,6 +26,9 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/contrastive.py
+
+bench-lvlm: install
+	$(BIN)/python benchmarks/lvlm.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
