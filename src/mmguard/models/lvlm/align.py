@@ -96,6 +96,7 @@ def align_projector(adapter: EmbeddedAdapter, settings: AlignSettings, out: Path
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(adapter.projector_state(), str(out))
+    out.chmod(0o644)  # safetensors writes owner-only files; weights are shipped and shared
     record = {"model": adapter.name, "settings": asdict(settings), "pairs": len(pairs),
               "loss": history, "seconds": round(time.monotonic() - started, 1)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
