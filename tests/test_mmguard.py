@@ -187,14 +187,14 @@ def test_crs_moves_answer_attention_away_from_the_clean_profile(adapter, real_im
     assert float(moved.mean()) > 2 * float(initial.mean())
 
 
-def _protect(tmp_path, **options):
+def _protect(tmp_path, limit=4, **options):
     dataset = load_builtin("digits", "train", "triples")
     settings = MethodSettings(eps=8 / 255, seed=0, surrogates=("lvlm-test",), rounds=2,
                               pgd_steps=2, top_k=3, batch_size=4, **options)
     given = frozenset({"surrogates", "rounds", "pgd_steps", "top_k", "batch_size", *options})
     method = create_method("mmguard", settings, given)
     out = tmp_path / "out"
-    protect_dataset(dataset, method, out, limit=4, progress=False)
+    protect_dataset(dataset, method, out, limit=limit, progress=False)
     return method, out
 
 
@@ -225,6 +225,21 @@ def test_mmguard_ablations_change_what_is_released(tmp_path):
     run = json.loads((text_only / "mmguard-run.json").read_text())
     assert max(item["linf_levels"] for item in run["items"]) == 0
     assert all(item["trigger"] for item in run["items"])
+
+
+def test_response_groups_share_one_searched_trigger(tmp_path):
+    # Some answers occur more than once among the first 12 digits (in different batches of 4).
+    method, out = _protect(tmp_path, limit=12, trigger_groups="response")
+    records = read_dataset(out / "manifest.csv").records
+    prompt = "Which digit is written in this image?"
+    trigger_of: dict[str, set[str]] = {}
+    for record in records:
+        trigger_of.setdefault(record.response, set()).add(record.prompt[len(prompt):])
+    assert len(records) == 12 and len(trigger_of) < 12
+    assert all(len(triggers) == 1 for triggers in trigger_of.values()), trigger_of
+    start = method.ensemble.primary.decode_trigger(method.start_trigger)
+    assert any(triggers != {" " + start} for triggers in trigger_of.values())
+    assert set(method.triggers) == {f"response: {answer}" for answer in trigger_of}
 
 
 def test_mmguard_refuses_pairs(tmp_path):

@@ -146,6 +146,9 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--trigger-position", default=None,
               help="mmguard: where the trigger goes in the prompt: start, end or a word index "
                    "[end].")
+@click.option("--trigger-groups", type=click.Choice(("item", "response")), default=None,
+              help="mmguard: one trigger per item (the paper), or one shared by all items "
+                   "whose responses are the same [item].")
 @click.option("--bilevel", is_flag=True, default=None,
               help="mmguard: train the surrogates' projectors on the protected data between "
                    "perturbation updates.")

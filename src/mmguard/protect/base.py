@@ -67,6 +67,7 @@ class MethodSettings:
     binding_weight: float = 0.5
     components: str = "image+text"
     trigger_position: str = "end"
+    trigger_groups: str = "item"
     bilevel: bool = False
 
 

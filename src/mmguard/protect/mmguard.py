@@ -57,6 +57,7 @@ from mmguard.protect.triggers import lvlm_trigger_vocabulary
 
 INITIAL_TRIGGER_WORD = " the"
 COMPONENTS = ("image+text", "image", "text")
+TRIGGER_GROUPS = ("item", "response")
 CHECKPOINT = "surrogates.pt"
 SCORE_CHUNK = 16  # candidate examples per no-grad forward
 REJECTED = float("inf")
@@ -68,7 +69,8 @@ class MMGuard(ProtectionMethod):
     uses = frozenset({"device", "batch_size", "surrogates", "rounds", "pgd_steps", "step_size",
                       "trigger_len", "natural_triggers", "trigger_vocab", "top_k", "beam_width",
                       "trigger_rounds", "binding", "binding_weight", "components",
-                      "trigger_position", "bilevel", "train_steps", "surrogate_lr"})
+                      "trigger_position", "trigger_groups", "bilevel", "train_steps",
+                      "surrogate_lr"})
     kinds = ("triples",)
     defaults = {"rounds": 3, "top_k": 8, "batch_size": 8}
 
@@ -77,6 +79,9 @@ class MMGuard(ProtectionMethod):
         if settings.components not in COMPONENTS:
             raise MMGuardError(f"--components {settings.components!r}: choose "
                                f"{', '.join(COMPONENTS)}")
+        if settings.trigger_groups not in TRIGGER_GROUPS:
+            raise MMGuardError(f"--trigger-groups {settings.trigger_groups!r}: choose "
+                               f"{', '.join(TRIGGER_GROUPS)}")
         position = settings.trigger_position
         self.trigger_position: str | int = position if position in ("start", "end") \
             else _word_index(position)
@@ -114,8 +119,7 @@ class MMGuard(ProtectionMethod):
                 primary.tokenizer, settings.natural_triggers, settings.trigger_vocab,
                 settings.seed, primary.input_embeddings().num_embeddings)
             start = primary.tokenizer(INITIAL_TRIGGER_WORD, add_special_tokens=False)["input_ids"]
-            for key in data.keys:
-                self.triggers.setdefault(key, start * self.trigger_len)
+            self.start_trigger = start * self.trigger_len
         trigger_rounds = settings.trigger_rounds
         if trigger_rounds is None:
             trigger_rounds = settings.rounds
@@ -161,7 +165,7 @@ class MMGuard(ProtectionMethod):
                 len(item.texts))
             trigger = None
             if self.trigger_len:
-                trigger = self.ensemble.primary.decode_trigger(self.triggers[item.key])
+                trigger = self.ensemble.primary.decode_trigger(self._trigger_ids(item))
             examples.append(TextExample(item.texts[pick], item.responses[pick], trigger,
                                         self.trigger_position))
         return examples
@@ -206,19 +210,38 @@ class MMGuard(ProtectionMethod):
         return random_start([item.image], self.settings.eps, generator)[0]
 
     # -- trigger search ------------------------------------------------------
+    def _trigger_key(self, item: ProtectionItem) -> str:
+        """Which trigger an item carries: its own (the paper), or, with
+        `--trigger-groups response`, the one shared by every item with the same responses."""
+        if self.settings.trigger_groups == "item":
+            return item.key
+        return "response: " + " | ".join(sorted({r.strip() for r in item.responses or []}))
+
+    def _trigger_ids(self, item: ProtectionItem) -> list[int]:
+        return self.triggers.setdefault(self._trigger_key(item), list(self.start_trigger))
+
     def _update_triggers(self, items, perturbed, examples, clean_profiles):
+        """HotFlip over the batch's trigger groups (one item each, unless --trigger-groups
+        response): candidates from the members' summed gradients, each candidate scored by
+        the members' summed exact objective and rejected if any member's re-tokenisation
+        differs."""
         ensemble, primary = self.ensemble, self.ensemble.primary
-        current = torch.tensor([self.triggers[item.key] for item in items], dtype=torch.long)
+        keys = [self._trigger_key(item) for item in items]
+        for item in items:
+            self._trigger_ids(item)
+        groups = list(dict.fromkeys(keys))
+        members = [[i for i, key in enumerate(keys) if key == group] for group in groups]
+        current = torch.tensor([self.triggers[group] for group in groups], dtype=torch.long)
         grads = self._trigger_gradients(perturbed, examples, clean_profiles)
+        grads = torch.stack([grads[rows].sum(dim=0) for rows in members])
         candidates = hotflip_candidates(grads, primary.input_embeddings().weight.detach().cpu(),
                                         self.allowed, self.settings.top_k)
         image_tokens = primary.pixel_inputs(perturbed[:1]).tokens_per_image[0]
 
-        def score(owners: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        def score_items(owners: list[int], triggers: list[list[int]]) -> torch.Tensor:
             scores = torch.full((len(owners),), REJECTED)
             valid = []
-            for row, (owner, ids) in enumerate(zip(owners.tolist(), triggers.tolist(),
-                                                   strict=True)):
+            for row, (owner, ids) in enumerate(zip(owners, triggers, strict=True)):
                 example = examples[owner]
                 if primary.verify_trigger(example, ids, image_tokens):
                     text = primary.decode_trigger(ids)
@@ -235,14 +258,27 @@ class MMGuard(ProtectionMethod):
                     scores[row] = value
             return scores
 
+        def score(group_rows: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+            rows, owners, expanded = [], [], []
+            for row, (group, ids) in enumerate(zip(group_rows.tolist(), triggers.tolist(),
+                                                   strict=True)):
+                for owner in members[group]:
+                    rows.append(row)
+                    owners.append(owner)
+                    expanded.append(ids)
+            # A candidate rejected for one member scores inf for its group: inf + x = inf.
+            return torch.zeros(len(group_rows)).index_add_(
+                0, torch.tensor(rows), score_items(owners, expanded))
+
         updated, _ = beam_search(current, candidates, score, self.settings.beam_width)
         changed = 0
-        for item, new, old in zip(items, updated.tolist(), current.tolist(), strict=True):
-            self.triggers[item.key] = new
-            changed += int(new != old)
-        trigger_texts = [primary.decode_trigger(ids) for ids in updated.tolist()]
+        for group, rows, new, old in zip(groups, members, updated.tolist(), current.tolist(),
+                                         strict=True):
+            self.triggers[group] = new
+            changed += len(rows) * int(new != old)
+        texts = [primary.decode_trigger(self.triggers[key]) for key in keys]
         examples = [TextExample(e.prompt, e.response, text, e.trigger_position)
-                    for e, text in zip(examples, trigger_texts, strict=True)]
+                    for e, text in zip(examples, texts, strict=True)]
         return examples, changed
 
     def _trigger_gradients(self, perturbed, examples, clean_profiles) -> torch.Tensor:
@@ -270,7 +306,7 @@ class MMGuard(ProtectionMethod):
             delta = self.store.delta(item.key, item.image.shape)
             trigger = None
             if self.trigger_len:
-                trigger = self.ensemble.primary.decode_trigger(self.triggers[item.key])
+                trigger = self.ensemble.primary.decode_trigger(self._trigger_ids(item))
             protected.append(ProtectedItem((item.image + delta).clamp(0.0, 1.0), trigger))
         return protected
 
