@@ -1,6 +1,7 @@
 """LVLM protection benchmark at CPU scale: MMGuard against fine-tuned embedded LVLMs.
 
-    python benchmarks/lvlm.py [--stages main,binding,ablation,blackbox] [--seeds 0]
+    python benchmarks/lvlm.py [--stages main,binding,ablation,blackbox,extension]
+                              [--seeds 0]
                               [--train 160] [--test 200] [--force]
 
 Data: the VQA form of Fashion-MNIST ("What kind of clothing is this?" -> one
@@ -51,6 +52,8 @@ PROTECTIONS = {
                   *OPTIMISE],
     "bph-b": ["--method", "mmguard", "--binding", "bph", "--surrogate", "smolvlm-lite-b",
               *OPTIMISE],
+    "bph-response-groups": ["--method", "mmguard", "--binding", "bph", "--trigger-groups",
+                            "response", *OPTIMISE],
 }
 ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=8, lr=1e-3, batch_size=8)
 
@@ -203,8 +206,15 @@ def stage_blackbox(bench: Bench) -> None:
               lambda: bench.training_sets("bph")[0], **other)
 
 
+def stage_extension(bench: Bench) -> None:
+    """Beyond the paper: one trigger shared by all items with the same answer."""
+    protected, triggers, _ = bench.training_sets("bph-response-groups")
+    bench.row("extension/mmguard-bph, triggers shared per answer", protected)
+    bench.row("extension/mmguard-bph, triggers shared per answer, triggers only", triggers)
+
+
 STAGES = {"main": stage_main, "binding": stage_binding, "ablation": stage_ablation,
-          "blackbox": stage_blackbox}
+          "blackbox": stage_blackbox, "extension": stage_extension}
 
 
 def _cell(row: dict, metric: str, digits: int = 1) -> str:
