@@ -133,12 +133,13 @@ def stage_main(results: dict, seeds: list[int]) -> None:
     evaluate_row(results, "main/clean", clean_train, seeds)
     # MEM-3 and its controls first: they are the rows that decide whether it works.
     for name in ("random", "mem-3", "em", "uap", "mem-5"):
-        folder = protected_folder(name, results)
-        protected, triggers, noise = training_sets(folder)
-        evaluate_row(results, f"main/{name}", protected, seeds)
+        # Protect (or re-protect a deleted work folder) only when a row still needs it.
+        sets = {f"main/{name}": 0}
         if name == "mem-3":
-            evaluate_row(results, "main/mem-3 triggers only", triggers, seeds)
-            evaluate_row(results, "main/mem-3 noise only", noise, seeds)
+            sets.update({"main/mem-3 triggers only": 1, "main/mem-3 noise only": 2})
+        for key, index in sets.items():
+            evaluate_row(results, key, lambda name=name, index=index: training_sets(
+                protected_folder(name, results))[index], seeds)
 
 
 def stage_transfer(results: dict, seeds: list[int]) -> None:
