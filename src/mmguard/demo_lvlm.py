@@ -50,7 +50,7 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     click.echo(f"mmguard demo --lvlm: protect {limit} Fashion-MNIST question/answer triples "
                f"with MMGuard against {SURROGATE} (EfficientNet-Lite0 -> SmolLM2-135M), then "
                "fine-tune it on clean and on protected copies and ask the clean test "
-               "questions. About 10-15 minutes on 2 CPU cores.")
+               "questions. About 15 minutes on 2 CPU cores.")
     originals = out / "fashion-train"
     manifest = export_dataset(load_builtin("fashion-mnist", "train", "triples"), originals,
                               "csv", limit)
