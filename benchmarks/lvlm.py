@@ -211,6 +211,8 @@ def stage_extension(bench: Bench) -> None:
     protected, triggers, _ = bench.training_sets("bph-response-groups")
     bench.row("extension/mmguard-bph, triggers shared per answer", protected)
     bench.row("extension/mmguard-bph, triggers shared per answer, triggers only", triggers)
+    bench.row("extension/mmguard-bph, triggers shared per answer (attacker smolvlm-lite-b)",
+              protected, model="smolvlm-lite-b")
 
 
 STAGES = {"main": stage_main, "binding": stage_binding, "ablation": stage_ablation,
