@@ -53,6 +53,7 @@ def measure_phases(batch: int = 16) -> dict:
     method._hotflip = timed("trigger update (HotFlip)", method._hotflip)
     original_pgd = loop.pgd
     loop.pgd = timed("image PGD (8 steps)", original_pgd)
+    method.reset_noise_stats()
     try:
         method._optimise_batch(items, round_index=0, update_trigger=True)
     finally:

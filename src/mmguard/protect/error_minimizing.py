@@ -62,6 +62,10 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
         return described
 
     # -- whole-dataset optimisation ------------------------------------------
+    def reset_noise_stats(self) -> None:
+        """Start a round's tally of |delta| and of values at the bound (for the run record)."""
+        self._noise_stats = {"sum_abs": 0.0, "at_bound": 0, "count": 0}
+
     def prepare(self, data: DatasetView, workdir: Path) -> None:
         settings = self.settings
         self.store = PerturbationStore(workdir)
@@ -88,7 +92,7 @@ class ContrastiveErrorMinimizing(ProtectionMethod):
                                    generator=torch.Generator().manual_seed(settings.seed * 1000
                                                                            + round_index))
             losses, trigger_changes = [], 0
-            self._noise_stats = {"sum_abs": 0.0, "at_bound": 0, "count": 0}
+            self.reset_noise_stats()
             for start_index in range(0, len(order), settings.batch_size):
                 keys = [data.keys[i] for i in order[start_index:start_index + settings.batch_size]]
                 items = data.load(keys)
