@@ -241,7 +241,11 @@ def write_table(results: dict) -> None:
     clean = {row["attacker"]: row["mean"]["exact_match"] for key, row in rows.items()
              if key.endswith("clean") or key.startswith("blackbox/clean")
              if "mean" in row}
-    for key, row in rows.items():
+    # Stage order, whatever order parallel stage processes finished their rows in.
+    order = ["zero-shot/", "main/", "binding/", "ablation/", "blackbox/", "extension/"]
+    ranked = sorted(rows.items(), key=lambda kv: next(
+        (i for i, prefix in enumerate(order) if kv[0].startswith(prefix)), len(order)))
+    for key, row in ranked:
         if key.startswith("zero-shot/"):
             lines.append(f"| untouched (zero-shot) | {row['attacker']} | "
                          f"{row['exact_match']:.1f} | {row['contains_match']:.1f} | | "
