@@ -224,6 +224,10 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
 @click.option("--mix-clean", default=None,
               help="CLEAN_MANIFEST:FRACTION: replace this fraction of the training images by "
                    "their clean originals (partial protection).")
+@click.option("--strip-rare-words", "strip_rare", default=None,
+              help="Adaptive attacker: before training, delete words found in fewer than N "
+                   "training texts (N >= 2; captions, or prompts of triples), or in fewer than "
+                   "a fraction F in (0, 1) of them. Applied to --baseline-train too.")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated attacker seeds; results report mean and spread.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None,
@@ -238,8 +242,8 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Write the full report (per seed, mean, std, reference levels) here.")
 def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, lr, batch_size,
-             augment, mix_clean, seeds, limit_train, limit_test, max_new_tokens, lora_rank,
-             device, json_out):
+             augment, mix_clean, strip_rare, seeds, limit_train, limit_test, max_new_tokens,
+             lora_rank, device, json_out):
     """Train an attacker on --train and measure it on the clean --test set: retrieval for
     image-caption pairs, answer accuracy for instruction triples.
 
@@ -251,6 +255,7 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
           --test digits:test --attacker smolvlm-lite --recipe lora --epochs 2
     """
     from mmguard.attack.augment import parse_augment
+    from mmguard.attack.text_filter import parse_min_texts
     from mmguard.evaluate.protocol import attacker_family, resolve_dataset
 
     seed_list = _parse_seeds(seeds)
@@ -266,7 +271,7 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
                   overrides={k: v for k, v in (("epochs", epochs), ("lr", lr),
                                                ("batch_size", batch_size)) if v is not None},
                   augment=parse_augment(augment) if augment else None, seeds=seed_list,
-                  device=device)
+                  strip=parse_min_texts(strip_rare) if strip_rare else None, device=device)
     if attacker_family(attacker) == "lvlm":
         if pretrained:
             raise MMGuardError("--pretrained applies to contrastive attackers; an LVLM attacker "
@@ -283,7 +288,8 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
             raise MMGuardError(f"{', '.join(given)} apply to LVLM attackers; {attacker} is a "
                                "contrastive model")
         report, table, summary = _evaluate_contrastive(**common, pretrained=pretrained)
-    report.update(train=train, test_data=test, mix_clean=mix_clean, command=sys.argv)
+    report.update(train=train, test_data=test, mix_clean=mix_clean, strip_rare_words=strip_rare,
+                  command=sys.argv)
     click.echo(table)
     if summary:
         click.echo(summary)
@@ -293,7 +299,7 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
 
 
 def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline_train, mix,
-                          overrides, augment, seeds, device, pretrained):
+                          overrides, augment, seeds, strip, device, pretrained):
     from mmguard.attack.contrastive import AttackerRecipe, load_pairs
     from mmguard.evaluate.protocol import (
         evaluate_contrastive,
@@ -316,6 +322,9 @@ def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline
                                      **overrides)
     baseline = (load_pairs(require_kind(resolve_dataset(baseline_train), "pairs", attacker))
                 if baseline_train else None)
+    if strip:
+        train_set = _stripped(train_set, strip, train)
+        baseline = _stripped(baseline, strip, baseline_train) if baseline else None
     test_set = load_pairs(require_kind(resolve_dataset(test), "pairs", attacker))
     report = evaluate_contrastive(train_set, test_set, recipe_settings, seeds, baseline,
                                   log=lambda line: click.echo(line, err=True))
@@ -329,7 +338,7 @@ def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline
 
 
 def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train, mix, overrides,
-                   augment, seeds, device, limits, max_new_tokens, lora_rank):
+                   augment, seeds, strip, device, limits, max_new_tokens, lora_rank):
     from mmguard.attack.lvlm import LVLMRecipe
     from mmguard.attack.triples import load_triples
     from mmguard.evaluate.lvlm_protocol import (
@@ -359,6 +368,9 @@ def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train,
                                  augment=augment, **overrides, **lora)
     settings = AnswerEvaluation(**({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
     baseline = triples(baseline_train, limit=limit_train) if baseline_train else None
+    if strip:
+        train_set = _stripped(train_set, strip, train)
+        baseline = _stripped(baseline, strip, baseline_train) if baseline else None
     report = evaluate_lvlm(train_set, triples(test, limit=limit_test), recipe_settings, seeds,
                            baseline, settings, log=lambda line: click.echo(line, err=True))
     summary = None
@@ -368,6 +380,15 @@ def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train,
                    f"{_percent(deg['exact_match'])}, contains match "
                    f"{_percent(deg['contains_match'])}")
     return report, lvlm_markdown_table(report), summary
+
+
+def _stripped(data, min_texts: float, name: str):
+    """The training set with rare words stripped from its text, and a log line saying how many."""
+    from mmguard.attack.text_filter import strip_training_set
+
+    data, report = strip_training_set(data, min_texts)
+    click.echo(f"{name}: {report.describe()}", err=True)
+    return data
 
 
 def _parse_mix_clean(text: str) -> tuple[str, float]:
