@@ -105,7 +105,9 @@ def training_sets(folder: Path):
             ImageCaptionSet(protected.images, clean.captions))
 
 
-def evaluate_row(results: dict, key: str, train, seeds: list[int], **recipe_changes) -> None:
+def evaluate_row(results: dict, key: str, train, seeds: list[int], notes=None,
+                 **recipe_changes) -> None:
+    """Train and test one attacker row unless saved; `notes()` (a dict) is stored with it."""
     if key in results["rows"]:
         return
     from mmguard.attack.contrastive import AttackerRecipe, load_pairs
@@ -118,7 +120,7 @@ def evaluate_row(results: dict, key: str, train, seeds: list[int], **recipe_chan
                        log=lambda line: print(line, flush=True))
     results["rows"][key] = {"attacker": {k: v for k, v in vars(recipe).items() if k != "augment"},
                             "augment": recipe.augment.spec if recipe.augment else None,
-                            "seeds": seeds, **result}
+                            "seeds": seeds, **(notes() if notes else {}), **result}
     save_results(results)
 
 
@@ -176,6 +178,14 @@ def stage_adaptive(results: dict, seeds: list[int]) -> None:
         augment = parse_augment(spec)
         evaluate_row(results, f"adaptive/clean {spec}", clean_train, seeds[:1], augment=augment)
         evaluate_row(results, f"adaptive/mem-3 {spec}", protected, seeds[:1], augment=augment)
+    # Text side: delete words found in fewer than 2 captions (MEM's triggers are per image).
+    from mmguard.attack.text_filter import strip_training_set
+
+    for name, train in (("clean", clean_train()), ("mem-3", protected)):
+        stripped, report = strip_training_set(train, 2)
+        evaluate_row(results, f"adaptive/{name}, words in < 2 captions stripped", stripped,
+                     seeds[:1], notes=lambda report=report: {"strip_rare_words": 2,
+                                                             "strip_report": vars(report)})
 
 
 def stage_memory(results: dict, seeds: list[int]) -> None:

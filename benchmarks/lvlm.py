@@ -1,6 +1,6 @@
 """LVLM protection benchmark at CPU scale: MMGuard against fine-tuned embedded LVLMs.
 
-    python benchmarks/lvlm.py [--stages main,binding,ablation,blackbox,extension]
+    python benchmarks/lvlm.py [--stages main,binding,ablation,blackbox,extension,adaptive]
                               [--seeds 0]
                               [--train 160] [--test 200] [--force]
 
@@ -141,7 +141,8 @@ class Bench:
         return (protected, TripleSet(clean.images, protected.turns, clean.keys),
                 TripleSet(protected.images, clean.turns, clean.keys))
 
-    def row(self, key: str, train, **recipe_changes) -> None:
+    def row(self, key: str, train, notes: dict | None = None, **recipe_changes) -> None:
+        """Fine-tune and score one attacker row unless saved; `notes` are stored with it."""
         if key in self.rows:
             return
         from dataclasses import replace
@@ -156,7 +157,7 @@ class Bench:
         for run in result["runs"]:
             run.pop("step_losses", None)
         self.rows[key] = {"attacker": recipe.model, "recipe": recipe.recipe,
-                          "seeds": self.seeds, **result}
+                          "seeds": self.seeds, **(notes or {}), **result}
         save_results(self.results)
 
     def zero_shot(self, model: str) -> None:
@@ -215,8 +216,25 @@ def stage_extension(bench: Bench) -> None:
               protected, model="smolvlm-lite-b")
 
 
+def stage_adaptive(bench: Bench) -> None:
+    """An attacker who deletes rare words from the prompts before fine-tuning.
+
+    Below 2 texts catches per-item triggers; below half of the prompts also
+    catches triggers shared per answer (every clean prompt is the same question,
+    so the clean training set is unchanged by either and needs no new row).
+    """
+    from mmguard.attack.text_filter import strip_training_set
+
+    for name, label in (("bph", "mmguard-bph"),
+                        ("bph-response-groups", "mmguard-bph, triggers shared per answer")):
+        for min_texts, rule in ((2, "in < 2 prompts"), (0.5, "in < 50% of prompts")):
+            stripped, report = strip_training_set(bench.training_sets(name)[0], min_texts)
+            bench.row(f"adaptive/{label}, words {rule} stripped", stripped,
+                      notes={"strip_rare_words": min_texts, "strip_report": vars(report)})
+
+
 STAGES = {"main": stage_main, "binding": stage_binding, "ablation": stage_ablation,
-          "blackbox": stage_blackbox, "extension": stage_extension}
+          "blackbox": stage_blackbox, "extension": stage_extension, "adaptive": stage_adaptive}
 
 
 def _cell(row: dict, metric: str, digits: int = 1) -> str:
@@ -242,7 +260,8 @@ def write_table(results: dict) -> None:
              if key.endswith("clean") or key.startswith("blackbox/clean")
              if "mean" in row}
     # Stage order, whatever order parallel stage processes finished their rows in.
-    order = ["zero-shot/", "main/", "binding/", "ablation/", "blackbox/", "extension/"]
+    order = ["zero-shot/", "main/", "binding/", "ablation/", "blackbox/", "extension/",
+             "adaptive/"]
     ranked = sorted(rows.items(), key=lambda kv: next(
         (i for i, prefix in enumerate(order) if kv[0].startswith(prefix)), len(order)))
     for key, row in ranked:
