@@ -413,6 +413,49 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--original", default=None,
+              help="The unprotected data (manifest or NAME:SPLIT) [the run record's input].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write the full report here.")
+def audit(folder, original, json_out):
+    """Check a protected FOLDER against its originals before you publish it.
+
+    Reads every saved image and its original: the file decodes, keeps the
+    original's size and stays within the budget; reports PSNR and SSIM; checks
+    each text is the original with at most its trigger inserted. Exits 1 and
+    names every bad item if anything fails.
+    """
+    from mmguard.evaluate.audit import audit_folder
+    from mmguard.evaluate.protocol import resolve_dataset
+
+    if not folder.is_dir():
+        raise MMGuardError(f"{folder} is not a folder")
+    originals = None
+    if original:
+        kind = "triples" if _recorded_kind(folder) == "triples" else "pairs"
+        originals = resolve_dataset(original, kind)
+    report = audit_folder(folder, originals)
+    click.echo(f"{folder} against {report.original}:")
+    click.echo(report.table())
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    if not report.ok:
+        shown = report.problems[:20]
+        more = len(report.problems) - len(shown)
+        raise MMGuardError(f"{len(report.problems)} problem(s):\n  " + "\n  ".join(shown)
+                           + (f"\n  ... and {more} more (see --json)" if more else ""))
+    click.echo("ok: every file within budget, at original size, texts intact")
+
+
+def _recorded_kind(folder: Path) -> str:
+    from mmguard.evaluate.audit import read_run_record
+
+    return read_run_record(folder)["input"]["kind"]
+
+
 @main.command("models")
 def models_list():
     """List the surrogate/attacker models by name."""

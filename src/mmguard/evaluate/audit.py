@@ -1,0 +1,170 @@
+"""Check a protected folder against its originals, from the files on disk.
+
+    report = audit_folder(Path("protected"))          # originals named in the run record
+    report = audit_folder(Path("protected"), resolve_dataset("photos/manifest.csv"))
+
+Before publishing, a data owner wants to know what will actually go out. For
+every item the run record lists, this reads the saved PNG and the original
+image and checks that the file exists and decodes, has the original's size,
+and stays within the record's budget (L∞ in 8-bit levels); it measures PSNR
+and SSIM; and it checks that each text in the protected manifest is the
+original text with at most the recorded trigger inserted (no word changed or
+lost, responses untouched). Problems are collected, not raised, so one report
+names every bad item; `AuditReport.ok` says whether there were any.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.records import Dataset
+from mmguard.data.sources import read_dataset
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.stealth import linf_levels, psnr_db, ssim
+from mmguard.protect.output import RUN_RECORD, mirror_manifest_name
+
+
+@dataclass
+class AuditReport:
+    folder: str
+    original: str
+    eps_levels: int
+    items: int = 0
+    max_linf_levels: int = 0
+    mean_psnr_db: float | None = None
+    min_psnr_db: float | None = None
+    mean_ssim: float | None = None
+    min_ssim: float | None = None
+    max_trigger_words: int = 0
+    texts_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def table(self) -> str:
+        def cell(value, digits):
+            return "n/a" if value is None else f"{value:.{digits}f}"
+
+        return "\n".join([
+            "| check | value |", "|---|---|",
+            f"| items | {self.items} |",
+            f"| max L∞ (budget) | {self.max_linf_levels}/255 ({self.eps_levels}/255) |",
+            f"| PSNR mean / min (dB) | {cell(self.mean_psnr_db, 2)} / "
+            f"{cell(self.min_psnr_db, 2)} |",
+            f"| SSIM mean / min | {cell(self.mean_ssim, 4)} / {cell(self.min_ssim, 4)} |",
+            f"| longest trigger (words) | {self.max_trigger_words} |",
+            f"| texts checked | {self.texts_checked} |",
+            f"| problems | {len(self.problems)} |"])
+
+
+def read_run_record(folder: Path) -> dict:
+    path = folder / RUN_RECORD
+    if not path.exists():
+        raise MMGuardError(f"{folder} has no {RUN_RECORD}: it is not a folder written by "
+                           "`mmguard protect`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MMGuardError(f"{path} is not readable JSON ({exc})") from None
+
+
+def recorded_originals(record: dict) -> Dataset:
+    """The dataset the run record says was protected (a built-in split or a manifest path)."""
+    source, kind = record["input"]["source"], record["input"]["kind"]
+    if source.startswith("builtin:"):
+        name, _, split = source.removeprefix("builtin:").partition("/")
+        return load_builtin(name, split, kind)
+    if not Path(source).exists():
+        raise MMGuardError(f"the originals ({source}) are not where the run record says; "
+                           "name them with --original")
+    return read_dataset(Path(source))
+
+
+def _plus_trigger(original: str, protected: str, trigger: str | None) -> bool:
+    """Is `protected` the words of `original` with `trigger`'s words inserted once, in one run?"""
+    words, added = protected.split(), (trigger or "").split()
+    if not added:
+        return words == original.split()
+    return any(words[i:i + len(added)] == added
+               and words[:i] + words[i + len(added):] == original.split()
+               for i in range(len(words) - len(added) + 1))
+
+
+def audit_folder(folder: Path, originals: Dataset | None = None) -> AuditReport:
+    record = read_run_record(folder)
+    originals = originals or recorded_originals(record)
+    report = AuditReport(str(folder), originals.source, record["budgets"]["eps_levels"])
+    by_key = originals.records_by_image()
+    manifest = folder / mirror_manifest_name(originals)
+    if manifest.exists():
+        protected = read_dataset(manifest)
+        protected_rows = {file: [protected.records[i] for i in indices]
+                          for file, indices in protected.records_by_image().items()}
+    else:
+        protected_rows = {}
+        report.problems.append(f"{manifest}: the protected manifest is missing")
+    psnrs, ssims = [], []
+    for item in record.get("items", []):
+        key, file, trigger = item["key"], item["file"], item.get("trigger")
+        if key not in by_key:
+            report.problems.append(f"{file}: its original {key!r} is not in {originals.source}")
+            continue
+        first = originals.records[by_key[key][0]]
+        report.items += 1
+        report.max_trigger_words = max(report.max_trigger_words, len((trigger or "").split()))
+        _check_texts(report, file, [originals.records[i] for i in by_key[key]],
+                     protected_rows.get(file, []), trigger)
+        try:
+            original = load_image_uint8(first.image, first.where)
+            saved = read_png_uint8(folder / file)
+        except (MMGuardError, OSError, ValueError) as exc:
+            report.problems.append(f"{file}: cannot be read ({exc})")
+            continue
+        if saved.shape != original.shape:
+            report.problems.append(f"{file}: size {tuple(saved.shape[1:])} differs from the "
+                                   f"original's {tuple(original.shape[1:])}")
+            continue
+        change = linf_levels(original, saved)
+        report.max_linf_levels = max(report.max_linf_levels, change)
+        if change > report.eps_levels:
+            report.problems.append(f"{file}: changes a pixel by {change}/255, over the budget "
+                                   f"of {report.eps_levels}/255")
+        psnrs.append(psnr_db(original, saved))
+        if (value := ssim(original, saved)) is not None:
+            ssims.append(value)
+    finite = [p for p in psnrs if p != float("inf")]
+    if finite:
+        report.mean_psnr_db, report.min_psnr_db = statistics.mean(finite), min(finite)
+    if ssims:
+        report.mean_ssim, report.min_ssim = statistics.mean(ssims), min(ssims)
+    if report.items == 0:
+        report.problems.append(f"{folder}: the run record lists no finished items")
+    return report
+
+
+def _check_texts(report: AuditReport, file: str, originals: list, protected: list,
+                 trigger: str | None) -> None:
+    if not protected:
+        report.problems.append(f"{file}: not in the protected manifest")
+        return
+    if len(protected) != len(originals):
+        report.problems.append(f"{file}: {len(protected)} manifest rows, the original has "
+                               f"{len(originals)}")
+        return
+    for before, after in zip(originals, protected, strict=True):
+        for (name, old), (_, new) in zip(before.named_texts(), after.named_texts(), strict=True):
+            report.texts_checked += 1
+            # The trigger goes into captions and prompts; a response must be untouched.
+            if not _plus_trigger(old, new, None if name == "response" else trigger):
+                report.problems.append(f"{file}: {name} {new!r} is not the original {old!r} "
+                                       f"plus the trigger {trigger!r}")
