@@ -54,6 +54,8 @@ PROTECTIONS = {
               *OPTIMISE],
     "bph-response-groups": ["--method", "mmguard", "--binding", "bph", "--trigger-groups",
                             "response", *OPTIMISE],
+    "image-only-response-groups": ["--method", "mmguard", "--binding", "bph", "--components",
+                                   "image", "--noise-groups", "response", *OPTIMISE],
 }
 ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=8, lr=1e-3, batch_size=8)
 
@@ -208,12 +210,18 @@ def stage_blackbox(bench: Bench) -> None:
 
 
 def stage_extension(bench: Bench) -> None:
-    """Beyond the paper: one trigger shared by all items with the same answer."""
+    """Beyond the paper: one trigger, or one noise pattern, shared by all items with the
+    same answer."""
     protected, triggers, _ = bench.training_sets("bph-response-groups")
     bench.row("extension/mmguard-bph, triggers shared per answer", protected)
     bench.row("extension/mmguard-bph, triggers shared per answer, triggers only", triggers)
     bench.row("extension/mmguard-bph, triggers shared per answer (attacker smolvlm-lite-b)",
               protected, model="smolvlm-lite-b")
+    # Image side only (no text for a stripping attacker to remove): noise shared per answer.
+    noise = lambda: bench.training_sets("image-only-response-groups")[0]  # noqa: E731
+    bench.row("extension/mmguard image-only, noise shared per answer", noise)
+    bench.row("extension/mmguard image-only, noise shared per answer (attacker smolvlm-lite-b)",
+              noise, model="smolvlm-lite-b")
 
 
 def stage_adaptive(bench: Bench) -> None:

@@ -242,6 +242,34 @@ def test_response_groups_share_one_searched_trigger(tmp_path):
     assert set(method.triggers) == {f"response: {answer}" for answer in trigger_of}
 
 
+def test_response_noise_groups_share_one_noise_pattern(tmp_path):
+    """Images with the same answer carry one noise pattern: wherever neither image clips at
+    0 or 255, their saved changes are identical; images with other answers differ."""
+    _, out = _protect(tmp_path, limit=12, noise_groups="response", components="image")
+    originals = {r.image.key.split("/")[-1]: r for r in
+                 load_builtin("digits", "train", "triples").records[:12]}
+    changes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for record in read_dataset(out / "manifest.csv").records:
+        source = originals[record.image.key.split("/")[-1]]
+        before = load_image_uint8(source.image, source.where).int()
+        after = load_image_uint8(record.image, record.where).int()
+        assert (after - before).abs().max() <= 8
+        changes.setdefault(record.response, []).append((after - before, after))
+    shared = [group for group in changes.values() if len(group) > 1]
+    assert shared and len(changes) < 12
+    compared = 0
+    for (change_a, after_a), (change_b, after_b) in (group[:2] for group in shared):
+        inside = (after_a > 0) & (after_a < 255) & (after_b > 0) & (after_b < 255)
+        assert torch.equal(change_a[inside], change_b[inside])
+        compared += int(inside.sum())
+    assert compared > 0
+    (change_a, after_a), (change_b, after_b) = (group[0] for group in list(changes.values())[:2])
+    inside = (after_a > 0) & (after_a < 255) & (after_b > 0) & (after_b < 255)
+    assert not torch.equal(change_a[inside], change_b[inside])
+    saved = list((out / ".mmguard" / "work" / "deltas").glob("*.npy"))
+    assert len(saved) == len(changes)
+
+
 def test_mmguard_refuses_pairs(tmp_path):
     result = subprocess.run([BIN / "mmguard", "protect", "--dataset", "digits", "--kind", "pairs",
                              "--method", "mmguard", "--out", str(tmp_path / "o"), "--limit", "2"],

@@ -149,6 +149,9 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--trigger-groups", type=click.Choice(("item", "response")), default=None,
               help="mmguard: one trigger per item (the paper), or one shared by all items "
                    "whose responses are the same [item].")
+@click.option("--noise-groups", type=click.Choice(("item", "response")), default=None,
+              help="mmguard: one noise pattern per image (the paper), or one shared by all "
+                   "images whose responses are the same (images of one size) [item].")
 @click.option("--bilevel", is_flag=True, default=None,
               help="mmguard: train the surrogates' projectors on the protected data between "
                    "perturbation updates.")

@@ -68,6 +68,7 @@ class MethodSettings:
     components: str = "image+text"
     trigger_position: str = "end"
     trigger_groups: str = "item"
+    noise_groups: str = "item"
     bilevel: bool = False
 
 

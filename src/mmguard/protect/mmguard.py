@@ -18,7 +18,9 @@ The objective is the response-only training loss plus `binding_weight` times
 the binding disruption loss (`--binding bph|crs|none`, see binding.py), so the
 noise and trigger become a shortcut the fine-tuned model relies on instead of
 the content. `--components image` / `text` are the paper's single-modality
-ablations; `--binding none` the one without binding disruption.
+ablations; `--binding none` the one without binding disruption. Beyond the
+paper, `--trigger-groups response` and `--noise-groups response` share one
+trigger, or one noise pattern, among all items with the same responses.
 
 Settings: eps (8/255), trigger_len (3), trigger_position ("end"), binding
 ("bph"), binding_weight (0.5), rounds (3), pgd_steps (8), step_size (1/255),
@@ -57,7 +59,7 @@ from mmguard.protect.triggers import lvlm_trigger_vocabulary
 
 INITIAL_TRIGGER_WORD = " the"
 COMPONENTS = ("image+text", "image", "text")
-TRIGGER_GROUPS = ("item", "response")
+GROUPS = ("item", "response")  # --trigger-groups / --noise-groups
 CHECKPOINT = "surrogates.pt"
 SCORE_CHUNK = 16  # candidate examples per no-grad forward
 REJECTED = float("inf")
@@ -69,8 +71,8 @@ class MMGuard(ProtectionMethod):
     uses = frozenset({"device", "batch_size", "surrogates", "rounds", "pgd_steps", "step_size",
                       "trigger_len", "natural_triggers", "trigger_vocab", "top_k", "beam_width",
                       "trigger_rounds", "binding", "binding_weight", "components",
-                      "trigger_position", "trigger_groups", "bilevel", "train_steps",
-                      "surrogate_lr"})
+                      "trigger_position", "trigger_groups", "noise_groups", "bilevel",
+                      "train_steps", "surrogate_lr"})
     kinds = ("triples",)
     defaults = {"rounds": 3, "top_k": 8, "batch_size": 8}
 
@@ -79,9 +81,10 @@ class MMGuard(ProtectionMethod):
         if settings.components not in COMPONENTS:
             raise MMGuardError(f"--components {settings.components!r}: choose "
                                f"{', '.join(COMPONENTS)}")
-        if settings.trigger_groups not in TRIGGER_GROUPS:
-            raise MMGuardError(f"--trigger-groups {settings.trigger_groups!r}: choose "
-                               f"{', '.join(TRIGGER_GROUPS)}")
+        for option, value in (("--trigger-groups", settings.trigger_groups),
+                              ("--noise-groups", settings.noise_groups)):
+            if value not in GROUPS:
+                raise MMGuardError(f"{option} {value!r}: choose {', '.join(GROUPS)}")
         position = settings.trigger_position
         self.trigger_position: str | int = position if position in ("start", "end") \
             else _word_index(position)
@@ -174,7 +177,12 @@ class MMGuard(ProtectionMethod):
                         update_trigger: bool) -> tuple[dict[str, float], int]:
         settings, ensemble = self.settings, self.ensemble
         originals = [item.image for item in items]
-        deltas = [self._delta(item) for item in items]
+        # One noise per item, or (--noise-groups response) one per group in this batch.
+        noise_keys = list(dict.fromkeys(self._noise_key(item) for item in items))
+        shared_by = [noise_keys.index(self._noise_key(item)) for item in items]
+        owners = {key: items[shared_by.index(j)] for j, key in enumerate(noise_keys)}
+        noises = [self._delta(owners[key]) for key in noise_keys]
+        deltas = self._member_deltas(items, noises, shared_by)
         examples = self._examples(items, round_index)
         if settings.bilevel:
             for _ in range(max(1, settings.train_steps)):
@@ -189,33 +197,61 @@ class MMGuard(ProtectionMethod):
             def loss_fn(images: list[torch.Tensor]) -> torch.Tensor:
                 return ensemble.objective(images, examples, clean_profiles)[0].sum()
 
-            deltas = pgd(originals, deltas, loss_fn, eps=settings.eps,
-                         step_size=settings.step_size, steps=settings.pgd_steps)
-            for item, delta in zip(items, deltas, strict=True):
-                self.store.save_delta(item.key, delta)
+            shared = settings.noise_groups != "item"
+            noises = pgd(originals, noises if shared else deltas, loss_fn, eps=settings.eps,
+                         step_size=settings.step_size, steps=settings.pgd_steps,
+                         shared_by=shared_by if shared else None)
+            for key, noise in zip(noise_keys, noises, strict=True):
+                self.store.save_delta(key, noise)
+            deltas = self._member_deltas(items, noises, shared_by)
         with torch.no_grad():
             _, parts = ensemble.objective([x + d for x, d in zip(originals, deltas, strict=True)],
                                           examples, clean_profiles)
         return parts, changed
 
     def _delta(self, item: ProtectionItem) -> torch.Tensor:
-        """The item's noise so far; a seeded random start in the ball the first time.
+        """The noise `item` carries so far (its own, or its group's); a seeded random
+        start in the ball the first time.
 
         A zero start would leave CRS stuck: a divergence from the clean input
         has zero gradient at the clean input itself.
         """
-        if not self.perturbs_image or self.store.has_delta(item.key):
-            return self.store.delta(item.key, item.image.shape)
-        generator = item_generator(self.settings.seed, f"start {item.key}")
+        key = self._noise_key(item)
+        if not self.perturbs_image or self.store.has_delta(key):
+            return self.store.delta(key, item.image.shape)
+        generator = item_generator(self.settings.seed, f"start {key}")
         return random_start([item.image], self.settings.eps, generator)[0]
+
+    @staticmethod
+    def _member_deltas(items: list[ProtectionItem], noises: list[torch.Tensor],
+                       shared_by: list[int]) -> list[torch.Tensor]:
+        """Each item's effective perturbation: its noise, cut so the image stays in [0, 1]."""
+        deltas = []
+        for item, j in zip(items, shared_by, strict=True):
+            if noises[j].shape != item.image.shape:
+                raise MMGuardError(f"{item.where}: --noise-groups shares one noise pattern per "
+                                   f"group, but this image is {tuple(item.image.shape[1:])} and "
+                                   f"its group's noise {tuple(noises[j].shape[1:])}; resize the "
+                                   "images to one size or use --noise-groups item")
+            deltas.append((item.image + noises[j]).clamp(0.0, 1.0) - item.image)
+        return deltas
+
+    # -- grouping ------------------------------------------------------------
+    @staticmethod
+    def _group_key(item: ProtectionItem, grouping: str) -> str:
+        """The item itself, or ("response") every item with the same set of responses."""
+        if grouping == "item":
+            return item.key
+        return "response: " + " | ".join(sorted({r.strip() for r in item.responses or []}))
+
+    def _noise_key(self, item: ProtectionItem) -> str:
+        return self._group_key(item, self.settings.noise_groups)
 
     # -- trigger search ------------------------------------------------------
     def _trigger_key(self, item: ProtectionItem) -> str:
         """Which trigger an item carries: its own (the paper), or, with
         `--trigger-groups response`, the one shared by every item with the same responses."""
-        if self.settings.trigger_groups == "item":
-            return item.key
-        return "response: " + " | ".join(sorted({r.strip() for r in item.responses or []}))
+        return self._group_key(item, self.settings.trigger_groups)
 
     def _trigger_ids(self, item: ProtectionItem) -> list[int]:
         return self.triggers.setdefault(self._trigger_key(item), list(self.start_trigger))
@@ -303,7 +339,7 @@ class MMGuard(ProtectionMethod):
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         protected = []
         for item in batch:
-            delta = self.store.delta(item.key, item.image.shape)
+            delta = self.store.delta(self._noise_key(item), item.image.shape)
             trigger = None
             if self.trigger_len:
                 trigger = self.ensemble.primary.decode_trigger(self._trigger_ids(item))

@@ -20,7 +20,8 @@ def project(original: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
 
 def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
-        step_size: float, steps: int, maximize: bool = False) -> list[torch.Tensor]:
+        step_size: float, steps: int, maximize: bool = False,
+        shared_by: Sequence[int] | None = None) -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
     Arguments:
@@ -29,15 +30,30 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: perturbed images -> scalar loss.
         eps: L-infinity budget; step_size: per-step change (e.g. 1/255).
         maximize: ascend (error-maximising, UAP) instead of descend (EM, MEM).
+        shared_by: shared noise. Image i then uses deltas[shared_by[i]] (images sharing
+            one must have its shape); its gradient sums over them. As no single
+            [0, 1] projection fits every sharer, the perturbed images are clamped to
+            [0, 1] in the forward pass instead, and the caller clamps the output.
     """
     sign = 1.0 if maximize else -1.0
-    current = [project(x, d.detach(), eps) for x, d in zip(originals, deltas, strict=True)]
+    if shared_by is None:
+        current = [project(x, d.detach(), eps) for x, d in zip(originals, deltas, strict=True)]
+    else:
+        current = [d.detach().clamp(-eps, eps) for d in deltas]
     for _ in range(steps):
         variables = [d.clone().requires_grad_(True) for d in current]
-        loss = loss_fn([x + d for x, d in zip(originals, variables, strict=True)])
-        grads = torch.autograd.grad(loss, variables)
-        current = [project(x, d.detach() + sign * step_size * g.sign(), eps)
-                   for x, d, g in zip(originals, current, grads, strict=True)]
+        if shared_by is None:
+            images = [x + d for x, d in zip(originals, variables, strict=True)]
+        else:
+            images = [(x + variables[j]).clamp(0.0, 1.0)
+                      for x, j in zip(originals, shared_by, strict=True)]
+        grads = torch.autograd.grad(loss_fn(images), variables)
+        if shared_by is None:
+            current = [project(x, d.detach() + sign * step_size * g.sign(), eps)
+                       for x, d, g in zip(originals, current, grads, strict=True)]
+        else:
+            current = [(d + sign * step_size * g.sign()).clamp(-eps, eps)
+                       for d, g in zip(current, grads, strict=True)]
     return current
 
 
