@@ -218,7 +218,9 @@ def stage_extension(bench: Bench) -> None:
     bench.row("extension/mmguard-bph, triggers shared per answer (attacker smolvlm-lite-b)",
               protected, model="smolvlm-lite-b")
     # Image side only (no text for a stripping attacker to remove): noise shared per answer.
-    noise = lambda: bench.training_sets("image-only-response-groups")[0]  # noqa: E731
+    def noise():
+        return bench.training_sets("image-only-response-groups")[0]
+
     bench.row("extension/mmguard image-only, noise shared per answer", noise)
     bench.row("extension/mmguard image-only, noise shared per answer (attacker smolvlm-lite-b)",
               noise, model="smolvlm-lite-b")
