@@ -145,7 +145,7 @@ def stage_main(results: dict, seeds: list[int]) -> None:
 
 
 def stage_transfer(results: dict, seeds: list[int]) -> None:
-    protected, triggers, _ = training_sets(protected_folder("mem-3", results))
+    protected, triggers, noise = training_sets(protected_folder("mem-3", results))
     evaluate_row(results, "transfer/vit-tiny clean", clean_train, seeds, model="vit-tiny")
     evaluate_row(results, "transfer/vit-tiny mem-3", protected, seeds, model="vit-tiny")
     evaluate_row(results, "transfer/vit-tiny mem-3 triggers only", triggers, seeds,
@@ -154,6 +154,10 @@ def stage_transfer(results: dict, seeds: list[int]) -> None:
     evaluate_row(results, "transfer/lit clean", clean_train, seeds[:1], **lit)
     evaluate_row(results, "transfer/lit mem-3", protected, seeds[:1], **lit)
     evaluate_row(results, "transfer/lit mem-3 triggers only", triggers, seeds[:1], **lit)
+    # Frozen pretrained towers: is it the MEM noise, or would any noise in the ball do?
+    evaluate_row(results, "transfer/lit mem-3 noise only", noise, seeds[:1], **lit)
+    evaluate_row(results, "transfer/lit random",
+                 lambda: training_sets(protected_folder("random", results))[0], seeds[:1], **lit)
 
 
 def stage_partial(results: dict, seeds: list[int]) -> None:
