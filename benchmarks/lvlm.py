@@ -56,6 +56,10 @@ PROTECTIONS = {
                             "response", *OPTIMISE],
     "image-only-response-groups": ["--method", "mmguard", "--binding", "bph", "--components",
                                    "image", "--noise-groups", "response", *OPTIMISE],
+    # The surrogate's projector learns the shared noise between updates, at the attacker's lr.
+    "image-only-response-groups-bilevel": [
+        "--method", "mmguard", "--binding", "bph", "--components", "image", "--noise-groups",
+        "response", "--bilevel", "--train-steps", "2", "--surrogate-lr", "1e-3", *OPTIMISE],
 }
 ATTACKER = dict(model="smolvlm-lite", recipe="lora", epochs=8, lr=1e-3, batch_size=8)
 
@@ -224,6 +228,8 @@ def stage_extension(bench: Bench) -> None:
     bench.row("extension/mmguard image-only, noise shared per answer", noise)
     bench.row("extension/mmguard image-only, noise shared per answer (attacker smolvlm-lite-b)",
               noise, model="smolvlm-lite-b")
+    bench.row("extension/mmguard image-only, noise shared per answer, bilevel",
+              lambda: bench.training_sets("image-only-response-groups-bilevel")[0])
 
 
 def stage_adaptive(bench: Bench) -> None:
