@@ -70,7 +70,6 @@ def test_audit_of_a_fresh_folder_agrees_with_its_run_record(protected):
     assert report.items == 6 and report.texts_checked == 6
     assert report.max_linf_levels == record["summary"]["max_linf_levels"] <= 8
     assert report.mean_psnr_db == pytest.approx(record["summary"]["mean_psnr_db"], abs=1e-3)
-    assert report.mean_ssim == pytest.approx(record["summary"]["mean_ssim"], abs=1e-5)
     assert 0.0 < report.min_ssim <= report.mean_ssim < 1.0
 
 

@@ -37,7 +37,7 @@ from mmguard.data.images import read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.sources import mirror_manifest_name, write_mirror
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db, ssim
+from mmguard.evaluate.stealth import linf_levels, psnr_db
 from mmguard.protect.budget import levels, quantize_within_budget
 from mmguard.protect.trigger_text import insert_trigger
 
@@ -109,14 +109,11 @@ class FinishedItem:
     linf_levels: int
     psnr_db: float
     trigger: str | None
-    ssim: float | None = None  # None below the 11-pixel SSIM window (or in old journals)
 
     def to_json(self) -> dict[str, Any]:
         psnr = None if self.psnr_db == float("inf") else round(self.psnr_db, 3)
         return {"key": self.key, "file": self.file, "linf": self.linf_levels / 255.0,
-                "linf_levels": self.linf_levels, "psnr_db": psnr,
-                "ssim": None if self.ssim is None else round(self.ssim, 5),
-                "trigger": self.trigger}
+                "linf_levels": self.linf_levels, "psnr_db": psnr, "trigger": self.trigger}
 
 
 class ProtectedDatasetWriter:
@@ -174,8 +171,7 @@ class ProtectedDatasetWriter:
                 psnr = entry["psnr_db"]
                 self.finished[entry["key"]] = FinishedItem(
                     entry["key"], entry["file"], entry["linf_levels"],
-                    float("inf") if psnr is None else psnr, entry.get("trigger"),
-                    entry.get("ssim"))
+                    float("inf") if psnr is None else psnr, entry.get("trigger"))
 
     def _check_same_config(self, previous: dict[str, Any]) -> None:
         keys = (set(previous) | set(self.config)) - RESUMABLE_DIFFERENCES
@@ -206,8 +202,7 @@ class ProtectedDatasetWriter:
             if saved.shape != original_u8.shape or change > levels(eps):
                 raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps) "
                                    "or size; this is a bug in mmguard, please report it")
-            item = FinishedItem(key, relative, change, psnr_db(original_u8, saved), trigger,
-                                ssim(original_u8, saved))
+            item = FinishedItem(key, relative, change, psnr_db(original_u8, saved), trigger)
             self._append_journal({"status": "done", **item.to_json()})
             os.replace(temporary, target)
         except BaseException:
@@ -245,7 +240,6 @@ class ProtectedDatasetWriter:
                      self.manifest_rows())
         finished = list(self.finished.values())
         finite_psnr = [i.psnr_db for i in finished if i.psnr_db != float("inf")]
-        ssims = [i.ssim for i in finished if i.ssim is not None]
         self.history[-1].update({"updated": _now(), "status": status})
         record = {
             "mmguard_version": __version__,
@@ -264,7 +258,6 @@ class ProtectedDatasetWriter:
                 "max_linf_levels": max((i.linf_levels for i in finished), default=0),
                 "mean_psnr_db": round(sum(finite_psnr) / len(finite_psnr), 3)
                 if finite_psnr else None,
-                "mean_ssim": round(sum(ssims) / len(ssims), 5) if ssims else None,
             },
             "optimisation": optimisation or {},
             "skipped": [{"key": k, **v} for k, v in self.skipped.items()],
