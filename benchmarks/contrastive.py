@@ -235,7 +235,10 @@ def write_table(results: dict) -> None:
              "`benchmarks/results/contrastive.json`. Data: `emoji` (1,479 train / 391 test "
              "images, one caption each). Attacker trained from scratch unless noted, tested "
              "on the clean test split. R@K in %, MedR 1-based; mean ± std over seeds.", ""]
-    retrieval = [(k, v) for k, v in rows.items() if "mean" in v]
+    # Stage order, whatever order (parallel) stage processes finished their rows in.
+    order = ["main/", "transfer/", "partial/", "adaptive/"]
+    retrieval = sorted(((k, v) for k, v in rows.items() if "mean" in v), key=lambda kv: next(
+        (i for i, prefix in enumerate(order) if kv[0].startswith(prefix)), len(order)))
     if retrieval:
         random_level = retrieval[0][1]["random"]
         lines += ["| training data (attacker) | seeds | i→t R@1 | i→t R@10 | i→t MedR | "
