@@ -101,3 +101,7 @@ def test_audit_names_every_broken_item(protected, tmp_path):
     result = _mmguard("audit", str(protected), "--original", "emoji:train")
     assert result.returncode == 0 and "ok: every file within budget" in result.stdout
     assert _mmguard("audit", str(tmp_path)).returncode == 1  # no run record
+    (broken / "mmguard-run.json").write_text('{"items": []}')
+    result = _mmguard("audit", str(broken))
+    assert result.returncode == 1 and "not an mmguard run record (no input, budgets)" in \
+        result.stderr

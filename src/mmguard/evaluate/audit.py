@@ -73,9 +73,14 @@ def read_run_record(folder: Path) -> dict:
         raise MMGuardError(f"{folder} has no {RUN_RECORD}: it is not a folder written by "
                            "`mmguard protect`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MMGuardError(f"{path} is not readable JSON ({exc})") from None
+    missing = [k for k in ("input", "budgets", "items") if not isinstance(record, dict)
+               or k not in record]
+    if missing:
+        raise MMGuardError(f"{path} is not an mmguard run record (no {', '.join(missing)})")
+    return record
 
 
 def recorded_originals(record: dict) -> Dataset:
