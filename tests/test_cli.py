@@ -104,8 +104,11 @@ def test_killed_run_resumes_without_losing_or_redoing_items(tmp_path, how):
     out = tmp_path / "out"
     args = ["protect", "--dataset", "fashion-mnist", "--method", "random", "--out", str(out),
             "--limit", str(total), "--quiet"]
+    # A test runner started in the background inherits SIGINT ignored, and Python keeps an
+    # inherited "ignore"; give the child the default action so Ctrl-C handling is tested.
     process = subprocess.Popen([*MMGUARD, *args], env=cli_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while _journal_lines(out) < 100 and time.monotonic() < deadline:
         time.sleep(0.02)
