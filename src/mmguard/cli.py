@@ -431,15 +431,10 @@ def audit(folder, original, json_out):
     names every bad item if anything fails.
     """
     from mmguard.evaluate.audit import audit_folder
-    from mmguard.evaluate.protocol import resolve_dataset
 
     if not folder.is_dir():
         raise MMGuardError(f"{folder} is not a folder")
-    originals = None
-    if original:
-        kind = "triples" if _recorded_kind(folder) == "triples" else "pairs"
-        originals = resolve_dataset(original, kind)
-    report = audit_folder(folder, originals)
+    report = audit_folder(folder, original)
     click.echo(f"{folder} against {report.original}:")
     click.echo(report.table())
     if json_out:
@@ -451,12 +446,6 @@ def audit(folder, original, json_out):
         raise MMGuardError(f"{len(report.problems)} problem(s):\n  " + "\n  ".join(shown)
                            + (f"\n  ... and {more} more (see --json)" if more else ""))
     click.echo("ok: every file within budget, at original size, texts intact")
-
-
-def _recorded_kind(folder: Path) -> str:
-    from mmguard.evaluate.audit import read_run_record
-
-    return read_run_record(folder)["input"]["kind"]
 
 
 @main.command("models")

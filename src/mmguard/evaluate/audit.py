@@ -1,7 +1,7 @@
 """Check a protected folder against its originals, from the files on disk.
 
     report = audit_folder(Path("protected"))          # originals named in the run record
-    report = audit_folder(Path("protected"), resolve_dataset("photos/manifest.csv"))
+    report = audit_folder(Path("protected"), original="photos/manifest.csv")
 
 Before publishing, a data owner wants to know what will actually go out. For
 every item the run record lists, this reads the saved PNG and the original
@@ -105,9 +105,14 @@ def _plus_trigger(original: str, protected: str, trigger: str | None) -> bool:
                for i in range(len(words) - len(added) + 1))
 
 
-def audit_folder(folder: Path, originals: Dataset | None = None) -> AuditReport:
+def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
+    """Audit `folder` against `original` (a manifest or NAME:SPLIT; default: the run
+    record's input, read as the same kind of data)."""
+    from mmguard.evaluate.protocol import resolve_dataset
+
     record = read_run_record(folder)
-    originals = originals or recorded_originals(record)
+    originals = (resolve_dataset(original, record["input"]["kind"]) if original
+                 else recorded_originals(record))
     report = AuditReport(str(folder), originals.source, record["budgets"]["eps_levels"])
     by_key = originals.records_by_image()
     manifest = folder / mirror_manifest_name(originals)
