@@ -5,7 +5,7 @@
     python benchmarks/mem_experiments.py probe OUT
 
 `protect` protects the first N (default all) emoji training pairs with MEM
-and the given MethodSettings; `controls` trains an rn-tiny attacker from
+and the given MEM options; `controls` trains an rn-tiny attacker from
 scratch (30 epochs, seed 0) on the protected pairs, on the triggers only
 (clean images), on the noise only (original captions) and on the clean pairs,
 and tests each on the clean emoji test split; `probe` trains attackers on the
@@ -33,7 +33,6 @@ from mmguard.attack.contrastive import (
 )
 from mmguard.data.builtin import load_builtin
 from mmguard.data.sources import read_dataset
-from mmguard.protect.base import MethodSettings
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 
@@ -62,7 +61,7 @@ def protect(out: Path, settings: dict, limit: int | None) -> None:
     settings["surrogates"] = tuple(settings["surrogates"])
     shutil.rmtree(out, ignore_errors=True)
     started = time.monotonic()
-    method = create_method("mem", MethodSettings(**settings))
+    method = create_method("mem", "pairs", **settings)
     protect_dataset(load_builtin("emoji", "train"), method, out, limit=limit, progress=False)
     record = json.loads((out / "mmguard-run.json").read_text())
     print(f"protect {time.monotonic() - started:.0f} s", json.dumps(record["optimisation"]))

@@ -20,25 +20,18 @@ SETTINGS = "RN50 from scratch, 224 px, batch 16, trigger 5, top-16, 8 PGD steps 
 
 
 def measure_phases(batch: int = 16) -> dict:
-    import mmguard.protect.error_minimizing as loop
     from mmguard.data.builtin import load_builtin
     from mmguard.data.images import load_image_uint8, to_float
-    from mmguard.protect.base import MethodSettings, ProtectionItem
-    from mmguard.protect.contrastive_surrogate import ContrastiveSurrogate
-    from mmguard.protect.mem import MultiStepErrorMinimizing
-    from mmguard.protect.state import PerturbationStore
-    from mmguard.protect.triggers import trigger_vocabulary
+    from mmguard.protect import engine
+    from mmguard.protect.base import ProtectionItem
+    from mmguard.protect.registry import create_method
 
     records = load_builtin("emoji", "train").records[:batch]
     items = [ProtectionItem(r.image.key, to_float(load_image_uint8(r.image, r.where)),
                             list(r.captions)) for r in records]
-    method = MultiStepErrorMinimizing(MethodSettings(
-        batch_size=batch, trigger_len=5, top_k=16, pgd_steps=8, surrogates=("RN50",)))
-    method.store = PerturbationStore(Path("/tmp/mmguard-speed-reference"))
-    method.surrogate = ContrastiveSurrogate(method.settings)
-    model = method.surrogate.model
-    method.allowed = trigger_vocabulary(model, natural=False)
-    method.triggers = {item.key: model.text_token_ids("the") * 5 for item in items}
+    method = create_method("mem", "pairs", batch_size=batch, trigger_len=5, top_k=16,
+                           pgd_steps=8, surrogates=("RN50",))
+    method.setup(Path("/tmp/mmguard-speed-reference"))
     phases: dict[str, float] = {}
 
     def timed(name, function):
@@ -50,14 +43,13 @@ def measure_phases(batch: int = 16) -> dict:
         return wrapper
 
     method.surrogate.train_step = timed("surrogate training step", method.surrogate.train_step)
-    method._hotflip = timed("trigger update (HotFlip)", method._hotflip)
-    original_pgd = loop.pgd
-    loop.pgd = timed("image PGD (8 steps)", original_pgd)
-    method.reset_noise_stats()
+    method._trigger_step = timed("trigger update (HotFlip)", method._trigger_step)
+    original_pgd = engine.pgd
+    engine.pgd = timed("image PGD (8 steps)", original_pgd)
     try:
         method._optimise_batch(items, round_index=0, update_trigger=True)
     finally:
-        loop.pgd = original_pgd
+        engine.pgd = original_pgd
     phases["trigger + PGD"] = round(phases["trigger update (HotFlip)"]
                                     + phases["image PGD (8 steps)"], 2)
     speedup = REFERENCE["trigger + PGD"] / phases["trigger + PGD"]

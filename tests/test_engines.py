@@ -11,11 +11,11 @@ from torch import nn
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.contrastive import info_nce
-from mmguard.models.registry import create_contrastive_model
 from mmguard.protect.budget import quantize_within_budget
-from mmguard.protect.contrastive_surrogate import encode_text_chunked, replaced_column_losses
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
 from mmguard.protect.pgd import pgd, project
+from mmguard.protect.surrogates import TextItem
+from mmguard.protect.surrogates.contrastive import ContrastiveSurrogate
 
 EPS = 8 / 255
 SHAPES = [(3, 7, 9), (3, 16, 16), (3, 5, 31)]
@@ -281,9 +281,11 @@ def test_update_triggers_unchanged_when_every_candidate_is_worse():
 
 
 # -- HotFlip on a real CLIP -----------------------------------------------------
-def test_hotflip_round_on_rn_test_with_exact_batch_losses():
-    torch.manual_seed(0)
-    model = create_contrastive_model("rn-test").eval()
+def test_contrastive_trigger_search_scores_equal_the_batch_loss_recomputed_directly():
+    """The surrogate's trigger search (cached image features, one replaced logits
+    column per candidate) against InfoNCE of the whole batch recomputed from scratch."""
+    surrogate = ContrastiveSurrogate(["rn-test"], seed=0)
+    model = surrogate.model.eval()
     records = load_builtin("digits", "train").records[:6]
     images = [to_float(load_image_uint8(r.image, r.where)) for r in records]
     captions = [r.captions[0] for r in records]
@@ -292,80 +294,62 @@ def test_hotflip_round_on_rn_test_with_exact_batch_losses():
     length, offset = 3, model.trigger_offset
     generator = torch.Generator().manual_seed(1)
     triggers = words[torch.randint(len(words), (6, length), generator=generator)]
-    caption_ids = [model.text_token_ids(c) for c in captions]
-    base_ids = torch.stack([model.compose_ids(t, ids)
-                            for t, ids in zip(triggers.tolist(), caption_ids, strict=True)])
+    texts = [TextItem(caption, trigger=tuple(t)) for caption, t in
+             zip(captions, triggers.tolist(), strict=True)]
+    base_ids = surrogate.ids(texts)
     assert torch.equal(base_ids[:, offset:offset + length], triggers)
 
-    with torch.no_grad():
-        image_features = model.encode_images(images)
-    embeddings = model.token_embeddings(base_ids).detach().requires_grad_(True)
-    text_features = model.encode_text(base_ids, replace_embeddings=embeddings)
-    loss = info_nce(model.logits(image_features, text_features))
-    (grads,) = torch.autograd.grad(loss, embeddings)
-    candidates = hotflip_candidates(grads[:, offset:offset + length],
-                                    model.token_embeddings.weight.detach(), words, 4)
+    def direct_loss(ids: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(info_nce(model.logits(model.encode_images(images),
+                                               model.encode_text(ids))))
+
+    search = surrogate.trigger_search(images, texts)
+    grads = search.gradients()
+    assert grads.shape == (6, length, model.token_embeddings.weight.shape[1])
+    candidates = hotflip_candidates(grads, surrogate.embedding_matrix(), words, 4)
     assert candidates.shape == (6, length, 4)
     assert torch.isin(candidates, words).all()
+    exact_before = direct_loss(base_ids)
+    assert abs(search.joint(triggers) - exact_before) < 1e-5
 
-    def with_triggers(base: torch.Tensor, rows: torch.Tensor, new: torch.Tensor):
-        ids = base[rows].clone()
-        ids[:, offset:offset + length] = new
-        return ids
+    # score(m) == InfoNCE of the batch with only item owners[m]'s trigger changed.
+    owners = torch.tensor([0, 1, 2, 3, 4, 5, 2, 5])
+    new = torch.cat([candidates[:, :, 0], candidates[[2, 5], :, 1]])
+    fast = search.score(owners, new)
+    for m, owner in enumerate(owners.tolist()):
+        ids = base_ids.clone()
+        ids[owner, offset:offset + length] = new[m]
+        assert abs(float(fast[m]) - direct_loss(ids)) < 1e-5, m
+    assert not torch.allclose(fast, torch.full_like(fast, exact_before), atol=1e-6)
+    # The unchanged trigger scores the current loss.
+    unchanged = search.score(torch.arange(6), triggers)
+    assert torch.allclose(unchanged, torch.full((6,), exact_before), atol=1e-5)
 
-    with torch.no_grad():
-        current_logits = model.logits(image_features, text_features.detach())
-
-        def score(owners: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            columns = model.logits(image_features,
-                                   encode_text_chunked(model, with_triggers(base_ids, owners,
-                                                                            new)))
-            return replaced_column_losses(current_logits, owners, columns)
-
-        def joint_loss(new: torch.Tensor) -> torch.Tensor:
-            ids = with_triggers(base_ids, torch.arange(6), new)
-            return info_nce(model.logits(image_features, encode_text_chunked(model, ids)))
-
-        exact_before = float(joint_loss(triggers))
-        assert abs(exact_before - float(loss)) < 1e-5
-
-        # replaced_column_losses == info_nce of the batch with one text changed.
-        owners = torch.tensor([0, 1, 2, 3, 4, 5, 2, 5])
-        new = torch.cat([candidates[:, :, 0], candidates[[2, 5], :, 1]])
-        fast = score(owners, new)
-        for m, owner in enumerate(owners.tolist()):
-            ids = base_ids.clone()
-            ids[owner, offset:offset + length] = new[m]
-            direct = info_nce(model.logits(image_features, model.encode_text(ids)))
-            assert abs(float(fast[m]) - float(direct)) < 1e-5, m
-        assert not torch.allclose(fast, torch.full_like(fast, exact_before), atol=1e-6)
-        # The unchanged trigger scores the current loss.
-        unchanged = score(torch.arange(6), triggers)
-        assert torch.allclose(unchanged, torch.full((6,), exact_before), atol=1e-5)
-
-        updated, before, after = update_triggers(triggers, candidates, score, joint_loss)
-        assert abs(after - float(joint_loss(updated))) < 1e-6
-    assert abs(before - exact_before) < 1e-6
+    updated, before, after = update_triggers(triggers, candidates, search.score, search.joint)
+    ids = base_ids.clone()
+    ids[:, offset:offset + length] = updated
+    assert abs(after - direct_loss(ids)) < 1e-5
+    assert abs(before - exact_before) < 1e-5
     assert after <= before
     assert torch.isin(updated, words).all()
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
 def test_batch_statistics_mode_leaves_running_statistics_alone():
-    from mmguard.protect.contrastive_surrogate import perturbation_mode
-
-    model = create_contrastive_model("rn-test")
+    surrogate = ContrastiveSurrogate(["rn-test"])
+    model = surrogate.model
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [n.running_mean.clone() for n in norms]
     momenta = [n.momentum for n in norms]
     images = [torch.rand(3, 32, 32) for _ in range(4)]
-    with perturbation_mode(model, batch_statistics=True):
+    with surrogate.perturbation_mode(batch_statistics=True):
         assert model.training
         train_features = model.encode_images(images)
     assert not model.training
     assert all(torch.equal(b, n.running_mean) for b, n in zip(before, norms, strict=True))
     assert [n.momentum for n in norms] == momenta
-    with perturbation_mode(model, batch_statistics=False):
+    with surrogate.perturbation_mode(batch_statistics=False):
         eval_features = model.encode_images(images)
     # batch statistics really are used: the two modes disagree on a fresh model
     assert not torch.allclose(train_features, eval_features, atol=1e-4)

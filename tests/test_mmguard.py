@@ -24,7 +24,6 @@ from mmguard.models.lvlm.base import (
     answer_positions,
 )
 from mmguard.models.lvlm.registry import create_lvlm
-from mmguard.protect.base import MethodSettings
 from mmguard.protect.binding import bph_loss, js_divergence, routing_profile
 from mmguard.protect.pgd import pgd, random_start
 from mmguard.protect.registry import create_method
@@ -189,10 +188,8 @@ def test_crs_moves_answer_attention_away_from_the_clean_profile(adapter, real_im
 
 def _protect(tmp_path, limit=4, **options):
     dataset = load_builtin("digits", "train", "triples")
-    settings = MethodSettings(eps=8 / 255, seed=0, surrogates=("lvlm-test",), rounds=2,
-                              pgd_steps=2, top_k=3, batch_size=4, **options)
-    given = frozenset({"surrogates", "rounds", "pgd_steps", "top_k", "batch_size", *options})
-    method = create_method("mmguard", settings, given)
+    method = create_method("mmguard", "triples", eps=8 / 255, seed=0, surrogates=("lvlm-test",),
+                           rounds=2, pgd_steps=2, top_k=3, batch_size=4, **options)
     out = tmp_path / "out"
     protect_dataset(dataset, method, out, limit=limit, progress=False)
     return method, out
@@ -203,7 +200,7 @@ def test_mmguard_writes_inserted_triggers_within_budget_and_lowers_the_objective
     protected = read_dataset(out / "manifest.csv")
     originals = {r.image.key.split("/")[-1]: r for r in
                  load_builtin("digits", "train", "triples").records[:4]}
-    tokenizer = method.ensemble.primary.tokenizer
+    tokenizer = method.surrogate.primary.tokenizer
     for record in protected.records:
         source = originals[record.image.key.split("/")[-1]]
         assert record.prompt.startswith(source.prompt + " ")
@@ -237,7 +234,7 @@ def test_response_groups_share_one_searched_trigger(tmp_path):
         trigger_of.setdefault(record.response, set()).add(record.prompt[len(prompt):])
     assert len(records) == 12 and len(trigger_of) < 12
     assert all(len(triggers) == 1 for triggers in trigger_of.values()), trigger_of
-    start = method.ensemble.primary.decode_trigger(method.start_trigger)
+    start = method.surrogate.primary.decode_trigger(method.start_trigger)
     assert any(triggers != {" " + start} for triggers in trigger_of.values())
     assert set(method.triggers) == {f"response: {answer}" for answer in trigger_of}
 
@@ -296,9 +293,10 @@ def test_align_trains_only_the_projector_and_round_trips_through_safetensors(tmp
         assert torch.equal(reloaded.projector_state()[name], value)
 
 
-def test_method_defaults_fill_only_what_a_command_line_user_left_out():
-    # Python API: settings exactly as passed
-    assert create_method("mmguard", MethodSettings(rounds=2, top_k=4)).settings.rounds == 2
-    # command line: options not given take mmguard's own defaults, given ones are kept
-    cli = create_method("mmguard", MethodSettings(rounds=5, top_k=4), frozenset({"top_k"}))
-    assert (cli.settings.rounds, cli.settings.top_k) == (3, 4)
+def test_method_defaults_come_from_its_own_config():
+    # options given are kept; the rest take mmguard's own defaults, not another method's
+    method = create_method("mmguard", "triples", top_k=4)
+    assert (method.config.rounds, method.config.top_k, method.config.batch_size) == (3, 4, 8)
+    mem = create_method("mem", "pairs")
+    assert (mem.config.rounds, mem.config.top_k, mem.trigger_rounds) == (10, 16, 5)
+    assert create_method("mmguard", "triples").trigger_rounds == 3

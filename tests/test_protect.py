@@ -17,16 +17,16 @@ from mmguard.data.records import ImageRef
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.stealth import linf_levels
-from mmguard.protect.base import MethodSettings
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 from tests.conftest import write_manifest
 
 
 def run(dataset, out: Path, eps=8 / 255, seed=0, batch_size=16, **kwargs):
-    method = create_method("random", MethodSettings(eps=eps, seed=seed, batch_size=batch_size))
+    method = create_method("random", dataset.kind, eps=eps, seed=seed)
     return protect_dataset(dataset, method, out, progress=False,
-                           input_fingerprint=fingerprint(dataset), **kwargs)
+                           input_fingerprint=fingerprint(dataset), batch_size=batch_size,
+                           **kwargs)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -219,9 +219,9 @@ def test_triples_from_builtin_dataset_keep_prompts_and_responses(tmp_path):
 
 def test_method_refuses_options_it_would_ignore():
     with pytest.raises(MMGuardError, match="--surrogate"):
-        create_method("random", MethodSettings(), frozenset({"surrogates"}))
+        create_method("random", surrogates=("rn-test",))
     with pytest.raises(MMGuardError, match="unknown method"):
-        create_method("nope", MethodSettings())
+        create_method("nope")
 
 
 def test_in_memory_images_protect_like_files(tmp_path):

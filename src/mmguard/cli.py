@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,13 +18,10 @@ from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
-from mmguard.protect.base import MethodSettings
+from mmguard.protect.base import MethodConfig
 from mmguard.protect.budget import levels, parse_eps
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
-
-# CLI option names that differ from their MethodSettings field.
-_SETTING_NAMES = {"surrogate": "surrogates"}
 
 
 class EpsParam(click.ParamType):
@@ -50,6 +48,63 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted; finished items are kept, continue with --resume", err=True)
             ctx.exit(130)
+
+
+def method_options(command):
+    """One option per field of the methods' configs (eps and seed have their own).
+
+    The help shows each method's default, read from its Config: the configs are
+    the one place defaults live. Options left out take the chosen method's
+    defaults; an option the chosen method does not have is an error.
+    """
+    options: dict[str, tuple[dataclasses.Field, dict[str, object]]] = {}
+    for name, cls in METHODS.items():
+        for field in dataclasses.fields(cls.Config):
+            if field.name not in {f.name for f in dataclasses.fields(MethodConfig)}:
+                options.setdefault(field.name, (field, {}))[1][name] = field.default
+    for name, (field, defaults) in reversed(list(options.items())):
+        meta = field.metadata
+        shown = {_show_default(value) for value in defaults.values()}
+        where = (f"[{shown.pop()}]" if len(shown) == 1 else
+                 "[" + "; ".join(f"{m} {_show_default(v)}" for m, v in defaults.items()) + "]")
+        kwargs: dict = {"default": None, "help": f"{meta['help']} {where} ({', '.join(defaults)})"}
+        if meta.get("flag"):
+            kwargs["is_flag"] = True
+        elif meta.get("multiple"):
+            kwargs.update(multiple=True, default=())
+        else:
+            kwargs["type"] = _click_type(field)
+        flag = "--" + meta.get("cli", name).replace("_", "-")
+        command = click.option(flag, name, **kwargs)(command)
+    return command
+
+
+def _show_default(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < value < 1 and abs(value * 255 - round(value * 255)) < 1e-9:
+        return f"{round(value * 255)}/255"
+    if isinstance(value, tuple):
+        return ",".join(value) or "unset"
+    return str(value)
+
+
+def _click_type(field: dataclasses.Field) -> click.ParamType:
+    meta = field.metadata
+    if "choices" in meta:
+        return click.Choice(meta["choices"])
+    if meta.get("type") == "eps":
+        return EpsParam()
+    base = meta.get("type") or type(field.default)
+    bounded = "min" in meta or "max" in meta
+    if base is int:
+        return click.IntRange(min=meta.get("min"), max=meta.get("max")) if bounded else click.INT
+    if base is float:
+        return (click.FloatRange(min=meta.get("min"), max=meta.get("max")) if bounded
+                else click.FLOAT)
+    return click.STRING
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,61 +155,7 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--skip-bad", is_flag=True,
               help="Skip bad items (listed with their reason in mmguard-run.json) instead of "
                    "stopping at the first one.")
-@click.option("--surrogate", multiple=True,
-              help="Surrogate model name (see `mmguard models`); model-based methods. mmguard "
-                   "takes it several times for an ensemble.")
-@click.option("--surrogate-pretrained", default=None,
-              help="Pretrained weights for the surrogate (open_clip tag or checkpoint path).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None,
-              help="Images per optimisation batch [method default: 16].")
-@click.option("--device", default=None, help="Torch device, e.g. cuda or cuda:1 [cpu].")
-@click.option("--trigger-len", type=click.IntRange(min=1, max=32), default=None,
-              help="Text trigger length in tokens [mem: 3].")
-@click.option("--natural-triggers", is_flag=True, default=None,
-              help="Triggers of real English words only (MEM section 4.4).")
-@click.option("--trigger-vocab", type=click.IntRange(min=1), default=None,
-              help="Draw trigger words from a fixed random subset of this many words "
-                   "(mmguard extension; MEM uses the whole vocabulary).")
-@click.option("--rounds", type=click.IntRange(min=1), default=None,
-              help="Outer rounds of bilevel optimisation [10].")
-@click.option("--pgd-steps", type=click.IntRange(min=1), default=None,
-              help="PGD steps per batch and round [8].")
-@click.option("--step-size", type=EpsParam(), default=None, help="PGD step size [1/255].")
-@click.option("--train-steps", type=click.IntRange(min=0), default=None,
-              help="Surrogate training steps per batch and round [1].")
-@click.option("--surrogate-lr", type=float, default=None, help="Surrogate learning rate [1e-4].")
-@click.option("--surrogate-bn", type=click.Choice(("running", "batch")), default=None,
-              help="BatchNorm statistics while optimising noise and triggers: the surrogate's "
-                   "running ones, or each batch's own, as an attacker trains [running].")
-@click.option("--clean-epochs", type=click.IntRange(min=0), default=None,
-              help="uap: clean surrogate training epochs [10].")
-@click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="HotFlip candidates per trigger position [16].")
-@click.option("--beam-width", type=click.IntRange(min=1), default=None,
-              help="Beam width of the trigger search [1].")
-@click.option("--trigger-rounds", type=click.IntRange(min=0), default=None,
-              help="Update triggers only in the first N rounds [half of --rounds].")
-@click.option("--stop-loss", type=float, default=None,
-              help="Stop when the mean training loss on protected data is below this [0.01].")
-@click.option("--binding", type=click.Choice(("bph", "crs", "none")), default=None,
-              help="mmguard: cross-modal binding disruption, Bridge Path Hijack or Contrastive "
-                   "Routing Shift [bph].")
-@click.option("--binding-weight", type=click.FloatRange(min=0), default=None,
-              help="mmguard: weight of the binding loss [0.5].")
-@click.option("--components", type=click.Choice(("image+text", "image", "text")), default=None,
-              help="mmguard: perturb the image, insert a trigger, or both [image+text].")
-@click.option("--trigger-position", default=None,
-              help="mmguard: where the trigger goes in the prompt: start, end or a word index "
-                   "[end].")
-@click.option("--trigger-groups", type=click.Choice(("item", "response")), default=None,
-              help="mmguard: one trigger per item (the paper), or one shared by all items "
-                   "whose responses are the same [item].")
-@click.option("--noise-groups", type=click.Choice(("item", "response")), default=None,
-              help="mmguard: one noise pattern per image (the paper), or one shared by all "
-                   "images whose responses are the same (images of one size) [item].")
-@click.option("--bilevel", is_flag=True, default=None,
-              help="mmguard: train the surrogates' projectors on the protected data between "
-                   "perturbation updates.")
+@method_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resume, skip_bad,
             quiet, **method_options):
@@ -171,12 +172,9 @@ def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resu
     if dataset_name and kind == "auto":
         kind = METHODS[method].kinds[0]
     dataset = load_input(data, dataset_name, split, kind)
-    given = {_SETTING_NAMES.get(option, option): value
+    given = {option: tuple(value) if isinstance(value, tuple | list) else value
              for option, value in method_options.items() if value not in (None, ())}
-    if "surrogates" in given:
-        given["surrogates"] = tuple(given["surrogates"])
-    settings = MethodSettings(eps=eps, seed=seed, **given)
-    protection = create_method(method, settings, frozenset(given))
+    protection = create_method(method, dataset.kind, eps=eps, seed=seed, **given)
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))
     started = time.monotonic()
     summary = protect_dataset(dataset, protection, out, limit=limit, skip_bad=skip_bad,

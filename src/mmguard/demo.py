@@ -27,7 +27,6 @@ from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.protocol import run_seeds
 from mmguard.evaluate.stealth import linf_levels
-from mmguard.protect.base import MethodSettings
 from mmguard.protect.budget import levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
@@ -52,7 +51,7 @@ def run_demo(out: Path, limit: int | None = None) -> None:
     click.echo(f"1. exported {limit} training pairs to {manifest}")
 
     dataset = read_dataset(manifest)
-    method = create_method("mem", MethodSettings(**MEM_SETTINGS))
+    method = create_method("mem", "pairs", **MEM_SETTINGS)
     protected_dir = out / "protected"
     summary = protect_dataset(dataset, method, protected_dir, command=["mmguard", "demo"],
                               input_fingerprint=fingerprint(dataset))

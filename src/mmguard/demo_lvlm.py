@@ -27,7 +27,6 @@ from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.lvlm_protocol import AnswerEvaluation, evaluate_answers, run_lvlm_seeds
 from mmguard.evaluate.vqa import reference_levels
-from mmguard.protect.base import MethodSettings
 from mmguard.protect.budget import levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
@@ -57,7 +56,7 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     click.echo(f"1. exported {limit} training triples to {manifest}")
 
     dataset = read_dataset(manifest)
-    method = create_method("mmguard", MethodSettings(**MMGUARD_SETTINGS))
+    method = create_method("mmguard", "triples", **MMGUARD_SETTINGS)
     protected_dir = out / "protected"
     summary = protect_dataset(dataset, method, protected_dir, command=["mmguard", "demo",
                                                                        "--lvlm"],

@@ -1,4 +1,4 @@
-"""The contract every protection method implements.
+"""The contract every protection method implements, and the configs that set them up.
 
 A method receives the images of a dataset (float RGB in [0, 1] at their stored
 resolution, with the texts of every record of that image) and returns, per
@@ -6,18 +6,23 @@ image, the protected float image and optionally a text trigger. The shared
 runner does everything else: reading, validation, batching, quantising within
 the budget, writing files and run records, resuming.
 
+Each method has its own `Config` dataclass: its options, their defaults and
+their help text (the command line is built from these), so a method's
+defaults live in exactly one place.
+
 Methods that optimise over the whole dataset before emitting anything (EM,
-MEM: the surrogate is trained across rounds) do that work in `prepare`, which
-gets a `DatasetView` (keys, texts, images loaded on demand) and a work folder;
-per-item state there streams to disk (see `state.py`), never into a
-dataset-sized tensor, and the work folder lets a killed run resume.
+MEM, MMGuard: the surrogate is trained across rounds) do that work in
+`prepare`, which gets a `DatasetView` (keys, texts, images loaded on demand)
+and a work folder; per-item state there streams to disk (see `state.py`),
+never into a dataset-sized tensor, and the work folder lets a killed run resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -38,38 +43,25 @@ class ProtectedItem:
     trigger: str | None = None  # text inserted into each of the item's texts
 
 
-@dataclass
-class MethodSettings:
-    """Options shared by every method; each method reads the ones it uses."""
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help (and click settings such as `choices`,
+    `type` or `min`)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple default")
+    return field(default=default, metadata={"help": help, **cli})
 
-    eps: float = 8 / 255
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 16
-    surrogates: tuple[str, ...] = ()
-    surrogate_pretrained: str | None = None
-    trigger_len: int | None = None
-    natural_triggers: bool = False
-    trigger_vocab: int | None = None
-    rounds: int = 10
-    pgd_steps: int = 8
-    step_size: float = 1 / 255
-    train_steps: int = 1
-    top_k: int = 16
-    beam_width: int = 1
-    trigger_rounds: int | None = None
-    stop_loss: float = 0.01
-    surrogate_lr: float = 1e-4
-    surrogate_bn: str = "running"
-    clean_epochs: int = 10
-    # LVLM methods (MMGuard)
-    binding: str = "bph"
-    binding_weight: float = 0.5
-    components: str = "image+text"
-    trigger_position: str = "end"
-    trigger_groups: str = "item"
-    noise_groups: str = "item"
-    bilevel: bool = False
+
+@dataclass
+class MethodConfig:
+    """Options every method has."""
+
+    eps: float = option(8 / 255, "L-infinity budget on pixels in [0, 1].")
+    seed: int = option(0, "Random seed; the same seed and input give byte-identical output.")
+
+
+def config_options(config: type[MethodConfig]) -> dict[str, dataclasses.Field]:
+    """The options of a config class by name (eps and seed included)."""
+    return {f.name: f for f in dataclasses.fields(config)}
 
 
 class DatasetView(Protocol):
@@ -83,20 +75,32 @@ class DatasetView(Protocol):
 
 
 class ProtectionMethod(ABC):
-    """Base class: one subclass per method, one file per subclass."""
+    """Base class: one subclass per method, one file per subclass (in `methods/`)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    # Options of MethodSettings that this method reads, besides eps and seed.
-    uses: ClassVar[frozenset[str]] = frozenset()
-    trigger_position: ClassVar[str] = "start"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
     # Dataset kinds the method protects.
     kinds: ClassVar[tuple[str, ...]] = ("pairs", "triples")
-    # Method-specific defaults for options the user left out.
-    defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, settings: MethodSettings):
-        self.settings = settings
+    def __init__(self, config: MethodConfig | None = None, kind: str | None = None):
+        """`kind` is the kind of data the run protects ("pairs"/"triples"), when known;
+        methods whose defaults depend on it (the default surrogate) read it."""
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{self.name} takes a {self.Config.__name__}, not "
+                            f"{type(self.config).__name__}")
+        self.kind = kind or self.kinds[0]
+
+    @property
+    def batch_size(self) -> int:
+        """Images per `protect_batch` call (and per optimisation batch)."""
+        return getattr(self.config, "batch_size", 16)
+
+    @property
+    def trigger_position(self) -> str | int:
+        """Where the released text gets the trigger: "start", "end" or a word index."""
+        return "start"
 
     def prepare(self, data: DatasetView, workdir: Path) -> None:  # noqa: B027 - optional hook
         """Dataset-level optimisation before any output is written (default: none).
@@ -110,13 +114,15 @@ class ProtectionMethod(ABC):
         """Protected images (and triggers) for one batch, in the batch's order."""
 
     def report(self) -> dict[str, Any]:
-        """What the optimisation did (losses per round...), for the run record."""
+        """What the optimisation did (losses per round...), for the run record.
+
+        Called also when a run failed early, so it must not assume `prepare` ran.
+        """
         return {}
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides the output, for the run record and resume checks."""
-        described = {"method": self.name, "eps": self.settings.eps, "seed": self.settings.seed}
-        for option in sorted(self.uses):
-            value = getattr(self.settings, option)
-            described[option] = list(value) if isinstance(value, tuple) else value
+        described: dict[str, Any] = {"method": self.name}
+        for name, value in dataclasses.asdict(self.config).items():
+            described[name] = list(value) if isinstance(value, tuple) else value
         return described

@@ -1,41 +1,58 @@
-"""Protection methods by name."""
+"""Protection methods by name: adding a method is one file in `methods/` and one line here."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from mmguard.errors import MMGuardError
-from mmguard.protect.base import MethodSettings, ProtectionMethod
-from mmguard.protect.em import ErrorMinimizing
-from mmguard.protect.mem import MultiStepErrorMinimizing
-from mmguard.protect.mmguard import MMGuard
-from mmguard.protect.random_noise import RandomNoise
-from mmguard.protect.uap import ErrorMaximizing
+from mmguard.protect.base import ProtectionMethod
+from mmguard.protect.methods.em import ErrorMinimizing
+from mmguard.protect.methods.mem import MultiStepErrorMinimizing
+from mmguard.protect.methods.mmguard_binding import MMGuard
+from mmguard.protect.methods.random_noise import RandomNoise
+from mmguard.protect.methods.uap import ErrorMaximizing
 
 METHODS: dict[str, type[ProtectionMethod]] = {
-    cls.name: cls for cls in (RandomNoise, ErrorMinimizing, ErrorMaximizing,
-                              MultiStepErrorMinimizing, MMGuard)
+    RandomNoise.name: RandomNoise,
+    ErrorMinimizing.name: ErrorMinimizing,
+    ErrorMaximizing.name: ErrorMaximizing,
+    MultiStepErrorMinimizing.name: MultiStepErrorMinimizing,
+    MMGuard.name: MMGuard,
 }
 
 
-def create_method(name: str, settings: MethodSettings,
-                  given: frozenset[str] | None = None) -> ProtectionMethod:
-    """Build a method.
+def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
+    """Add a method under its `name` (usable as a class decorator)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise MMGuardError(f"a method named {cls.name!r} is already registered")
+    METHODS[cls.name] = cls
+    return cls
 
-    `given` names the options a command-line user set explicitly: an option
-    the method does not use is then an error rather than silently ignored
-    (`--surrogate` on `random` would suggest a protection that is not
-    happening), and options left out take the method's own defaults. Without
-    `given` (the Python API), `settings` is used exactly as passed.
-    """
+
+def method_class(name: str) -> type[ProtectionMethod]:
     if name not in METHODS:
         raise MMGuardError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    if given is None:
-        return cls(settings)
-    unused = sorted(given - cls.uses - {"eps", "seed"})
-    if unused:
+    return METHODS[name]
+
+
+def create_method(name: str, kind: str | None = None, *, strict: bool = True,
+                  **options: Any) -> ProtectionMethod:
+    """Build a method from its name and options (the fields of its `Config`).
+
+    Options left out take the method's defaults. With `strict` (the command
+    line), an option the method does not have is an error rather than silently
+    ignored (`--surrogate` on `random` would suggest a protection that is not
+    happening); `strict=False` drops them (one set of options for several
+    methods). `kind` is the data the run protects ("pairs" or "triples").
+    """
+    cls = method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unused = sorted(set(options) - fields)
+    if unused and strict:
         raise MMGuardError(f"method {name!r} does not use "
                            + ", ".join("--" + option.replace("_", "-") for option in unused))
-    defaults = {option: value for option, value in cls.defaults.items() if option not in given}
-    return cls(dataclasses.replace(settings, **defaults))
+    config = cls.Config(**{key: value for key, value in options.items() if key in fields})
+    if kind is not None and kind not in cls.kinds:
+        raise MMGuardError(f"method {name!r} protects {' or '.join(cls.kinds)}, not {kind}")
+    return cls(config, kind)

@@ -1,7 +1,7 @@
 """Protect a dataset end to end: validate, run a method, write the output.
 
     dataset = read_dataset("photos/manifest.csv")
-    method = create_method("random", MethodSettings(eps=8 / 255, seed=0))
+    method = create_method("random", dataset.kind, eps=8 / 255, seed=0)
     summary = protect_dataset(dataset, method, Path("protected"))
 """
 
@@ -124,10 +124,20 @@ def format_problems(problems: list[tuple[str, str]]) -> str:
 def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *,
                     limit: int | None = None, skip_bad: bool = False, resume: bool = False,
                     command: list[str] | None = None, progress: bool = True,
-                    input_fingerprint: dict | None = None) -> RunSummary:
+                    input_fingerprint: dict | None = None,
+                    batch_size: int | None = None) -> RunSummary:
+    """Validate, run `method` over the dataset and write the protected copy to `out_dir`.
+
+    `batch_size` (images decoded and protected at once) defaults to the method's
+    own; outputs never depend on it.
+    """
     if dataset.kind not in method.kinds:
         raise MMGuardError(f"method {method.name!r} protects {' or '.join(method.kinds)}, but "
                            f"{dataset.source} holds {dataset.kind}")
+    if method.kind != dataset.kind:
+        raise MMGuardError(f"the {method.name} method was set up for {method.kind}, but "
+                           f"{dataset.source} holds {dataset.kind}; create it with "
+                           f"kind={dataset.kind!r}")
     jobs, problems = plan_jobs(dataset, limit)
     if problems and not skip_bad:
         raise MMGuardError(f"{len(problems)} bad item(s) in {dataset.source}; nothing was "
@@ -139,7 +149,7 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
     for item, reason in problems:
         writer.skip_item(item, item, reason)
     pending = [job.ref.key for job in jobs if not writer.is_finished(job.ref.key)]
-    batch_size = max(1, method.settings.batch_size)
+    batch_size = max(1, batch_size or method.batch_size)
     view = _JobsView(jobs, writer, skip_bad)
     written = 0
     status, error = "complete", None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmguard.protect.base import ProtectedItem, ProtectionItem, ProtectionMethod
+from mmguard.protect.base import MethodConfig, ProtectedItem, ProtectionItem, ProtectionMethod
 from mmguard.protect.budget import project_to_ball
 from mmguard.protect.seeding import item_generator
 
@@ -15,21 +15,22 @@ class RandomNoise(ProtectionMethod):
     No model, no trigger. Unlearnable-examples papers (Huang et al. 2021; MEM,
     Liu et al. 2023) report it as the baseline that does not protect.
 
-    Arguments (MethodSettings): eps (default 8/255), seed (default 0).
+    Config: eps (8/255), seed (0).
 
     Example:
-        method = RandomNoise(MethodSettings(eps=8 / 255, seed=0))
+        method = RandomNoise(MethodConfig(eps=8 / 255, seed=0))
         [out] = method.protect_batch([ProtectionItem("a.png", image, ["a cat"])])
     """
 
     name = "random"
     summary = "uniform noise in the eps-ball (control, protects nothing)"
+    Config = MethodConfig
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
-        eps = self.settings.eps
+        eps = self.config.eps
         protected = []
         for item in batch:
-            generator = item_generator(self.settings.seed, item.key)
+            generator = item_generator(self.config.seed, item.key)
             noise = torch.rand(item.image.shape, generator=generator) * (2 * eps) - eps
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected

@@ -1,0 +1,1 @@
+"""One protection method per file; `protect/registry.py` lists them by name."""

@@ -1,0 +1,58 @@
+"""MEM: multi-step error minimisation, noise + text trigger (Liu et al., ACM MM 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmguard.protect.engine import TriggerConfig, half_of
+from mmguard.protect.methods.em import EMConfig, ErrorMinimizing
+from mmguard.protect.surrogates import TextItem
+
+
+@dataclass
+class MEMConfig(EMConfig, TriggerConfig):
+    """EM's options and the trigger's."""
+
+
+class MultiStepErrorMinimizing(ErrorMinimizing):
+    """min over (delta, trigger) of min over theta of L(x + delta, trigger + caption).
+
+    Each image gets its own noise and its own k-token trigger, placed before
+    every caption of that image. Per round and batch (see `protect/engine.py`):
+    surrogate steps; a HotFlip trigger update (top-k candidates from the
+    embedding gradient, exact batch loss, left-to-right beam search; only in
+    the first `trigger_rounds`, default half of the rounds); PGD descent with
+    the captions shuffled within the batch and each image's own trigger
+    attached, so the noise binds to the trigger rather than to the caption's
+    meaning. Triggers start as "the the the"; `natural_triggers` restricts
+    them to real English words (MEM section 4.4).
+
+    Config (MEMConfig): EM's options plus trigger_len (3; MEM-3 / MEM-5),
+    top_k (16), beam_width (1), trigger_rounds (half of the rounds),
+    natural_triggers (False), trigger_vocab (whole vocabulary).
+
+    Example:
+        mmguard protect --dataset emoji --method mem --trigger-len 5 --out out/
+    """
+
+    name = "mem"
+    summary = "MEM: noise + optimised text trigger (CLIP-style models)"
+    Config = MEMConfig
+    config: MEMConfig
+
+    @property
+    def trigger_len(self) -> int:
+        return self.config.trigger_len
+
+    @property
+    def trigger_rounds(self) -> int:
+        rounds = self.config.trigger_rounds
+        return half_of(self.rounds) if rounds is None else rounds
+
+    def noise_texts(self, texts: list[TextItem], generator: torch.Generator) -> list[TextItem]:
+        """Captions shuffled within the batch, each image keeping its own trigger."""
+        shuffled = torch.randperm(len(texts), generator=generator).tolist()
+        return [TextItem(texts[j].text, texts[j].response, own.trigger, own.position)
+                for own, j in zip(texts, shuffled, strict=True)]

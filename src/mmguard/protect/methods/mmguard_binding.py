@@ -1,0 +1,167 @@
+"""MMGuard: coupled image noise + inserted text trigger against LVLM fine-tuning.
+
+Zhao et al. 2026, "To See is Not to Learn". For (image, prompt, response)
+data, on one surrogate LVLM or an ensemble (`protect/surrogates/lvlm.py`),
+per round and batch of the engine (`protect/engine.py`):
+
+1. (with `bilevel`) the surrogates' projectors take `train_steps` steps on the
+   current protected batch;
+2. the trigger (`trigger_len` tokens, *inserted* into the prompt at
+   `trigger_position`, never replacing a word) is updated by HotFlip: top-k
+   candidates per trigger position from the embedding gradient, then every
+   candidate is decoded, inserted as text, re-tokenised, rejected unless it
+   tokenises back to the same ids, and scored by the exact loss; the current
+   trigger is always a candidate, so no item's loss rises;
+3. the image noise takes PGD steps that *minimise* the loss through each
+   surrogate's differentiable image processor.
+
+The loss is the response-only training loss plus `binding_weight` times the
+binding disruption loss (`binding`: bph, crs or none; see protect/binding.py),
+so the noise and trigger become a shortcut the fine-tuned model relies on
+instead of the content. `components` image / text are the paper's
+single-modality ablations; `binding none` the one without binding disruption.
+Beyond the paper, `trigger_groups response` and `noise_groups response` share
+one trigger, or one noise pattern, among all items with the same responses.
+
+Config (MMGuardConfig): eps (8/255), trigger_len (3), trigger_position
+("end"), binding ("bph"), binding_weight (0.5), components ("image+text"),
+rounds (3), trigger_rounds (all), pgd_steps (8), step_size (1/255), top_k (8),
+beam_width (1), batch_size (8), surrogates (["smolvlm-lite"]), bilevel (off),
+train_steps (1), surrogate_lr (1e-4), trigger_groups / noise_groups ("item"),
+natural_triggers (off), trigger_vocab (all whole-word tokens).
+
+Example:
+    mmguard protect --dataset fashion-mnist --kind triples --method mmguard \\
+        --surrogate smolvlm-lite --surrogate smolvlm-lite-b --out protected/
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmguard.errors import MMGuardError
+from mmguard.protect.base import MethodConfig, ProtectionItem, option
+from mmguard.protect.engine import BilevelConfig, BilevelMethod, TriggerConfig
+from mmguard.protect.pgd import random_start
+from mmguard.protect.seeding import item_generator
+from mmguard.protect.surrogates import TextItem
+
+GROUPS = ("item", "response")  # trigger_groups / noise_groups
+
+
+@dataclass
+class MMGuardConfig(BilevelConfig, TriggerConfig):
+    batch_size: int = option(8, "Images per optimisation batch.", min=2)
+    rounds: int = option(3, "Outer rounds of bilevel optimisation.", min=1)
+    top_k: int = option(8, "HotFlip candidates per trigger position.", min=1)
+    binding: str = option("bph", "Cross-modal binding disruption: Bridge Path Hijack, "
+                          "Contrastive Routing Shift, or none.", choices=("bph", "crs", "none"))
+    binding_weight: float = option(0.5, "Weight of the binding loss.", min=0.0)
+    components: str = option("image+text", "Perturb the image, insert a trigger, or both.",
+                             choices=("image+text", "image", "text"))
+    trigger_position: str = option("end", "Where the trigger goes in the prompt: start, end or "
+                                   "a word index.")
+    trigger_groups: str = option("item", "One trigger per item (the paper), or one shared by "
+                                 "all items whose responses are the same.", choices=GROUPS)
+    noise_groups: str = option("item", "One noise pattern per image (the paper), or one shared "
+                               "by all images whose responses are the same (images of one "
+                               "size).", choices=GROUPS)
+    bilevel: bool = option(False, "Train the surrogates' projectors on the protected data "
+                           "between perturbation updates.", flag=True)
+
+
+class MMGuard(BilevelMethod):
+    name = "mmguard"
+    summary = "MMGuard: noise + inserted trigger + binding disruption (LLaVA-style LVLMs)"
+    Config = MMGuardConfig
+    config: MMGuardConfig
+    kinds = ("triples",)
+
+    def __init__(self, config: MethodConfig | None = None, kind: str | None = None):
+        super().__init__(config, kind)
+        config = self.config
+        for name, value, choices in (("components", config.components,
+                                      ("image+text", "image", "text")),
+                                     ("trigger-groups", config.trigger_groups, GROUPS),
+                                     ("noise-groups", config.noise_groups, GROUPS)):
+            if value not in choices:
+                raise MMGuardError(f"--{name} {value!r}: choose {', '.join(choices)}")
+        self._position = _trigger_position(config.trigger_position)
+
+    @property
+    def trigger_position(self) -> str | int:
+        return self._position
+
+    def surrogate_options(self) -> dict[str, Any]:
+        return {**super().surrogate_options(), "trainable": self.config.bilevel,
+                "binding": self.config.binding, "binding_weight": self.config.binding_weight}
+
+    # -- the engine's hooks ----------------------------------------------------------
+    @property
+    def trigger_len(self) -> int:
+        return 0 if self.config.components == "image" else self.config.trigger_len
+
+    @property
+    def trigger_rounds(self) -> int:
+        rounds = self.config.trigger_rounds
+        return self.rounds if rounds is None else rounds
+
+    @property
+    def perturbs_image(self) -> bool:
+        return self.config.components != "text"
+
+    @property
+    def surrogate_steps(self) -> int:
+        return max(1, self.config.train_steps) if self.config.bilevel else 0
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "trigger_len": self.trigger_len}
+
+    def texts(self, items: list[ProtectionItem], round_index: int,
+              generator: torch.Generator) -> list[TextItem]:
+        """One (prompt, response) per image for this round (a random one if it has several)."""
+        texts = []
+        for item in items:
+            if not item.responses:
+                raise MMGuardError(f"{item.key}: mmguard protects (image, prompt, response) "
+                                   "triples; this item has no response (use --kind triples)")
+            pick = random.Random(f"{self.config.seed} {round_index} {item.key}").randrange(
+                len(item.texts))
+            texts.append(self.text_item(item, pick))
+        return texts
+
+    def noise_key(self, item: ProtectionItem) -> str:
+        return _group_key(item, self.config.noise_groups)
+
+    def trigger_key(self, item: ProtectionItem) -> str:
+        return _group_key(item, self.config.trigger_groups)
+
+    def initial_noise(self, item: ProtectionItem) -> torch.Tensor:
+        """A seeded random start in the ball: a zero start would leave CRS stuck, as a
+        divergence from the clean input has zero gradient at the clean input itself."""
+        generator = item_generator(self.config.seed, f"start {self.noise_key(item)}")
+        return random_start([item.image], self.config.eps, generator)[0]
+
+
+def _group_key(item: ProtectionItem, grouping: str) -> str:
+    """The item itself, or ("response") every item with the same set of responses."""
+    if grouping == "item":
+        return item.key
+    return "response: " + " | ".join(sorted({r.strip() for r in item.responses or []}))
+
+
+def _trigger_position(position: str | int) -> str | int:
+    if position in ("start", "end"):
+        return position
+    try:
+        index = int(position)
+    except ValueError:
+        raise MMGuardError(f"--trigger-position {position!r}: use start, end or a word "
+                           "index") from None
+    if index < 0:
+        raise MMGuardError("--trigger-position must not be negative")
+    return index

@@ -1,0 +1,258 @@
+"""LVLM surrogates: one generative vision-language model, or an ensemble of them.
+
+The loss of a batch is, per example and averaged over the members, the
+response-only training loss plus `binding_weight` times a binding-disruption
+loss on the language model's attention (`binding`: "bph", "crs" or "none",
+see `protect/binding.py`). Each member processes the images with its own
+differentiable processor and re-tokenises the released text itself, so members
+may be different families with different tokenisers; trigger ids are those of
+the first member (the primary), and only members with the same vocabulary
+contribute trigger gradients.
+
+With `trainable`, the members' projectors are trained on the protected data
+between perturbation updates (EM's inner minimisation); the towers stay frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmguard.errors import MMGuardError
+from mmguard.models.lvlm.base import TRIGGER, LVLMAdapter, TextExample
+from mmguard.models.lvlm.registry import create_lvlm
+from mmguard.protect.binding import bph_loss, crs_loss, routing_profile
+from mmguard.protect.surrogates.base import Images, Surrogate, TextItem
+from mmguard.protect.triggers import lvlm_trigger_vocabulary
+
+BINDINGS = ("bph", "crs", "none")
+INITIAL_TRIGGER_WORD = " the"
+SCORE_CHUNK = 16  # candidate examples per no-grad forward
+REJECTED = float("inf")
+
+Profiles = list[torch.Tensor | None]  # per member: the clean answer-attention profile (CRS)
+
+
+class LVLMSurrogate(Surrogate):
+    family = "lvlm"
+    items_interact = False
+
+    def __init__(self, names: Sequence[str], device: str = "cpu", seed: int = 0,
+                 lr: float = 1e-4, pretrained: str | None = None, trainable: bool = False,
+                 binding: str = "none", binding_weight: float = 0.0):
+        if binding not in BINDINGS:
+            raise MMGuardError(f"--binding {binding!r}: choose {', '.join(BINDINGS)}")
+        if pretrained:
+            raise MMGuardError("--surrogate-pretrained applies to contrastive surrogates; an "
+                               "LVLM starts from its registry checkpoint")
+        self.names = list(names)
+        self.binding, self.binding_weight = binding, binding_weight
+        self.members: list[LVLMAdapter] = [create_lvlm(name, device, seed=seed)
+                                           for name in self.names]
+        for member in self.members:
+            member.model.requires_grad_(False)
+        self.optimizers = []
+        if trainable:
+            for member in self.members:
+                parameters = member.trainable_parameters("projector")
+                for parameter in parameters:
+                    parameter.requires_grad_(True)
+                self.optimizers.append(torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0))
+
+    @property
+    def primary(self) -> LVLMAdapter:
+        """The member whose tokeniser defines trigger token ids."""
+        return self.members[0]
+
+    def shares_vocabulary(self, member: LVLMAdapter) -> bool:
+        """Whether `member`'s embedding gradients can rank the primary's token ids."""
+        return member.tokenizer.get_vocab() == self.primary.tokenizer.get_vocab()
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.binding != "none" and self.binding_weight > 0
+
+    def examples(self, texts: Sequence[TextItem]) -> list[TextExample]:
+        return [TextExample(item.text, item.response,
+                            self.decode_trigger(item.trigger) if item.trigger else None,
+                            item.position) for item in texts]
+
+    # -- inner minimisation ----------------------------------------------------------
+    def train_step(self, images: Images, texts: Sequence[TextItem]) -> float:
+        """Each member's projector learns the protected batch."""
+        examples = self.examples(texts)
+        losses = []
+        for member, optimizer in zip(self.members, self.optimizers, strict=True):
+            member.model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = member.loss([image.detach() for image in images], examples).loss.mean()
+            loss.backward()
+            optimizer.step()
+            member.model.eval()
+            losses.append(loss.item())
+        return sum(losses) / max(1, len(losses))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for optimizer in self.optimizers for group in optimizer.param_groups
+                for p in group["params"]]
+
+    def state(self) -> dict[str, Any]:
+        # Only what the inner steps train (the projectors), not the frozen towers.
+        return {"projectors": [{name: p.detach().cpu() for name, p
+                                in member.model.named_parameters() if p.requires_grad}
+                               for member in self.members] if self.optimizers else [],
+                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for member, saved in zip(self.members, state.get("projectors", []), strict=False):
+            member.model.load_state_dict(saved, strict=False)
+        for optimizer, saved in zip(self.optimizers, state.get("optimizers", []), strict=False):
+            optimizer.load_state_dict(saved)
+
+    # -- losses ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reference(self, clean: Images, texts: Sequence[TextItem]) -> Profiles:
+        """Per member, the answer-attention profile on the clean input (CRS's reference)."""
+        if self.binding != "crs" or not self.uses_attention:
+            return [None] * len(self.members)
+        plain = [TextExample(item.text, item.response, None, item.position) for item in texts]
+        profiles = []
+        for member in self.members:
+            pixels = member.pixel_inputs(clean)
+            batch = member.encode(plain, pixels)
+            output = member.forward(batch, pixels, output_attentions=True)
+            profiles.append(routing_profile(output.attention, batch.to(member.device)))
+        return profiles
+
+    def _profiles(self, reference: Profiles | None) -> Profiles:
+        return [None] * len(self.members) if reference is None else reference
+
+    def member_loss(self, index: int, images: Images, examples: Sequence[TextExample],
+                    profile: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) loss of one member, and its parts (detached means) for the log."""
+        member = self.members[index]
+        pixels = member.pixel_inputs(images)
+        batch = member.encode(examples, pixels)
+        output = member.forward(batch, pixels, output_attentions=self.uses_attention)
+        value = output.loss
+        parts = {"train_loss": float(output.loss.detach().mean())}
+        if self.uses_attention:
+            batch = batch.to(member.device)
+            if self.binding == "bph":
+                binding = bph_loss(output.attention, batch)
+            else:
+                binding = crs_loss(output.attention, batch, profile)
+            value = value + self.binding_weight * binding
+            parts["binding_loss"] = float(binding.detach().mean())
+        return value, parts
+
+    def per_item_loss(self, images: Images, examples: Sequence[TextExample],
+                      profiles: Profiles) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) mean loss over the members (on the primary's device), and its parts."""
+        total, parts = None, {}
+        for index in range(len(self.members)):
+            value, member_parts = self.member_loss(index, images, examples, profiles[index])
+            value = value.to(self.primary.device)
+            total = value if total is None else total + value
+            for key, number in member_parts.items():
+                parts[key] = parts.get(key, 0.0) + number / len(self.members)
+        return total / len(self.members), parts
+
+    def noise_loss(self, texts: Sequence[TextItem],
+                   reference: Profiles | None = None) -> Callable[[list[torch.Tensor]],
+                                                                  torch.Tensor]:
+        examples, profiles = self.examples(texts), self._profiles(reference)
+
+        def loss(images: list[torch.Tensor]) -> torch.Tensor:
+            return self.per_item_loss(images, examples, profiles)[0].sum()
+
+        return loss
+
+    @torch.no_grad()
+    def measure(self, images: Images, texts: Sequence[TextItem],
+                reference: Profiles | None = None) -> dict[str, float]:
+        return self.per_item_loss(images, self.examples(texts), self._profiles(reference))[1]
+
+    # -- triggers ----------------------------------------------------------------------
+    def trigger_search(self, images: Images, texts: Sequence[TextItem],
+                       reference: Profiles | None = None) -> LVLMTriggerSearch:
+        return LVLMTriggerSearch(self, images, texts, self._profiles(reference))
+
+    def trigger_vocabulary(self, natural: bool, size: int | None, seed: int) -> torch.Tensor:
+        return lvlm_trigger_vocabulary(self.primary.tokenizer, natural, size, seed,
+                                       self.primary.input_embeddings().num_embeddings)
+
+    def initial_trigger(self, length: int) -> list[int]:
+        start = self.primary.tokenizer(INITIAL_TRIGGER_WORD, add_special_tokens=False)
+        return start["input_ids"] * length
+
+    def decode_trigger(self, ids: Sequence[int]) -> str:
+        return self.primary.decode_trigger(list(ids))
+
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.primary.input_embeddings().weight.detach().cpu()
+
+
+class LVLMTriggerSearch:
+    """HotFlip on an LVLM batch: a candidate is decoded, inserted as text and
+    re-tokenised; unless it tokenises back to the same ids it is rejected (inf),
+    otherwise scored by the exact loss of its own example."""
+
+    def __init__(self, surrogate: LVLMSurrogate, images: Images, texts: Sequence[TextItem],
+                 profiles: Profiles):
+        self.surrogate = surrogate
+        self.images = [image.detach() for image in images]
+        self.examples = surrogate.examples(texts)
+        self.profiles = profiles
+        self.length = len(texts[0].trigger)
+
+    def gradients(self) -> torch.Tensor:
+        """(B, k, E), summed over the members that share the primary's vocabulary."""
+        surrogate, total = self.surrogate, None
+        for index, member in enumerate(surrogate.members):
+            if not surrogate.shares_vocabulary(member):
+                continue
+            pixels = member.pixel_inputs(self.images)
+            batch = member.encode(self.examples, pixels)
+            with member.embedding_gradients() as holder:
+                value, _ = surrogate.member_loss(index, self.images, self.examples,
+                                                 self.profiles[index])
+                (grad,) = torch.autograd.grad(value.sum(), holder["embeds"])
+            mask = batch.roles.to(grad.device) == TRIGGER
+            picked = grad[mask].reshape(len(self.examples), self.length, -1).cpu()
+            total = picked if total is None else total + picked
+        return total
+
+    def score(self, rows: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        surrogate, primary = self.surrogate, self.surrogate.primary
+        image_tokens = primary.pixel_inputs(self.images[:1]).tokens_per_image[0]
+        scores = torch.full((len(rows),), REJECTED)
+        valid = []
+        for position, (row, ids) in enumerate(zip(rows.tolist(), triggers.tolist(),
+                                                  strict=True)):
+            example = self.examples[row]
+            if primary.verify_trigger(example, ids, image_tokens):
+                valid.append((position, row, TextExample(
+                    example.prompt, example.response, primary.decode_trigger(ids),
+                    example.trigger_position)))
+        for start in range(0, len(valid), SCORE_CHUNK):
+            chunk = valid[start:start + SCORE_CHUNK]
+            owners = [row for _, row, _ in chunk]
+            profiles = [None if p is None else p[owners] for p in self.profiles]
+            with torch.no_grad():
+                values, _ = surrogate.per_item_loss([self.images[o] for o in owners],
+                                                    [e for _, _, e in chunk], profiles)
+            for (position, _, _), value in zip(chunk, values.cpu().tolist(), strict=True):
+                scores[position] = value
+        return scores
+
+    @torch.no_grad()
+    def joint(self, triggers: torch.Tensor) -> float:
+        texts = [TextExample(e.prompt, e.response, self.surrogate.decode_trigger(ids),
+                             e.trigger_position)
+                 for e, ids in zip(self.examples, triggers.tolist(), strict=True)]
+        values, _ = self.surrogate.per_item_loss(self.images, texts, self.profiles)
+        return float(values.mean())
