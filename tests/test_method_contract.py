@@ -1,0 +1,140 @@
+"""The method contract: a new method is one class plus one registry line; methods
+run against either surrogate family; bad surrogate names and failed runs end clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.sources import read_dataset
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.stealth import linf_levels
+from mmguard.protect.base import ProtectionItem, option
+from mmguard.protect.engine import BilevelConfig, BilevelMethod
+from mmguard.protect.registry import METHODS, create_method, register_method
+from mmguard.protect.run import protect_dataset
+from mmguard.protect.surrogates import TextItem
+from tests.conftest import cli_env
+
+
+@dataclass
+class ToyConfig(BilevelConfig):
+    flip_every: int = option(2, "Score every n-th item with a reversed caption.", min=1)
+
+
+class ReversedCaptionNoise(BilevelMethod):
+    """A toy method for the test: error-minimising noise that binds each image to its
+    caption spelled backwards (so the engine, not the method, does all the work)."""
+
+    name = "toy-reversed"
+    summary = "test only"
+    Config = ToyConfig
+    config: ToyConfig
+
+    def texts(self, items: list[ProtectionItem], round_index: int,
+              generator: torch.Generator) -> list[TextItem]:
+        return [TextItem(item.texts[0][::-1] if i % self.config.flip_every == 0
+                         else item.texts[0]) for i, item in enumerate(items)]
+
+
+@pytest.fixture
+def toy_registered():
+    register_method(ReversedCaptionNoise)  # the one registry line
+    yield
+    METHODS.pop(ReversedCaptionNoise.name)
+
+
+def _changes(dataset, out) -> list[int]:
+    changes = []
+    for record in read_dataset(out / "manifest.csv").records:
+        original = next(r for r in dataset.records if r.image.key.rsplit("/", 1)[-1].split(".")[0]
+                        == record.image.key.rsplit("/", 1)[-1].split(".")[0])
+        changes.append(linf_levels(load_image_uint8(original.image, "o"),
+                                   read_png_uint8(out / record.image.key)))
+    return changes
+
+
+def test_a_method_defined_here_runs_through_the_engine_once_registered(tmp_path, toy_registered):
+    method = create_method("toy-reversed", "pairs", surrogates=("rn-test",), rounds=2,
+                           pgd_steps=2, batch_size=8, flip_every=3)
+    assert method.config.flip_every == 3 and method.config.train_steps == 1  # engine default
+    dataset = load_builtin("digits", "train", "pairs")
+    summary = protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert summary.finished == 16 and record["status"] == "complete"
+    assert record["config"]["method"] == "toy-reversed" and record["config"]["flip_every"] == 3
+    assert [r["round"] for r in record["optimisation"]["rounds"]] == [1, 2]
+    changes = _changes(dataset, tmp_path / "out")
+    assert max(changes) <= 8 and sum(changes) > 0
+    with pytest.raises(MMGuardError, match="does not use --binding"):
+        create_method("toy-reversed", binding="bph")
+
+
+def test_em_runs_against_an_lvlm_surrogate_without_knowing_its_family(tmp_path):
+    method = create_method("em", "triples", surrogates=("lvlm-test",), rounds=1, pgd_steps=2,
+                           batch_size=3)
+    assert method.family == "lvlm"
+    dataset = load_builtin("digits", "train", "triples")
+    protect_dataset(dataset, method, tmp_path / "out", limit=6, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["config"]["surrogates"] == ["lvlm-test"]
+    assert record["optimisation"]["rounds"][0]["train_loss"] > 0
+    changes = _changes(dataset, tmp_path / "out")
+    assert max(changes) <= 8 and sum(changes) > 0
+    # a contrastive surrogate cannot learn from triples: said before any work
+    with pytest.raises(MMGuardError, match="does not learn from triples"):
+        create_method("em", "triples", surrogates=("rn-test",))
+
+
+def test_unknown_surrogate_is_a_clear_error_listing_the_known_names(tmp_path):
+    with pytest.raises(MMGuardError, match="unknown surrogate 'rn-tinyy'.*rn-tiny.*smolvlm-lite"):
+        create_method("mem", "pairs", surrogates=("rn-tinyy",))
+    result = subprocess.run(
+        [sys.executable, "-m", "mmguard", "protect", "--dataset", "digits", "--method", "mem",
+         "--surrogate", "rn-tinyy", "--limit", "4", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 1
+    assert "error: unknown surrogate 'rn-tinyy'" in result.stderr and "rn-tiny," in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "mmguard-run.json").exists()
+
+
+def test_a_run_that_fails_while_preparing_leaves_a_final_run_record(tmp_path):
+    method = create_method("em", "pairs", surrogates=("rn-test",),
+                           surrogate_pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(MMGuardError, match="missing.pt"):
+        protect_dataset(load_builtin("digits", "train", "pairs"), method, tmp_path / "out",
+                        limit=4, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["status"] == "failed" and "missing.pt" in record["error"]
+    assert record["optimisation"] == {"surrogates": ["rn-test"], "rounds": []}
+
+
+def test_shared_noise_on_images_of_different_sizes_names_the_item(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = []
+    for name, size in (("small.png", (8, 8)), ("large.png", (12, 10))):
+        pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        rows.append({"image": name, "prompt": "What is this?", "response": "a test"})
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    method = create_method("mmguard", "triples", surrogates=("lvlm-test",), rounds=1,
+                           pgd_steps=1, batch_size=2, components="image",
+                           noise_groups="response")
+    with pytest.raises(MMGuardError, match=r"(small|large)\.png: one noise pattern is shared"):
+        protect_dataset(read_dataset(root / "manifest.csv"), method, tmp_path / "out",
+                        progress=False)
