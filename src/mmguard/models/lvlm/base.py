@@ -88,6 +88,8 @@ class EncodedBatch:
 class LVLMOutput:
     loss: torch.Tensor  # (B,) mean next-token loss over each example's response tokens
     attention: torch.Tensor | None = None  # (B, L, L) mean over layers and heads, rows = queries
+    # With `attention_layers=n`: the first n layers' maps, each (B, L, L) averaged over heads.
+    layer_attentions: list[torch.Tensor] | None = None
 
 
 class LVLMAdapter(ABC):
@@ -147,6 +149,13 @@ class LVLMAdapter(ABC):
         if recipe == "full":
             return [p for p in self.model.parameters()]
         raise MMGuardError(f"{self.name} does not support the {recipe!r} recipe")
+
+    def image_token_change(self, clean: PixelInputs,
+                           protected: PixelInputs) -> list[torch.Tensor]:
+        """Per image, (T,) the mean |change| of the processed pixels each image token
+        covers, in the order of the image tokens in the sequence (MMGuard's ρ, Eq 22)."""
+        raise MMGuardError(f"{self.name} does not say which pixels its image tokens cover; "
+                           "the exact BPH loss needs it")
 
     def lora_target_modules(self) -> list[str]:
         """Module names (peft `target_modules`) of the language model's projections."""
@@ -209,15 +218,22 @@ class LVLMAdapter(ABC):
         return ids, roles, text
 
     def forward(self, batch: EncodedBatch, pixels: PixelInputs,
-                output_attentions: bool = False) -> LVLMOutput:
+                output_attentions: bool = False,
+                attention_layers: int | None = None) -> LVLMOutput:
+        """The response loss and, with `output_attentions`, the attention maps: their
+        mean over all layers, or with `attention_layers=n` the first n layers one by one
+        (the only ones averaged over heads; MMGuard's binding reads the early layers)."""
         batch = batch.to(self.device)
         logits, attentions = self._run(batch, pixels, output_attentions)
         loss = response_loss(logits, batch.labels)
-        attention = None
-        if output_attentions:
-            if not attentions:
-                raise MMGuardError(f"{self.name} returned no attention maps")
-            attention = torch.stack([a.float().mean(dim=1) for a in attentions]).mean(dim=0)
+        if not output_attentions:
+            return LVLMOutput(loss)
+        if not attentions:
+            raise MMGuardError(f"{self.name} returned no attention maps")
+        if attention_layers is not None:
+            return LVLMOutput(loss, layer_attentions=[a.float().mean(dim=1)
+                                                      for a in attentions[:attention_layers]])
+        attention = torch.stack([a.float().mean(dim=1) for a in attentions]).mean(dim=0)
         return LVLMOutput(loss, attention)
 
     def loss(self, images: Sequence[torch.Tensor], examples: Sequence[TextExample],

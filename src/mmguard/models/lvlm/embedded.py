@@ -26,6 +26,7 @@ differentiable torch version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -176,6 +177,32 @@ class EmbeddedAdapter(LVLMAdapter):
                    else image[None] for image in images]
         pixels = (torch.cat(resized).to(self.device) - LITE_MEAN) / LITE_STD
         return PixelInputs({"pixel_values": pixels}, [self.model.tokens_per_image()] * len(images))
+
+    def token_regions(self) -> torch.Tensor:
+        """(T, S, S) bool: the processed pixels each image token covers.
+
+        A grid token is one cell of the feature map pooled to `grid` x `grid`
+        (cell i spans pixels floor(i*S/g) to ceil((i+1)*S/g), as adaptive pooling
+        splits the map); the global token, if any, covers the whole image.
+        """
+        size, grid = self.model.spec.image_size, self.model.spec.grid
+        bounds = [(math.floor(i * size / grid), math.ceil((i + 1) * size / grid))
+                  for i in range(grid)]
+        regions = torch.zeros(self.model.tokens_per_image(), size, size, dtype=torch.bool)
+        for row, (top, bottom) in enumerate(bounds):
+            for col, (left, right) in enumerate(bounds):
+                regions[row * grid + col, top:bottom, left:right] = True
+        if self.model.spec.global_token:
+            regions[-1] = True
+        return regions
+
+    def image_token_change(self, clean: PixelInputs,
+                           protected: PixelInputs) -> list[torch.Tensor]:
+        change = (protected.tensors["pixel_values"] - clean.tensors["pixel_values"]).abs()
+        per_pixel = change.detach().mean(dim=1)  # (B, S, S)
+        regions = self.token_regions().to(per_pixel.device).float()  # (T, S, S)
+        totals = torch.einsum("bhw,thw->bt", per_pixel, regions)
+        return list(totals / regions.sum(dim=(1, 2)))
 
     def reference_pixels(self, image) -> torch.Tensor:
         """The same processor with Pillow, on a PIL image: (3, S, S) normalised."""

@@ -49,6 +49,7 @@ from mmguard.protect.engine import BilevelConfig, BilevelMethod, TriggerConfig
 from mmguard.protect.pgd import random_start
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.surrogates import TextItem
+from mmguard.protect.surrogates.lvlm import BINDINGS, OBJECTIVES
 
 GROUPS = ("item", "response")  # trigger_groups / noise_groups
 
@@ -58,9 +59,21 @@ class MMGuardConfig(BilevelConfig, TriggerConfig):
     batch_size: int = option(8, "Images per optimisation batch.", min=2)
     rounds: int = option(3, "Outer rounds of bilevel optimisation.", min=1)
     top_k: int = option(8, "HotFlip candidates per trigger position.", min=1)
-    binding: str = option("bph", "Cross-modal binding disruption: Bridge Path Hijack, "
-                          "Contrastive Routing Shift, or none.", choices=("bph", "crs", "none"))
+    binding: str = option("bph", "Cross-modal binding disruption: Bridge Path Hijack or "
+                          "Contrastive Routing Shift, simplified (bph, crs: all layers' mean "
+                          "attention) or as the paper defines them (bph-exact: Eq 27, crs-kl: "
+                          "Eq 29, on the first --binding-layers layers), or none.",
+                          choices=BINDINGS)
     binding_weight: float = option(0.5, "Weight of the binding loss.", min=0.0)
+    binding_layers: int = option(2, "bph-exact / crs-kl: the first N attention layers the "
+                                 "binding loss reads (the paper prefers 1-2).", min=1)
+    perturbation_share: float = option(0.25, "bph-exact: share of the image tokens, those "
+                                       "whose pixels change most, that form the perturbation "
+                                       "tokens (the paper's tau_delta; provisional default).",
+                                       min=0.0, max=1.0)
+    objective: str = option("min", "min: minimise the training loss (error-minimising); max: "
+                            "maximise it while minimising the binding loss (the paper's -Max).",
+                            choices=OBJECTIVES)
     components: str = option("image+text", "Perturb the image, insert a trigger, or both.",
                              choices=("image+text", "image", "text"))
     trigger_position: str = option("end", "Where the trigger goes in the prompt: start, end or "
@@ -97,8 +110,11 @@ class MMGuard(BilevelMethod):
         return self._position
 
     def surrogate_options(self) -> dict[str, Any]:
-        return {**super().surrogate_options(), "trainable": self.config.bilevel,
-                "binding": self.config.binding, "binding_weight": self.config.binding_weight}
+        config = self.config
+        return {**super().surrogate_options(), "trainable": config.bilevel,
+                "binding": config.binding, "binding_weight": config.binding_weight,
+                "binding_layers": config.binding_layers,
+                "perturbation_share": config.perturbation_share, "objective": config.objective}
 
     # -- the engine's hooks ----------------------------------------------------------
     @property

@@ -16,24 +16,60 @@ between perturbation updates (EM's inner minimisation); the towers stay frozen.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmguard.errors import MMGuardError
-from mmguard.models.lvlm.base import TRIGGER, LVLMAdapter, TextExample
+from mmguard.models.lvlm.base import TRIGGER, EncodedBatch, LVLMAdapter, TextExample
 from mmguard.models.lvlm.registry import create_lvlm
-from mmguard.protect.binding import bph_loss, crs_loss, routing_profile
+from mmguard.protect.binding import (
+    align_to_protected,
+    answer_rows,
+    bph_exact_loss,
+    bph_loss,
+    crs_kl_loss,
+    crs_loss,
+    perturbation_tokens,
+    routing_profile,
+)
 from mmguard.protect.surrogates.base import Images, Surrogate, TextItem
 from mmguard.protect.triggers import lvlm_trigger_vocabulary
 
-BINDINGS = ("bph", "crs", "none")
+# bph, crs: our simplified losses on the attention averaged over all layers;
+# bph-exact, crs-kl: the paper's Eqs 27 and 29 on the first `binding_layers` layers.
+BINDINGS = ("bph", "crs", "none", "bph-exact", "crs-kl")
+EXACT_BINDINGS = ("bph-exact", "crs-kl")
+OBJECTIVES = ("min", "max")
 INITIAL_TRIGGER_WORD = " the"
 SCORE_CHUNK = 16  # candidate examples per no-grad forward
 REJECTED = float("inf")
 
-Profiles = list[torch.Tensor | None]  # per member: the clean answer-attention profile (CRS)
+
+@dataclass
+class MemberReference:
+    """What one member's binding loss compares a protected input with."""
+
+    profile: torch.Tensor | None = None  # crs: clean answer-attention profile (B, bins)
+    clean_images: list[torch.Tensor] | None = None  # bph-exact: ρ is the change from these
+    clean_rows: list[torch.Tensor] | None = None  # crs-kl: per layer, clean Ā_k(Ωy) (B, L)
+    clean_batch: EncodedBatch | None = None  # crs-kl: the clean sequences of those rows
+
+    def select(self, rows: list[int]) -> MemberReference:
+        """The reference of a subset of the batch's examples (in this order)."""
+        batch = self.clean_batch
+        return MemberReference(
+            None if self.profile is None else self.profile[rows],
+            None if self.clean_images is None else [self.clean_images[i] for i in rows],
+            None if self.clean_rows is None else [r[rows] for r in self.clean_rows],
+            None if batch is None else EncodedBatch(batch.input_ids[rows],
+                                                    batch.attention_mask[rows],
+                                                    batch.labels[rows], batch.roles[rows]))
+
+
+Profiles = list[MemberReference]  # one per member
 
 
 class LVLMSurrogate(Surrogate):
@@ -42,9 +78,19 @@ class LVLMSurrogate(Surrogate):
 
     def __init__(self, names: Sequence[str], device: str = "cpu", seed: int = 0,
                  lr: float = 1e-4, pretrained: str | None = None, trainable: bool = False,
-                 binding: str = "none", binding_weight: float = 0.0):
+                 binding: str = "none", binding_weight: float = 0.0,
+                 binding_layers: int = 2, perturbation_share: float = 0.25,
+                 objective: str = "min"):
         if binding not in BINDINGS:
             raise MMGuardError(f"--binding {binding!r}: choose {', '.join(BINDINGS)}")
+        if objective not in OBJECTIVES:
+            raise MMGuardError(f"--objective {objective!r}: choose {', '.join(OBJECTIVES)}")
+        if binding_layers < 1 or not 0 < perturbation_share <= 1:
+            raise MMGuardError("--binding-layers must be at least 1 and --perturbation-share "
+                               "in (0, 1]")
+        self.binding_layers, self.perturbation_share = binding_layers, perturbation_share
+        # -Max (Eq 32): the training loss is maximised while the binding loss is minimised.
+        self.train_sign = -1.0 if objective == "max" else 1.0
         if pretrained:
             raise MMGuardError("--surrogate-pretrained applies to contrastive surrogates; an "
                                "LVLM starts from its registry checkpoint")
@@ -115,36 +161,57 @@ class LVLMSurrogate(Surrogate):
     # -- losses ------------------------------------------------------------------------
     @torch.no_grad()
     def reference(self, clean: Images, texts: Sequence[TextItem]) -> Profiles:
-        """Per member, the answer-attention profile on the clean input (CRS's reference)."""
-        if self.binding != "crs" or not self.uses_attention:
-            return [None] * len(self.members)
+        """Per member, what the binding loss needs from the clean input: the answer's
+        attention there (CRS) or the clean images (the exact BPH's ρ)."""
+        if not self.uses_attention or self.binding == "bph":
+            return self._profiles(None)
+        if self.binding == "bph-exact":
+            return [MemberReference(clean_images=list(clean)) for _ in self.members]
         plain = [TextExample(item.text, item.response, None, item.position) for item in texts]
-        profiles = []
+        references = []
         for member in self.members:
             pixels = member.pixel_inputs(clean)
             batch = member.encode(plain, pixels)
-            output = member.forward(batch, pixels, output_attentions=True)
-            profiles.append(routing_profile(output.attention, batch.to(member.device)))
-        return profiles
+            if self.binding == "crs":
+                output = member.forward(batch, pixels, output_attentions=True)
+                references.append(MemberReference(
+                    profile=routing_profile(output.attention, batch.to(member.device))))
+            else:
+                output = member.forward(batch, pixels, output_attentions=True,
+                                        attention_layers=self.binding_layers)
+                batch = batch.to(member.device)
+                references.append(MemberReference(
+                    clean_rows=answer_rows(output.layer_attentions, batch), clean_batch=batch))
+        return references
 
     def _profiles(self, reference: Profiles | None) -> Profiles:
-        return [None] * len(self.members) if reference is None else reference
+        return [MemberReference() for _ in self.members] if reference is None else reference
 
     def member_loss(self, index: int, images: Images, examples: Sequence[TextExample],
-                    profile: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+                    reference: MemberReference) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) loss of one member, and its parts (detached means) for the log."""
         member = self.members[index]
         pixels = member.pixel_inputs(images)
         batch = member.encode(examples, pixels)
-        output = member.forward(batch, pixels, output_attentions=self.uses_attention)
-        value = output.loss
+        exact = self.binding in EXACT_BINDINGS
+        output = member.forward(batch, pixels, output_attentions=self.uses_attention,
+                                attention_layers=self.binding_layers if exact else None)
+        value = self.train_sign * output.loss
         parts = {"train_loss": float(output.loss.detach().mean())}
         if self.uses_attention:
             batch = batch.to(member.device)
             if self.binding == "bph":
                 binding = bph_loss(output.attention, batch)
+            elif self.binding == "crs":
+                binding = crs_loss(output.attention, batch, reference.profile)
+            elif self.binding == "bph-exact":
+                change = member.image_token_change(member.pixel_inputs(reference.clean_images),
+                                                   pixels)
+                omega = perturbation_tokens(change, batch.roles, self.perturbation_share)
+                binding = bph_exact_loss(output.layer_attentions, batch, omega)
             else:
-                binding = crs_loss(output.attention, batch, profile)
+                aligned = align_to_protected(reference.clean_rows, reference.clean_batch, batch)
+                binding = crs_kl_loss(output.layer_attentions, batch, aligned)
             value = value + self.binding_weight * binding
             parts["binding_loss"] = float(binding.detach().mean())
         return value, parts
@@ -241,7 +308,7 @@ class LVLMTriggerSearch:
         for start in range(0, len(valid), SCORE_CHUNK):
             chunk = valid[start:start + SCORE_CHUNK]
             owners = [row for _, row, _ in chunk]
-            profiles = [None if p is None else p[owners] for p in self.profiles]
+            profiles = [reference.select(owners) for reference in self.profiles]
             with torch.no_grad():
                 values, _ = surrogate.per_item_loss([self.images[o] for o in owners],
                                                     [e for _, _, e in chunk], profiles)
