@@ -194,10 +194,30 @@ def test_mmguard_protects_with_the_exact_losses_and_max_objective(tmp_path, bind
 
     method = create_method("mmguard", "triples", surrogates=("lvlm-test",), rounds=1,
                            pgd_steps=2, top_k=3, batch_size=4, binding=binding,
-                           binding_layers=1, objective="max")
+                           binding_layers=1, objective="max", inner_steps=1)
     protect_dataset(load_builtin("digits", "train", "triples"), method, tmp_path / "out",
                     limit=4, progress=False)
     record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
     assert record["config"]["binding"] == binding and record["config"]["objective"] == "max"
+    assert record["config"]["inner_steps"] == 1
     assert "binding_loss" in record["optimisation"]["rounds"][0]
     assert max(item["linf_levels"] for item in record["items"]) <= 8
+
+
+def test_inner_lora_adaptation_changes_the_loss_and_is_discarded_each_round(real_images):
+    torch.manual_seed(0)
+    surrogate = LVLMSurrogate(["lvlm-test"], binding="none", inner_steps=3, inner_lr=1e-2)
+    texts = _texts(surrogate)
+    with torch.no_grad():
+        before = surrogate.measure(real_images, texts)["train_loss"]
+    assert len(surrogate.inner[0][0]) > 0  # LoRA weights were injected
+    surrogate.adapt(real_images, texts)
+    with torch.no_grad():
+        adapted = surrogate.measure(real_images, texts)["train_loss"]
+    assert adapted < before  # it learnt the batch
+    surrogate.end_round()
+    with torch.no_grad():
+        reset = surrogate.measure(real_images, texts)["train_loss"]
+    assert abs(reset - before) < 1e-5  # and forgot it
+    # the projector-only bilevel state never carries the LoRA weights
+    assert surrogate.state()["projectors"] == []

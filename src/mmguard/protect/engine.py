@@ -269,6 +269,7 @@ class BilevelMethod(ProtectionMethod):
             batches += 1
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
+        self.surrogate.end_round()
         stats = self._noise_stats
         count = max(1, stats["count"])
         entry: dict[str, Any] = {"round": round_index + 1}
@@ -296,6 +297,7 @@ class BilevelMethod(ProtectionMethod):
         perturbed = [x + d for x, d in zip(originals, deltas, strict=True)]
         for _ in range(self.surrogate_steps):
             surrogate.train_step(perturbed, texts)
+        surrogate.adapt(perturbed, texts)
         reference = surrogate.reference(originals, texts)
         changed = 0
         with surrogate.perturbation_mode(self.batch_statistics):

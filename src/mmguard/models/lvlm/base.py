@@ -157,9 +157,11 @@ class LVLMAdapter(ABC):
         raise MMGuardError(f"{self.name} does not say which pixels its image tokens cover; "
                            "the exact BPH loss needs it")
 
-    def lora_target_modules(self) -> list[str]:
-        """Module names (peft `target_modules`) of the language model's projections."""
-        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    def lora_target_modules(self, include_mlp: bool = False) -> list[str]:
+        """Module names (peft `target_modules`) of the language model's attention
+        projections, and with `include_mlp` its MLP projections too."""
+        names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return names + ["gate_proj", "up_proj", "down_proj"] if include_mlp else names
 
     # -- shared ---------------------------------------------------------------
     @property

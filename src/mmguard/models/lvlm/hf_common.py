@@ -229,10 +229,10 @@ class HFAdapter(LVLMAdapter):
         raise MMGuardError(f"{self.name} supports the projector, lora and full recipes, "
                            f"not {recipe!r}")
 
-    def lora_target_modules(self) -> list[str]:
-        """Full names of the language model's attention projections, so that peft leaves the
+    def lora_target_modules(self, include_mlp: bool = False) -> list[str]:
+        """Full names of the language model's projections, so that peft leaves the
         vision encoder's identically named q/k/v projections alone."""
-        wanted = set(super().lora_target_modules())
+        wanted = set(super().lora_target_modules(include_mlp))
         language = {id(m) for m in self.language_model().modules()}
         return [name for name, module in self.model.named_modules()
                 if id(module) in language and name.rsplit(".", 1)[-1] in wanted]

@@ -71,6 +71,11 @@ class MMGuardConfig(BilevelConfig, TriggerConfig):
                                        "whose pixels change most, that form the perturbation "
                                        "tokens (the paper's tau_delta; provisional default).",
                                        min=0.0, max=1.0)
+    inner_steps: int = option(0, "Inner adaptation: LoRA steps (rank 8, attention and MLP "
+                              "projections, batch 2) on the protected batch before each outer "
+                              "update, discarded after every round (the paper's Q; it uses 1; "
+                              "0 until our benchmark measures it).", min=0)
+    inner_lr: float = option(1e-4, "Learning rate of the inner LoRA steps.", min=0.0)
     objective: str = option("min", "min: minimise the training loss (error-minimising); max: "
                             "maximise it while minimising the binding loss (the paper's -Max).",
                             choices=OBJECTIVES)
@@ -114,7 +119,8 @@ class MMGuard(BilevelMethod):
         return {**super().surrogate_options(), "trainable": config.bilevel,
                 "binding": config.binding, "binding_weight": config.binding_weight,
                 "binding_layers": config.binding_layers,
-                "perturbation_share": config.perturbation_share, "objective": config.objective}
+                "perturbation_share": config.perturbation_share, "objective": config.objective,
+                "inner_steps": config.inner_steps, "inner_lr": config.inner_lr}
 
     # -- the engine's hooks ----------------------------------------------------------
     @property

@@ -88,6 +88,14 @@ class Surrogate(ABC):
         """What `train_step` updates (empty: the surrogate stays fixed)."""
         return []
 
+    def adapt(self, images: Images, texts: Sequence[TextItem]) -> float | None:
+        """Temporary adaptation to the protected batch before the outer updates (MMGuard's
+        inner LoRA steps), undone by `end_round`; returns its loss (None: no adaptation)."""
+        return None
+
+    def end_round(self) -> None:  # noqa: B027 - optional hook
+        """Discard what `adapt` learnt this round."""
+
     @abstractmethod
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to continue (trained weights, optimiser)."""

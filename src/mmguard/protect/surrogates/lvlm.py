@@ -24,6 +24,7 @@ from torch import nn
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TRIGGER, EncodedBatch, LVLMAdapter, TextExample
+from mmguard.models.lvlm.lora import inject_lora
 from mmguard.models.lvlm.registry import create_lvlm
 from mmguard.protect.binding import (
     align_to_protected,
@@ -43,6 +44,7 @@ from mmguard.protect.triggers import lvlm_trigger_vocabulary
 BINDINGS = ("bph", "crs", "none", "bph-exact", "crs-kl")
 EXACT_BINDINGS = ("bph-exact", "crs-kl")
 OBJECTIVES = ("min", "max")
+INNER_RANK, INNER_DROPOUT, INNER_BATCH = 8, 0.1, 2
 INITIAL_TRIGGER_WORD = " the"
 SCORE_CHUNK = 16  # candidate examples per no-grad forward
 REJECTED = float("inf")
@@ -80,7 +82,7 @@ class LVLMSurrogate(Surrogate):
                  lr: float = 1e-4, pretrained: str | None = None, trainable: bool = False,
                  binding: str = "none", binding_weight: float = 0.0,
                  binding_layers: int = 2, perturbation_share: float = 0.25,
-                 objective: str = "min"):
+                 objective: str = "min", inner_steps: int = 0, inner_lr: float = 1e-4):
         if binding not in BINDINGS:
             raise MMGuardError(f"--binding {binding!r}: choose {', '.join(BINDINGS)}")
         if objective not in OBJECTIVES:
@@ -107,6 +109,15 @@ class LVLMSurrogate(Surrogate):
                 for parameter in parameters:
                     parameter.requires_grad_(True)
                 self.optimizers.append(torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0))
+        # Inner adaptation (MMGuard section 5): LoRA rank 8, dropout 0.1, on the language
+        # model's attention and MLP projections, lr 1e-4, mini-batches of 2; reset every round.
+        self.inner_steps = inner_steps
+        self.inner: list[tuple[list[nn.Parameter], list[torch.Tensor], torch.optim.Optimizer]] = []
+        for member in self.members if inner_steps else []:
+            weights = inject_lora(member, rank=INNER_RANK, alpha=2 * INNER_RANK,
+                                  dropout=INNER_DROPOUT, include_mlp=True)
+            self.inner.append((weights, [w.detach().clone() for w in weights],
+                               torch.optim.AdamW(weights, lr=inner_lr, weight_decay=0.0)))
 
     @property
     def primary(self) -> LVLMAdapter:
@@ -141,14 +152,42 @@ class LVLMSurrogate(Surrogate):
             losses.append(loss.item())
         return sum(losses) / max(1, len(losses))
 
+    def adapt(self, images: Images, texts: Sequence[TextItem]) -> float | None:
+        """`inner_steps` LoRA steps on the protected batch, two examples at a time."""
+        if not self.inner_steps:
+            return None
+        examples, losses = self.examples(texts), []
+        for step in range(self.inner_steps):
+            rows = [(step * INNER_BATCH + i) % len(examples)
+                    for i in range(min(INNER_BATCH, len(examples)))]
+            for member, (_, _, optimizer) in zip(self.members, self.inner, strict=True):
+                member.model.train()
+                optimizer.zero_grad(set_to_none=True)
+                loss = member.loss([images[r].detach() for r in rows],
+                                   [examples[r] for r in rows]).loss.mean()
+                loss.backward()
+                optimizer.step()
+                member.model.eval()
+                losses.append(loss.item())
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def end_round(self) -> None:
+        for weights, initial, optimizer in self.inner:
+            for weight, start in zip(weights, initial, strict=True):
+                weight.copy_(start)
+            optimizer.state.clear()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for optimizer in self.optimizers for group in optimizer.param_groups
                 for p in group["params"]]
 
     def state(self) -> dict[str, Any]:
-        # Only what the inner steps train (the projectors), not the frozen towers.
+        # Only what the bilevel steps train (the projectors): not the frozen towers, nor
+        # the inner LoRA weights, which are reset every round anyway.
+        trained = {id(p) for p in self.trainable_parameters()}
         return {"projectors": [{name: p.detach().cpu() for name, p
-                                in member.model.named_parameters() if p.requires_grad}
+                                in member.model.named_parameters() if id(p) in trained}
                                for member in self.members] if self.optimizers else [],
                 "optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
 
