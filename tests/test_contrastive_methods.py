@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.stealth import linf_levels
@@ -166,3 +167,42 @@ def test_mem_protected_attacker_is_worse_than_clean_on_digits(tmp_path):
         model, _ = train_attacker(train, recipe)
         results[name] = evaluate_retrieval(model, test)["t2i"]["MedR"]
     assert results["protected"] > results["clean"], results
+
+
+def test_mem_reference_regime_random_triggers_and_round_start_training(tmp_path):
+    # trigger_rounds 0: the released triggers are the initial ones, random per image
+    _, _, record = protect("mem", tmp_path / "out", trigger_init="random", trigger_rounds=0,
+                           round_train_steps=3, train_steps=0, shuffle_every="step", rounds=1)
+    model = create_contrastive_model("rn-test")
+    written = captions(tmp_path / "out")
+    originals = [r.captions[0] for r in load_builtin("digits", "train").records[:LIMIT]]
+    triggers = [text[: -len(original) - 1] for text, original in
+                zip(written, originals, strict=True)]
+    assert len(set(triggers)) > LIMIT // 2
+    assert all(len(model.text_token_ids(t)) == 3 for t in triggers)
+    assert record["config"]["round_train_steps"] == 3
+    # the surrogate trained at the round's start although train_steps is 0
+    saved = torch.load(tmp_path / "out/.mmguard/work/surrogate.pt", weights_only=False)
+    torch.manual_seed(0)  # the surrogate's own initialisation seed
+    fresh = create_contrastive_model("rn-test").state_dict()
+    assert any(not torch.equal(saved["model"][k], v) for k, v in fresh.items()
+               if v.dtype.is_floating_point)
+
+
+def test_mem_step_shuffle_rescores_each_pgd_step_with_new_caption_pairs(tmp_path):
+    method = create_method("mem", "pairs", surrogates=("rn-test",), shuffle_every="step")
+    method.setup(tmp_path / "a")
+    from mmguard.protect.surrogates import TextItem
+
+    records = load_builtin("digits", "train").records[:6]
+    images = [to_float(load_image_uint8(r.image, r.where)) for r in records]
+    texts = [TextItem(r.captions[0], trigger=(1, 2, 3)) for r in records]
+    loss = method.noise_loss(texts, None, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = {round(float(loss(images)), 6) for _ in range(4)}
+    assert len(values) > 1  # a new shuffle at every call
+    fixed = create_method("mem", "pairs", surrogates=("rn-test",))
+    fixed.setup(tmp_path / "b")
+    fixed_loss = fixed.noise_loss(texts, None, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert len({round(float(fixed_loss(images)), 6) for _ in range(3)}) == 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -123,6 +123,12 @@ class BilevelMethod(ProtectionMethod):
         return getattr(self.config, "train_steps", 0)
 
     @property
+    def round_surrogate_steps(self) -> int:
+        """Surrogate steps on protected batches at the start of each round, after which
+        the surrogate stays fixed for the round (the MEM reference code's regime)."""
+        return 0
+
+    @property
     def pretrain_epochs(self) -> int:
         """Epochs of surrogate training on the clean data before the first round."""
         return 0
@@ -160,6 +166,12 @@ class BilevelMethod(ProtectionMethod):
         """The texts PGD scores the perturbed images with (default: their own)."""
         return texts
 
+    def noise_loss(self, texts: list[TextItem], reference: Any,
+                   generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """The loss PGD descends (or ascends) on this batch (default: the surrogate's
+        loss with `noise_texts`, fixed for all steps)."""
+        return self.surrogate.noise_loss(self.noise_texts(texts, generator), reference)
+
     def noise_key(self, item: ProtectionItem) -> str:
         """Items with one noise key share one perturbation."""
         return item.key
@@ -185,7 +197,15 @@ class BilevelMethod(ProtectionMethod):
         return int(torch.randint(len(item.texts), (1,), generator=generator))
 
     def _trigger_ids(self, item: ProtectionItem) -> list[int]:
-        return self.triggers.setdefault(self.trigger_key(item), list(self.start_trigger))
+        key = self.trigger_key(item)
+        if key not in self.triggers:
+            self.triggers[key] = self.initial_trigger(key)
+        return self.triggers[key]
+
+    def initial_trigger(self, key: str) -> list[int]:
+        """The trigger an item (or trigger group) starts from (default: the surrogate's
+        "the the the")."""
+        return list(self.start_trigger)
 
     # -- whole-dataset optimisation ------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -263,6 +283,8 @@ class BilevelMethod(ProtectionMethod):
         batches = changed = 0
         self._noise_stats = {"sum_abs": 0.0, "at_bound": 0, "count": 0}
         update_trigger = bool(self.trigger_len) and round_index < self.trigger_rounds
+        if self.round_surrogate_steps:
+            self._train_on_protected(data, round_index)
         for items in self._batches(data, round_index if self.shuffle_rounds else None):
             parts, count = self._optimise_batch(items, round_index, update_trigger)
             changed += count
@@ -306,7 +328,7 @@ class BilevelMethod(ProtectionMethod):
                 texts, changed = self._trigger_step(items, perturbed, texts, reference)
             # (3) noise, with the texts fixed
             if self.perturbs_image:
-                loss_fn = surrogate.noise_loss(self.noise_texts(texts, generator), reference)
+                loss_fn = self.noise_loss(texts, reference, generator)
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None)
@@ -321,6 +343,25 @@ class BilevelMethod(ProtectionMethod):
         parts = surrogate.measure([x + d for x, d in zip(originals, deltas, strict=True)],
                                   texts, reference)
         return parts, changed
+
+    def _train_on_protected(self, data: DatasetView, round_index: int) -> None:
+        """`round_surrogate_steps` steps on the current protected data, in batches of a
+        fresh seeded order (repeated if the data is shorter than the steps)."""
+        steps, epoch = 0, 0
+        while steps < self.round_surrogate_steps:
+            # Orders of their own, apart from the rounds' (seed * 1000 + round).
+            order_seed = 10_000_000 + 1000 * round_index + epoch
+            for items in self._batches(data, order_seed):
+                originals = [item.image.to(self.device) for item in items]
+                noises = [self._noise(item) for item in items]
+                deltas = _member_deltas(items, originals, noises, list(range(len(items))))
+                generator = item_generator(self.config.seed, f"train {order_seed} {items[0].key}")
+                self.surrogate.train_step([x + d for x, d in zip(originals, deltas, strict=True)],
+                                          self.texts(items, round_index, generator))
+                steps += 1
+                if steps == self.round_surrogate_steps:
+                    return
+            epoch += 1
 
     def _noise(self, item: ProtectionItem) -> torch.Tensor:
         """The noise `item` (or its group) carries so far, else its start."""

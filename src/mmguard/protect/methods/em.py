@@ -19,6 +19,10 @@ class EMConfig(BilevelConfig):
     surrogate_pretrained: str | None = option(None, "Pretrained weights for a contrastive "
                                               "surrogate (open_clip tag or checkpoint path).",
                                               type=str)
+    round_train_steps: int = option(0, "Surrogate steps on protected batches at the start of "
+                                    "each round, the surrogate then fixed for the round (the MEM "
+                                    "reference code: 200 at lr 1e-4, with --train-steps 0).",
+                                    min=0)
 
 
 class ErrorMinimizing(BilevelMethod):
@@ -32,7 +36,7 @@ class ErrorMinimizing(BilevelMethod):
     2024) reports that EM alone protects image-caption data only partly.
 
     Config (EMConfig): eps (8/255), step_size (1/255), pgd_steps (8),
-    train_steps (1), rounds (10), stop_loss (0.01), batch_size (16),
+    train_steps (1), round_train_steps (0), rounds (10), stop_loss (0.01), batch_size (16),
     surrogates (rn-tiny for pairs, smolvlm-lite for triples), surrogate_lr
     (1e-4; AdamW, weight decay 0.2 for contrastive surrogates), surrogate_bn
     ("running"), surrogate_pretrained (none).
@@ -53,6 +57,10 @@ class ErrorMinimizing(BilevelMethod):
         if self.family == "lvlm":
             options["trainable"] = self.config.train_steps > 0
         return options
+
+    @property
+    def round_surrogate_steps(self) -> int:
+        return self.config.round_train_steps
 
     @property
     def stop_loss(self) -> float | None:

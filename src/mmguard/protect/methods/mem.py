@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from mmguard.protect.base import option
 from mmguard.protect.engine import TriggerConfig, half_of
 from mmguard.protect.methods.em import EMConfig, ErrorMinimizing
+from mmguard.protect.seeding import item_generator
 from mmguard.protect.surrogates import TextItem
 
 
 @dataclass
 class MEMConfig(EMConfig, TriggerConfig):
-    """EM's options and the trigger's."""
+    """EM's options, the trigger's, and where MEM's reference code differs from the paper."""
+
+    shuffle_every: str = option("batch", "Shuffle the captions PGD scores each image with "
+                                "once per batch, or at every PGD step (the reference code).",
+                                choices=("batch", "step"))
+    trigger_init: str = option("the", "Start every trigger as 'the the the', or as random "
+                               "allowed tokens (the reference code).", choices=("the", "random"))
 
 
 class MultiStepErrorMinimizing(ErrorMinimizing):
@@ -31,7 +41,12 @@ class MultiStepErrorMinimizing(ErrorMinimizing):
 
     Config (MEMConfig): EM's options plus trigger_len (3; MEM-3 / MEM-5),
     top_k (16), beam_width (1), trigger_rounds (half of the rounds),
-    natural_triggers (False), trigger_vocab (whole vocabulary).
+    natural_triggers (False), trigger_vocab (whole vocabulary), shuffle_every
+    ("batch"), trigger_init ("the").
+
+    The authors' reference code (src/poison_train.py) differs from the paper;
+    its regime is `--round-train-steps 200 --train-steps 0 --surrogate-lr 1e-4
+    --shuffle-every step --trigger-init random --trigger-rounds R/4`.
 
     Example:
         mmguard protect --dataset emoji --method mem --trigger-len 5 --out out/
@@ -50,6 +65,24 @@ class MultiStepErrorMinimizing(ErrorMinimizing):
     def trigger_rounds(self) -> int:
         rounds = self.config.trigger_rounds
         return half_of(self.rounds) if rounds is None else rounds
+
+    def initial_trigger(self, key: str) -> list[int]:
+        if self.config.trigger_init == "the":
+            return super().initial_trigger(key)
+        generator = item_generator(self.config.seed, f"trigger {key}")
+        picks = torch.randint(len(self.allowed), (self.trigger_len,), generator=generator)
+        return self.allowed[picks].tolist()
+
+    def noise_loss(self, texts: list[TextItem], reference: Any,
+                   generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        if self.config.shuffle_every == "batch":
+            return super().noise_loss(texts, reference, generator)
+
+        def reshuffled(images: list[torch.Tensor]) -> torch.Tensor:
+            return self.surrogate.noise_loss(self.noise_texts(texts, generator),
+                                             reference)(images)
+
+        return reshuffled
 
     def noise_texts(self, texts: list[TextItem], generator: torch.Generator) -> list[TextItem]:
         """Captions shuffled within the batch, each image keeping its own trigger."""
