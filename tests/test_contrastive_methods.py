@@ -197,12 +197,12 @@ def test_mem_step_shuffle_rescores_each_pgd_step_with_new_caption_pairs(tmp_path
     records = load_builtin("digits", "train").records[:6]
     images = [to_float(load_image_uint8(r.image, r.where)) for r in records]
     texts = [TextItem(r.captions[0], trigger=(1, 2, 3)) for r in records]
-    loss = method.noise_loss(texts, None, torch.Generator().manual_seed(0))
+    loss = method.noise_loss([], texts, None, torch.Generator().manual_seed(0))
     with torch.no_grad():
         values = {round(float(loss(images)), 6) for _ in range(4)}
     assert len(values) > 1  # a new shuffle at every call
     fixed = create_method("mem", "pairs", surrogates=("rn-test",))
     fixed.setup(tmp_path / "b")
-    fixed_loss = fixed.noise_loss(texts, None, torch.Generator().manual_seed(0))
+    fixed_loss = fixed.noise_loss([], texts, None, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert len({round(float(fixed_loss(images)), 6) for _ in range(3)}) == 1

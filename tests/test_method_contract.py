@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.stealth import linf_levels
@@ -138,3 +138,31 @@ def test_shared_noise_on_images_of_different_sizes_names_the_item(tmp_path):
     with pytest.raises(MMGuardError, match=r"(small|large)\.png: one noise pattern is shared"):
         protect_dataset(read_dataset(root / "manifest.csv"), method, tmp_path / "out",
                         progress=False)
+
+
+@pytest.mark.parametrize("kind, surrogate", [("pairs", "rn-test"), ("triples", "lvlm-test")])
+def test_wrong_target_moves_features_to_the_permuted_group(tmp_path, kind, surrogate):
+    method = create_method("wrong-target", kind, surrogates=(surrogate,), pgd_steps=8,
+                           batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)
+    dataset = load_builtin("digits", "train", kind)
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    groups = record["optimisation"]["groups"]
+    assert groups == (3 if kind == "pairs" else len({r.response for r in dataset.records[:16]}))
+    # every group is sent to another one
+    assert all(method.target_of[k] != method.group_of[k] for k in method.group_of)
+    protected = read_dataset(tmp_path / "out" / "manifest.csv")
+    keys = list(method.group_of)
+
+    def share_at_target(images) -> float:
+        with torch.no_grad(), method.surrogate.perturbation_mode():
+            nearest = method._logits(method.surrogate.image_features(images)).argmax(dim=1)
+        return float((nearest == torch.tensor([method.target_of[k] for k in keys])).float()
+                     .mean())
+
+    clean = [to_float(load_image_uint8(r.image, "c")) for r in
+             [dataset.records[i] for i in [list(dataset.records_by_image())
+                                           .index(k) for k in keys]]]
+    saved = [to_float(read_png_uint8(tmp_path / "out" / r.image.key)) for r in
+             list({r.image.key: r for r in protected.records}.values())]
+    assert share_at_target(saved) > share_at_target(clean) + 0.2

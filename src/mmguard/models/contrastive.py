@@ -92,6 +92,11 @@ class ContrastiveModel(nn.Module, ABC):
     def trigger_offset(self) -> int:
         """Index of the first caption token (after the start token)."""
 
+    def image_tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, 3, S, S) -> (B, D) what the image tower hands its projection head:
+        what an attacker who freezes the tower trains on (default: the final features)."""
+        return self.encode_pixels(pixels)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

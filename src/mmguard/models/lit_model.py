@@ -59,9 +59,12 @@ class LitModel(HuggingFaceTokens, ContrastiveModel):
         self.preprocess = ImagePreprocess(image_size, LITE_MEAN, LITE_STD)
         self.context_length = context_length
 
+    def image_tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 1280) EfficientNet-Lite0's pooled features, before the trained head."""
+        return self.image_tower.extract_features(pixels).mean(dim=(2, 3))
+
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.image_tower.extract_features(pixels).mean(dim=(2, 3))
-        return F.normalize(self.image_head(features), dim=-1)
+        return F.normalize(self.image_head(self.image_tower_features(pixels)), dim=-1)
 
     def encode_text(self, ids: torch.Tensor,
                     replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:

@@ -98,12 +98,15 @@ class BilevelMethod(ProtectionMethod):
     Config: ClassVar[type[SurrogateConfig]] = BilevelConfig
     config: SurrogateConfig
     maximize: ClassVar[bool] = False  # ascend the loss (error-maximising) instead
+    # The surrogate used when none is named, by data kind (default: DEFAULT_SURROGATES).
+    default_surrogates: ClassVar[dict[str, tuple[str, ...]]] = {}
     shuffle_rounds: ClassVar[bool] = True  # a new batch order every round
 
     def __init__(self, config: MethodConfig | None = None, kind: str | None = None):
         super().__init__(config, kind)
         # Unknown or mismatched surrogate names fail here, before any output exists.
-        self.surrogate_names = tuple(self.config.surrogates) or DEFAULT_SURROGATES[self.kind]
+        self.surrogate_names = (tuple(self.config.surrogates)
+                                or {**DEFAULT_SURROGATES, **self.default_surrogates}[self.kind])
         self.family = surrogate_family(self.surrogate_names, self.kind)
         self.history: list[dict[str, Any]] = []
         self.pretrain_losses: list[float] = []
@@ -166,11 +169,20 @@ class BilevelMethod(ProtectionMethod):
         """The texts PGD scores the perturbed images with (default: their own)."""
         return texts
 
-    def noise_loss(self, texts: list[TextItem], reference: Any,
+    def noise_loss(self, items: list[ProtectionItem], texts: list[TextItem], reference: Any,
                    generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         """The loss PGD descends (or ascends) on this batch (default: the surrogate's
         loss with `noise_texts`, fixed for all steps)."""
         return self.surrogate.noise_loss(self.noise_texts(texts, generator), reference)
+
+    def measure(self, items: list[ProtectionItem], images: list[torch.Tensor],
+                texts: list[TextItem], reference: Any) -> dict[str, float]:
+        """What the run record logs per batch (means per round; default: the
+        surrogate's loss and its parts)."""
+        return self.surrogate.measure(images, texts, reference)
+
+    def before_rounds(self, data: DatasetView) -> None:  # noqa: B027 - optional hook
+        """Dataset-level work after the surrogate is built, before the first round."""
 
     def noise_key(self, item: ProtectionItem) -> str:
         """Items with one noise key share one perturbation."""
@@ -245,6 +257,7 @@ class BilevelMethod(ProtectionMethod):
                       for items in self._batches(data, epoch)]
             self.pretrain_losses.append(round(sum(losses) / max(1, len(losses)), 5))
             self._checkpoint(progress)
+        self.before_rounds(data)
         for round_index in range(progress["round"], self.rounds):
             last = self.history[-1] if self.history else None
             if last and self.stop_loss is not None and last["train_loss"] < self.stop_loss:
@@ -328,7 +341,7 @@ class BilevelMethod(ProtectionMethod):
                 texts, changed = self._trigger_step(items, perturbed, texts, reference)
             # (3) noise, with the texts fixed
             if self.perturbs_image:
-                loss_fn = self.noise_loss(texts, reference, generator)
+                loss_fn = self.noise_loss(items, texts, reference, generator)
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None)
@@ -340,8 +353,8 @@ class BilevelMethod(ProtectionMethod):
             self._noise_stats["sum_abs"] += float(delta.abs().sum())
             self._noise_stats["at_bound"] += int((delta.abs() >= bound).sum())
             self._noise_stats["count"] += delta.numel()
-        parts = surrogate.measure([x + d for x, d in zip(originals, deltas, strict=True)],
-                                  texts, reference)
+        parts = self.measure(items, [x + d for x, d in zip(originals, deltas, strict=True)],
+                             texts, reference)
         return parts, changed
 
     def _train_on_protected(self, data: DatasetView, round_index: int) -> None:

@@ -12,6 +12,7 @@ from mmguard.protect.methods.mem import MultiStepErrorMinimizing
 from mmguard.protect.methods.mmguard_binding import MMGuard
 from mmguard.protect.methods.random_noise import RandomNoise
 from mmguard.protect.methods.uap import ErrorMaximizing
+from mmguard.protect.methods.wrong_target import WrongTarget
 
 METHODS: dict[str, type[ProtectionMethod]] = {
     RandomNoise.name: RandomNoise,
@@ -19,6 +20,7 @@ METHODS: dict[str, type[ProtectionMethod]] = {
     ErrorMaximizing.name: ErrorMaximizing,
     MultiStepErrorMinimizing.name: MultiStepErrorMinimizing,
     MMGuard.name: MMGuard,
+    WrongTarget.name: WrongTarget,
 }
 
 

@@ -150,6 +150,11 @@ class LVLMAdapter(ABC):
             return [p for p in self.model.parameters()]
         raise MMGuardError(f"{self.name} does not support the {recipe!r} recipe")
 
+    def vision_features(self, pixels: PixelInputs) -> torch.Tensor:
+        """(B, D) the frozen vision tower's output for each image, flattened: what an
+        attacker who trains only the projector and the language model learns from."""
+        raise MMGuardError(f"{self.name} does not expose its vision features yet")
+
     def image_token_change(self, clean: PixelInputs,
                            protected: PixelInputs) -> list[torch.Tensor]:
         """Per image, (T,) the mean |change| of the processed pixels each image token

@@ -110,14 +110,21 @@ class EmbeddedLVLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised -> (B, tokens, hidden)."""
+    def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor,
+                                                                     torch.Tensor | None]:
+        """(B, 3, S, S) normalised -> the frozen tower's grid features (B, grid², width)
+        and, with a global token, its pooled final features (B, 1280): the projector's input."""
         head, block = _efficientnet_features(self.vision, pixel_values, self.spec.feature_block)
         grid = F.adaptive_avg_pool2d(head if block is None else block, self.spec.grid)
-        tokens = self.projector(grid.flatten(2).transpose(1, 2))
-        if self.global_projector is not None:
-            pooled = self.global_projector(head.mean(dim=(2, 3)))[:, None]
-            tokens = torch.cat([tokens, pooled], dim=1)
+        pooled = head.mean(dim=(2, 3)) if self.global_projector is not None else None
+        return grid.flatten(2).transpose(1, 2), pooled
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, tokens, hidden)."""
+        grid, pooled = self.vision_features(pixel_values)
+        tokens = self.projector(grid)
+        if pooled is not None:
+            tokens = torch.cat([tokens, self.global_projector(pooled)[:, None]], dim=1)
         return tokens
 
     def tokens_per_image(self) -> int:
@@ -177,6 +184,11 @@ class EmbeddedAdapter(LVLMAdapter):
                    else image[None] for image in images]
         pixels = (torch.cat(resized).to(self.device) - LITE_MEAN) / LITE_STD
         return PixelInputs({"pixel_values": pixels}, [self.model.tokens_per_image()] * len(images))
+
+    def vision_features(self, pixels: PixelInputs) -> torch.Tensor:
+        grid, pooled = self.model.vision_features(pixels.tensors["pixel_values"])
+        flat = grid.flatten(1)
+        return flat if pooled is None else torch.cat([flat, pooled], dim=1)
 
     def token_regions(self) -> torch.Tensor:
         """(T, S, S) bool: the processed pixels each image token covers.

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mmguard.protect.base import option
+from mmguard.protect.base import ProtectionItem, option
 from mmguard.protect.engine import TriggerConfig, half_of
 from mmguard.protect.methods.em import EMConfig, ErrorMinimizing
 from mmguard.protect.seeding import item_generator
@@ -73,10 +73,10 @@ class MultiStepErrorMinimizing(ErrorMinimizing):
         picks = torch.randint(len(self.allowed), (self.trigger_len,), generator=generator)
         return self.allowed[picks].tolist()
 
-    def noise_loss(self, texts: list[TextItem], reference: Any,
+    def noise_loss(self, items: list[ProtectionItem], texts: list[TextItem], reference: Any,
                    generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         if self.config.shuffle_every == "batch":
-            return super().noise_loss(texts, reference, generator)
+            return super().noise_loss(items, texts, reference, generator)
 
         def reshuffled(images: list[torch.Tensor]) -> torch.Tensor:
             return self.surrogate.noise_loss(self.noise_texts(texts, generator),

@@ -124,6 +124,13 @@ class Surrogate(ABC):
                 reference: Any = None) -> dict[str, float]:
         """The batch's loss and its parts, for the run record; `train_loss` first."""
 
+    def image_features(self, images: Images) -> torch.Tensor:
+        """(B, D) what the surrogate's frozen image tower makes of each image
+        (differentiable): the representation wrong-target methods move."""
+        from mmguard.errors import MMGuardError
+
+        raise MMGuardError(f"{self.name} does not expose image features")
+
     # -- triggers ----------------------------------------------------------------
     @abstractmethod
     def trigger_search(self, images: Images, texts: Sequence[TextItem],

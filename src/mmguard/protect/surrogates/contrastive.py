@@ -118,6 +118,11 @@ class ContrastiveSurrogate(Surrogate):
 
         return loss
 
+    def image_features(self, images: Images) -> torch.Tensor:
+        model = self.model
+        return model.image_tower_features(model.preprocess([image.to(self.device)
+                                                            for image in images]))
+
     @torch.no_grad()
     def measure(self, images: Images, texts: Sequence[TextItem],
                 reference: Any = None) -> dict[str, float]:

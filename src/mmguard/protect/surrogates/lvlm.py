@@ -277,6 +277,11 @@ class LVLMSurrogate(Surrogate):
 
         return loss
 
+    def image_features(self, images: Images) -> torch.Tensor:
+        """Every member's vision features, side by side (on the primary's device)."""
+        return torch.cat([member.vision_features(member.pixel_inputs(images))
+                          .to(self.primary.device) for member in self.members], dim=1)
+
     @torch.no_grad()
     def measure(self, images: Images, texts: Sequence[TextItem],
                 reference: Profiles | None = None) -> dict[str, float]:
