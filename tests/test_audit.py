@@ -15,8 +15,8 @@ from skimage.metrics import structural_similarity
 
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8
+from mmguard.data.stealth import ssim
 from mmguard.evaluate.audit import _plus_trigger, audit_folder
-from mmguard.evaluate.stealth import ssim
 from tests.conftest import cli_env
 
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from mmguard.data.budget import levels, parse_eps, project_to_ball, quantize_within_budget
+from mmguard.data.stealth import linf_levels, psnr_db
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db
-from mmguard.protect.budget import levels, parse_eps, project_to_ball, quantize_within_budget
+from mmguard.protect.pgd import project_delta
 
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.0314", 0.0314), ("1", 1.0),
@@ -49,6 +50,27 @@ def test_projection_stays_in_ball_and_unit_range():
     original = torch.tensor([0.0, 0.5, 1.0])
     projected = project_to_ball(torch.tensor([-1.0, 0.9, 2.0]), original, 0.1)
     assert torch.allclose(projected, torch.tensor([0.0, 0.6, 1.0]))
+
+
+def test_pgd_delta_projection():
+    x = torch.tensor([0.0, 0.5, 1.0, 0.99, 0.01])
+    d = torch.tensor([-0.2, 0.2, 0.2, 0.02, -0.003])
+    out = project_delta(x, d, 0.05)
+    assert torch.allclose(out, torch.tensor([0.0, 0.05, 0.0, 0.01, -0.003]), atol=1e-7)
+
+
+@pytest.mark.parametrize("eps", [1 / 255, 8 / 255, 0.03, 16 / 255])
+def test_one_projection_is_bit_identical_to_clipping_the_delta(eps):
+    # PGD used to clip the delta, random noise the sum; released files depend on both
+    # forms giving the very same float32 bits.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 256, (3, 32, 32), generator=generator).float() / 255
+        d = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps * 3
+        clipped_delta = (x + d.clamp(-eps, eps)).clamp(0.0, 1.0) - x
+        assert torch.equal(project_delta(x, d, eps), clipped_delta)
+        assert torch.equal(project_to_ball(x + d, x, eps),
+                           (x + d.clamp(-eps, eps)).clamp(0.0, 1.0))
 
 
 def test_psnr_matches_hand_computation():

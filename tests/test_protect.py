@@ -15,8 +15,8 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import ImageRef
 from mmguard.data.sources import fingerprint, read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels
 from mmguard.protect.base import MethodSettings
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset

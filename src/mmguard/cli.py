@@ -12,13 +12,13 @@ import click
 from mmguard import __version__
 from mmguard.attack.contrastive import RECIPES
 from mmguard.attack.lvlm import LVLM_RECIPES
+from mmguard.data.budget import levels, parse_eps
 from mmguard.data.builtin import BUILTINS, SPLITS, load_builtin
 from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodSettings
-from mmguard.protect.budget import levels, parse_eps
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
 

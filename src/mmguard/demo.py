@@ -19,16 +19,16 @@ from pathlib import Path
 import click
 
 from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs
+from mmguard.data.budget import levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import ImageRef
 from mmguard.data.sources import fingerprint, read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.protocol import run_seeds
-from mmguard.evaluate.stealth import linf_levels
 from mmguard.protect.base import MethodSettings
-from mmguard.protect.budget import levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 

@@ -24,8 +24,8 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import Dataset
 from mmguard.data.sources import read_dataset
+from mmguard.data.stealth import linf_levels, psnr_db, ssim
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db, ssim
 from mmguard.protect.output import RUN_RECORD, mirror_manifest_name
 
 

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from mmguard import __version__
+from mmguard.data.budget import levels, quantize_within_budget
 from mmguard.data.images import read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.sources import mirror_manifest_name, write_mirror
+from mmguard.data.stealth import linf_levels, psnr_db
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db
-from mmguard.protect.budget import levels, quantize_within_budget
 from mmguard.protect.trigger_text import insert_trigger
 
 RUN_RECORD = "mmguard-run.json"

@@ -38,7 +38,13 @@ def levels(eps: float) -> int:
 
 
 def project_to_ball(perturbed: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1]."""
+    """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1].
+
+    The one L-infinity projection of the package: PGD projects its deltas as
+    `project_to_ball(original + delta, original, eps) - original`. Float
+    rounding is monotonic, so clipping the sum equals adding the clipped delta
+    bit for bit, and released files do not depend on which form a method uses.
+    """
     return torch.minimum(torch.maximum(perturbed, original - eps), original + eps).clamp(0.0, 1.0)
 
 
