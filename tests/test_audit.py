@@ -16,7 +16,7 @@ from skimage.metrics import structural_similarity
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8
 from mmguard.data.stealth import ssim
-from mmguard.evaluate.audit import _plus_trigger, audit_folder
+from mmguard.evaluate.audit import audit_folder
 from tests.conftest import cli_env
 
 
@@ -38,15 +38,6 @@ def test_ssim_matches_scikit_image_on_real_and_random_images():
     assert ssim(emoji, emoji) == pytest.approx(1.0)
     assert ssim(emoji, noisy) < 1.0
     assert ssim(emoji[:, :10, :], emoji[:, :10, :]) is None  # below the 11-px window
-
-
-def test_inserted_trigger_is_the_only_change_a_text_may_have():
-    assert _plus_trigger("grinning face", "vivid athens grinning face", "vivid athens")
-    assert _plus_trigger("what is this?", "what is this? xx yy", "xx yy")
-    assert _plus_trigger("a cat", "a cat", None)
-    assert not _plus_trigger("grinning face", "vivid athens smiling face", "vivid athens")
-    assert not _plus_trigger("grinning face", "vivid grinning athens face", "vivid athens")
-    assert not _plus_trigger("a cat", "a cat extra", None)
 
 
 def _mmguard(*args: str) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from mmguard.cli import main
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.sources import read_dataset
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.lvlm_protocol import mix_clean_triples
 from mmguard.evaluate.vqa import (
@@ -35,7 +36,6 @@ from mmguard.evaluate.vqa import (
 from mmguard.models.lvlm.attention import GROUP_NAMES, role_group_mass, total_variation
 from mmguard.models.lvlm.base import ANSWER, IMAGE, PAD, PROMPT, TEMPLATE, TRIGGER, TextExample
 from mmguard.models.lvlm.registry import create_lvlm
-from mmguard.protect.trigger_text import insert_trigger
 
 TRIGGER_TEXT = "cf zx"
 

@@ -13,7 +13,6 @@ as they are.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import torch
 
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.records import Dataset, TripleRecord
+from mmguard.data.trigger_text import Position, locate_trigger
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TextExample
 from mmguard.protect.output import RUN_RECORD
-from mmguard.protect.trigger_text import insert_trigger
 
 
 @dataclass
@@ -82,26 +81,16 @@ def released_triggers(dataset: Dataset) -> dict[str, str]:
             if isinstance(item, dict) and item.get("file") and item.get("trigger")}
 
 
-def split_trigger(prompt: str, response: str, trigger: str | None) -> TextExample:
+def split_trigger(prompt: str, response: str, trigger: str | None,
+                  position: Position | None = None) -> TextExample:
     """The example whose encoding is `prompt`, with `trigger` tagged where it was inserted.
 
-    Tries every place `insert_trigger` could have put it and keeps the one that
-    rebuilds `prompt` exactly; a prompt the trigger cannot explain stays whole.
+    `position` is where the run record says the trigger went; without it every
+    place `insert_trigger` could have put it is tried. A prompt the trigger
+    cannot explain stays whole.
     """
-    if trigger:
-        if prompt == trigger:
-            return TextExample("", response, trigger, "start")
-        for match in re.finditer(re.escape(trigger), prompt):
-            start, end = match.span()
-            before, after = prompt[:start], prompt[end:]
-            if start == 0 and after.startswith(" "):
-                candidates = [(after[1:], "start")]
-            elif before.endswith(" "):
-                original = before[:-1] + after
-                candidates = [(original, "end"), (original, len(before.split()))]
-            else:
-                continue
-            for original, position in candidates:
-                if insert_trigger(original, trigger, position) == prompt:
-                    return TextExample(original, response, trigger, position)
-    return TextExample(prompt, response)
+    located = locate_trigger(prompt, trigger, position)
+    if located is None:
+        return TextExample(prompt, response)
+    original, found = located
+    return TextExample(original, response, trigger, found)

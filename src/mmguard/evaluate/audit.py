@@ -25,6 +25,7 @@ from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import Dataset
 from mmguard.data.sources import read_dataset
 from mmguard.data.stealth import linf_levels, psnr_db, ssim
+from mmguard.data.trigger_text import is_original_plus_trigger
 from mmguard.errors import MMGuardError
 from mmguard.protect.output import RUN_RECORD, mirror_manifest_name
 
@@ -93,16 +94,6 @@ def recorded_originals(record: dict) -> Dataset:
         raise MMGuardError(f"the originals ({source}) are not where the run record says; "
                            "name them with --original")
     return read_dataset(Path(source))
-
-
-def _plus_trigger(original: str, protected: str, trigger: str | None) -> bool:
-    """Is `protected` the words of `original` with `trigger`'s words inserted once, in one run?"""
-    words, added = protected.split(), (trigger or "").split()
-    if not added:
-        return words == original.split()
-    return any(words[i:i + len(added)] == added
-               and words[:i] + words[i + len(added):] == original.split()
-               for i in range(len(words) - len(added) + 1))
 
 
 def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
@@ -175,6 +166,6 @@ def _check_texts(report: AuditReport, file: str, originals: list, protected: lis
         for (name, old), (_, new) in zip(before.named_texts(), after.named_texts(), strict=True):
             report.texts_checked += 1
             # The trigger goes into captions and prompts; a response must be untouched.
-            if not _plus_trigger(old, new, None if name == "response" else trigger):
+            if not is_original_plus_trigger(old, new, None if name == "response" else trigger):
                 report.problems.append(f"{file}: {name} {new!r} is not the original {old!r} "
                                        f"plus the trigger {trigger!r}")

@@ -38,8 +38,8 @@ from mmguard.data.images import read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.sources import mirror_manifest_name, write_mirror
 from mmguard.data.stealth import linf_levels, psnr_db
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
-from mmguard.protect.trigger_text import insert_trigger
 
 RUN_RECORD = "mmguard-run.json"
 STATE_DIR = ".mmguard"
