@@ -24,6 +24,7 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import ImageRef
+from mmguard.data.release import read_run_record
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
@@ -83,12 +84,10 @@ def run_demo(out: Path, limit: int | None = None) -> None:
 
 
 def _remeasure_budget(originals: Path, protected_dir: Path) -> int:
-    record = json.loads((protected_dir / "mmguard-run.json").read_text(encoding="utf-8"))
     worst = 0
-    for item in record["items"]:
-        original = load_image_uint8(ImageRef(item["key"], path=originals / item["key"]),
-                                    item["key"])
-        worst = max(worst, linf_levels(original, read_png_uint8(protected_dir / item["file"])))
+    for item in read_run_record(protected_dir).items:
+        original = load_image_uint8(ImageRef(item.key, path=originals / item.key), item.key)
+        worst = max(worst, linf_levels(original, read_png_uint8(protected_dir / item.file)))
     return worst
 
 

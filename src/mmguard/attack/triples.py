@@ -4,7 +4,7 @@ A protected folder's manifest already holds the prompts with their triggers
 inserted, and that text is what an attacker trains on. For measuring where
 attention goes, though, we want to know which tokens are the trigger. The
 run record `mmguard protect` writes beside the manifest names each image's
-trigger, so `load_triples` splits it back out of the prompt: the example then
+trigger and where it went, so `load_triples` splits it back out of the prompt: the example then
 encodes to the very same text and tokens, only with the trigger's tokens
 tagged TRIGGER instead of PROMPT. Without a run record the prompts are used
 as they are.
@@ -12,7 +12,6 @@ as they are.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import torch
 
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.records import Dataset, TripleRecord
+from mmguard.data.release import has_run_record, read_run_record
 from mmguard.data.trigger_text import Position, locate_trigger
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TextExample
-from mmguard.protect.output import RUN_RECORD
 
 
 @dataclass
@@ -59,26 +58,22 @@ def load_triples(dataset: Dataset, limit: int | None = None) -> TripleSet:
         records = [dataset.records[i] for i in indices]
         assert all(isinstance(r, TripleRecord) for r in records)
         images.append(to_float(load_image_uint8(records[0].image, records[0].where)))
-        turns.append([split_trigger(r.prompt, r.response, triggers.get(key)) for r in records])
+        trigger, position = triggers.get(key, (None, None))
+        turns.append([split_trigger(r.prompt, r.response, trigger, position) for r in records])
         keys.append(key)
     if not images:
         raise MMGuardError(f"{dataset.source} has no triples")
     return TripleSet(images, turns, keys)
 
 
-def released_triggers(dataset: Dataset) -> dict[str, str]:
-    """Image key in a protected folder's manifest -> the trigger put into its prompts."""
-    if dataset.root is None:
+def released_triggers(dataset: Dataset) -> dict[str, tuple[str, Position | None]]:
+    """Image key in a protected folder's manifest -> (trigger, position) put into its prompts.
+
+    Empty for data without a run record beside it (not a protected folder).
+    """
+    if dataset.root is None or not has_run_record(Path(dataset.root)):
         return {}
-    record_path = Path(dataset.root) / RUN_RECORD
-    if not record_path.exists():
-        return {}
-    try:
-        items = json.loads(record_path.read_text(encoding="utf-8")).get("items", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}
-    return {item["file"]: item["trigger"] for item in items
-            if isinstance(item, dict) and item.get("file") and item.get("trigger")}
+    return read_run_record(Path(dataset.root)).triggers_by_file()
 
 
 def split_trigger(prompt: str, response: str, trigger: str | None,

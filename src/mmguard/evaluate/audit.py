@@ -15,19 +15,18 @@ names every bad item; `AuditReport.ok` says whether there were any.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import Dataset
-from mmguard.data.sources import read_dataset
+from mmguard.data.release import RunRecord, read_run_record
+from mmguard.data.resolve import DatasetNotFound, resolve_dataset
+from mmguard.data.sources import mirror_manifest_name, read_dataset
 from mmguard.data.stealth import linf_levels, psnr_db, ssim
 from mmguard.data.trigger_text import is_original_plus_trigger
 from mmguard.errors import MMGuardError
-from mmguard.protect.output import RUN_RECORD, mirror_manifest_name
 
 
 @dataclass
@@ -68,43 +67,22 @@ class AuditReport:
             f"| problems | {len(self.problems)} |"])
 
 
-def read_run_record(folder: Path) -> dict:
-    path = folder / RUN_RECORD
-    if not path.exists():
-        raise MMGuardError(f"{folder} has no {RUN_RECORD}: it is not a folder written by "
-                           "`mmguard protect`")
+def recorded_originals(record: RunRecord) -> Dataset:
+    """The dataset the run record says was protected, read as the same kind of data."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MMGuardError(f"{path} is not readable JSON ({exc})") from None
-    missing = [k for k in ("input", "budgets", "items") if not isinstance(record, dict)
-               or k not in record]
-    if missing:
-        raise MMGuardError(f"{path} is not an mmguard run record (no {', '.join(missing)})")
-    return record
-
-
-def recorded_originals(record: dict) -> Dataset:
-    """The dataset the run record says was protected (a built-in split or a manifest path)."""
-    source, kind = record["input"]["source"], record["input"]["kind"]
-    if source.startswith("builtin:"):
-        name, _, split = source.removeprefix("builtin:").partition("/")
-        return load_builtin(name, split, kind)
-    if not Path(source).exists():
-        raise MMGuardError(f"the originals ({source}) are not where the run record says; "
-                           "name them with --original")
-    return read_dataset(Path(source))
+        return resolve_dataset(record.input.source, record.input.kind)
+    except DatasetNotFound:
+        raise MMGuardError(f"the originals ({record.input.source}) are not where the run record "
+                           "says; name them with --original") from None
 
 
 def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
     """Audit `folder` against `original` (a manifest or NAME:SPLIT; default: the run
     record's input, read as the same kind of data)."""
-    from mmguard.evaluate.protocol import resolve_dataset
-
     record = read_run_record(folder)
-    originals = (resolve_dataset(original, record["input"]["kind"]) if original
+    originals = (resolve_dataset(original, record.input.kind) if original
                  else recorded_originals(record))
-    report = AuditReport(str(folder), originals.source, record["budgets"]["eps_levels"])
+    report = AuditReport(str(folder), originals.source, record.budget.eps_levels)
     by_key = originals.records_by_image()
     manifest = folder / mirror_manifest_name(originals)
     if manifest.exists():
@@ -115,8 +93,8 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         protected_rows = {}
         report.problems.append(f"{manifest}: the protected manifest is missing")
     psnrs, ssims = [], []
-    for item in record.get("items", []):
-        key, file, trigger = item["key"], item["file"], item.get("trigger")
+    for item in record.items:
+        key, file, trigger = item.key, item.file, item.trigger
         if key not in by_key:
             report.problems.append(f"{file}: its original {key!r} is not in {originals.source}")
             continue

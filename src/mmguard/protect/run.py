@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from mmguard.data.images import check_image_file, load_image_uint8, to_float
 from mmguard.data.records import Dataset, ImageRef, Record, TripleRecord
+from mmguard.data.release import STATE_DIR, output_image_paths
 from mmguard.errors import BadItemError, MMGuardError
 from mmguard.protect.base import ProtectionItem, ProtectionMethod
-from mmguard.protect.output import STATE_DIR, ProtectedDatasetWriter, output_image_paths
+from mmguard.protect.output import ProtectedDatasetWriter
 
 MAX_TEXT_CHARS = 10_000
 _MAX_LISTED = 20
