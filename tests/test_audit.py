@@ -96,3 +96,33 @@ def test_audit_names_every_broken_item(protected, tmp_path):
     result = _mmguard("audit", str(broken))
     assert result.returncode == 1 and "not an mmguard run record (no input, budgets)" in \
         result.stderr
+
+
+def test_audit_checks_the_alpha_channel_of_transparent_images(photo_folder, tmp_path):
+    from mmguard.data.sources import fingerprint, read_dataset
+    from mmguard.protect.base import MethodSettings
+    from mmguard.protect.registry import create_method
+    from mmguard.protect.run import protect_dataset
+
+    dataset = read_dataset(photo_folder / "manifest.csv")
+    out = tmp_path / "out"
+    protect_dataset(dataset, create_method("random", MethodSettings(eps=8 / 255)), out,
+                    progress=False, input_fingerprint=fingerprint(dataset))
+    assert audit_folder(out).ok, audit_folder(out).problems
+    sticker = out / "images" / "b.png"  # the RGBA input
+    pixels = np.asarray(Image.open(sticker)).copy()
+    assert pixels.shape[-1] == 4
+    pixels[0, 0, 3] = (int(pixels[0, 0, 3]) + 1) % 256
+    Image.fromarray(pixels, mode="RGBA").save(sticker)
+    report = audit_folder(out)
+    assert report.problems == ["images/b.png: its alpha channel differs from the original's "
+                               "in 1 pixel(s)"]
+    Image.fromarray(pixels[..., :3], mode="RGB").save(sticker)
+    assert audit_folder(out).problems == ["images/b.png: has no alpha channel; the original's "
+                                          "transparency was lost"]
+    opaque = out / "images" / "a.png"
+    rgb = np.asarray(Image.open(opaque))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+                    mode="RGBA").save(opaque)
+    assert "images/a.png: has an alpha channel; the original is opaque" in \
+        audit_folder(out).problems

@@ -6,11 +6,13 @@
 Before publishing, a data owner wants to know what will actually go out. For
 every item the run record lists, this reads the saved PNG and the original
 image and checks that the file exists and decodes, has the original's size,
-and stays within the record's budget (L∞ in 8-bit levels); it measures PSNR
-and SSIM; and it checks that each text in the protected manifest is the
-original text with at most the recorded trigger inserted (no word changed or
-lost, responses untouched). Problems are collected, not raised, so one report
-names every bad item; `AuditReport.ok` says whether there were any.
+keeps the original's alpha channel byte for byte (or has none, for an opaque
+original), and stays within the record's budget (L∞ in 8-bit levels, on the
+colour channels); it measures PSNR and SSIM; and it checks that each text in
+the protected manifest is the original text with at most the recorded trigger
+inserted (no word changed or lost, responses untouched). Problems are
+collected, not raised, so one report names every bad item; `AuditReport.ok`
+says whether there were any.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mmguard.data.images import load_image_uint8, read_png_uint8
+import torch
+
+from mmguard.data.images import DecodedImage, load_image, read_png_uint8
 from mmguard.data.records import Dataset
 from mmguard.data.release import RunRecord, read_run_record
 from mmguard.data.resolve import DatasetNotFound, resolve_dataset
@@ -104,15 +108,20 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         _check_texts(report, file, [originals.records[i] for i in by_key[key]],
                      protected_rows.get(file, []), trigger)
         try:
-            original = load_image_uint8(first.image, first.where)
+            original = load_image(first.image, first.where)
             saved = read_png_uint8(folder / file)
         except (MMGuardError, OSError, ValueError) as exc:
             report.problems.append(f"{file}: cannot be read ({exc})")
             continue
-        if saved.shape != original.shape:
+        if saved.shape[1:] != original.rgb.shape[1:]:
             report.problems.append(f"{file}: size {tuple(saved.shape[1:])} differs from the "
-                                   f"original's {tuple(original.shape[1:])}")
+                                   f"original's {tuple(original.rgb.shape[1:])}")
             continue
+        if problem := _alpha_problem(original, saved):
+            report.problems.append(f"{file}: {problem}")
+            continue
+        # The budget holds on the colour channels, against the original's stored colour.
+        original, saved = original.colour, saved[:3]
         change = linf_levels(original, saved)
         report.max_linf_levels = max(report.max_linf_levels, change)
         if change > report.eps_levels:
@@ -129,6 +138,18 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
     if report.items == 0:
         report.problems.append(f"{folder}: the run record lists no finished items")
     return report
+
+
+def _alpha_problem(original: DecodedImage, saved: torch.Tensor) -> str | None:
+    """What is wrong with the saved file's transparency, if anything: it must be the original's."""
+    if original.alpha is None:
+        return "has an alpha channel; the original is opaque" if len(saved) == 4 else None
+    if len(saved) != 4:
+        return "has no alpha channel; the original's transparency was lost"
+    differing = int((saved[3] != original.alpha[0]).sum().item())
+    if differing:
+        return f"its alpha channel differs from the original's in {differing} pixel(s)"
+    return None
 
 
 def _check_texts(report: AuditReport, file: str, originals: list, protected: list,

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from mmguard import __version__
-from mmguard.data.budget import levels, quantize_within_budget
-from mmguard.data.images import read_png_uint8, write_png_temporary
+from mmguard.data.budget import levels, quantize_release
+from mmguard.data.images import DecodedImage, read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.release import (
     RUN_RECORD,
@@ -157,10 +157,10 @@ class ProtectedDatasetWriter:
     def is_finished(self, key: str) -> bool:
         return key in self.finished
 
-    def write_item(self, key: str, original_u8: torch.Tensor, protected: torch.Tensor,
+    def write_item(self, key: str, original: DecodedImage, protected: torch.Tensor,
                    trigger: str | None) -> ReleasedItem:
         eps = self.config["eps"]
-        image_u8 = quantize_within_budget(original_u8, protected, eps)
+        image_u8 = quantize_release(original, protected, eps)
         relative = self.output_paths[key]
         target = self.out_dir / relative
         # Order matters for --resume: check the temporary file, journal it, then
@@ -169,12 +169,18 @@ class ProtectedDatasetWriter:
         temporary = write_png_temporary(image_u8, target.parent)
         try:
             saved = read_png_uint8(temporary)
-            change = linf_levels(original_u8, saved)
-            if saved.shape != original_u8.shape or change > levels(eps):
-                raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps) "
-                                   "or size; this is a bug in mmguard, please report it")
-            item = ReleasedItem(key, relative, change, psnr_db(original_u8, saved), trigger,
-                                self.trigger_position if trigger else None)
+            stored = original.stored
+            # Measured on the colour channels, against the stored colour values.
+            change = linf_levels(original.colour, saved[:3]) \
+                if saved.shape == stored.shape else None
+            if change is None or change > levels(eps) or not torch.equal(saved[3:], stored[3:]):
+                raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps), "
+                                   "the size or the alpha channel; this is a bug in mmguard, "
+                                   "please report it")
+            item = ReleasedItem(key, relative, change, psnr_db(original.colour, saved[:3]),
+                                trigger,
+                                self.trigger_position if trigger else None,
+                                alpha=original.alpha is not None)
             self._append_journal({"status": "done", **item.to_json()})
             os.replace(temporary, target)
         except BaseException:
