@@ -108,27 +108,27 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         _check_texts(report, file, [originals.records[i] for i in by_key[key]],
                      protected_rows.get(file, []), trigger)
         try:
-            original = load_image(first.image, first.where)
+            decoded = load_image(first.image, first.where)
             saved = read_png_uint8(folder / file)
         except (MMGuardError, OSError, ValueError) as exc:
             report.problems.append(f"{file}: cannot be read ({exc})")
             continue
-        if saved.shape[1:] != original.rgb.shape[1:]:
+        if saved.shape[1:] != decoded.rgb.shape[1:]:
             report.problems.append(f"{file}: size {tuple(saved.shape[1:])} differs from the "
-                                   f"original's {tuple(original.rgb.shape[1:])}")
+                                   f"original's {tuple(decoded.rgb.shape[1:])}")
             continue
-        if problem := _alpha_problem(original, saved):
+        if problem := _alpha_problem(decoded, saved):
             report.problems.append(f"{file}: {problem}")
             continue
         # The budget holds on the colour channels, against the original's stored colour.
-        original, saved = original.colour, saved[:3]
-        change = linf_levels(original, saved)
+        before, after = decoded.colour, saved[:3]
+        change = linf_levels(before, after)
         report.max_linf_levels = max(report.max_linf_levels, change)
         if change > report.eps_levels:
             report.problems.append(f"{file}: changes a pixel by {change}/255, over the budget "
                                    f"of {report.eps_levels}/255")
-        psnrs.append(psnr_db(original, saved))
-        if (value := ssim(original, saved)) is not None:
+        psnrs.append(psnr_db(before, after))
+        if (value := ssim(before, after)) is not None:
             ssims.append(value)
     finite = [p for p in psnrs if p != float("inf")]
     if finite:

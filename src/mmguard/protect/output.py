@@ -34,7 +34,6 @@ from mmguard.data.budget import levels, quantize_release
 from mmguard.data.images import DecodedImage, read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
 from mmguard.data.release import (
-    RUN_RECORD,
     STATE_DIR,
     Budget,
     RecordedInput,
@@ -78,7 +77,7 @@ def check_output_folder(out_dir: Path, input_root: Path | None, resume: bool) ->
         raise MMGuardError(f"--out {out_dir} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return False
-    if (out / RUN_RECORD).exists() or (out / STATE_DIR / "journal.jsonl").exists():
+    if has_run_record(out) or (out / STATE_DIR / "journal.jsonl").exists():
         if resume:
             return True
         raise MMGuardError(f"--out {out_dir} holds an earlier mmguard run; add --resume to "
@@ -178,8 +177,7 @@ class ProtectedDatasetWriter:
                                    "the size or the alpha channel; this is a bug in mmguard, "
                                    "please report it")
             item = ReleasedItem(key, relative, change, psnr_db(original.colour, saved[:3]),
-                                trigger,
-                                self.trigger_position if trigger else None,
+                                trigger, self.trigger_position if trigger else None,
                                 alpha=original.alpha is not None)
             self._append_journal({"status": "done", **item.to_json()})
             os.replace(temporary, target)
