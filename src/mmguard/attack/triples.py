@@ -4,10 +4,10 @@ A protected folder's manifest already holds the prompts with their triggers
 inserted, and that text is what an attacker trains on. For measuring where
 attention goes, though, we want to know which tokens are the trigger. The
 run record `mmguard protect` writes beside the manifest names each image's
-trigger and where it went, so `load_triples` splits it back out of the prompt: the example then
-encodes to the very same text and tokens, only with the trigger's tokens
-tagged TRIGGER instead of PROMPT. Without a run record the prompts are used
-as they are.
+trigger and where it went, so `load_triples` splits it back out of the
+prompt: the example then encodes to the very same text and tokens, only with
+the trigger's tokens tagged TRIGGER instead of PROMPT. Without a run record
+the prompts are used as they are.
 """
 
 from __future__ import annotations
