@@ -18,7 +18,6 @@ the same ball, the MEM triggers alone (clean images), the MEM noise alone
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -70,24 +69,26 @@ def run_measured(command: list[str]) -> dict:
 
 def protected_folder(name: str, results: dict, limit: int | None = None) -> Path:
     """Protect emoji:train with a method once; reuse the folder afterwards."""
+    from mmguard.data.release import has_run_record, read_run_record
+
     out = WORK / (name if limit is None else f"{name}-{limit}")
     key = f"protect/{out.name}"
-    if key in results["rows"] and (out / "mmguard-run.json").exists():
+    if key in results["rows"] and has_run_record(out):
         return out
     command = [*MMGUARD, "protect", "--dataset", "emoji", "--split", "train", "--out", str(out),
                "--quiet", *PROTECTIONS[name.split("+")[0]]]
     if limit:
         command += ["--limit", str(limit)]
-    if (out / "mmguard-run.json").exists():
+    if has_run_record(out):
         command.append("--resume")
     measured = run_measured(command)
-    record = json.loads((out / "mmguard-run.json").read_text())
-    pairs = record["counts"]["finished"]
+    record = read_run_record(out)
+    pairs = len(record.items)
     results["rows"][key] = {**measured, "pairs": pairs,
                             "pairs_per_second": round(pairs / measured["seconds"], 2),
-                            "max_linf_levels": record["summary"]["max_linf_levels"],
-                            "mean_psnr_db": record["summary"]["mean_psnr_db"],
-                            "optimisation": record["optimisation"], "command": command}
+                            "max_linf_levels": record.max_linf_levels,
+                            "mean_psnr_db": record.mean_psnr_db,
+                            "optimisation": record.optimisation, "command": command}
     save_results(results)
     return out
 

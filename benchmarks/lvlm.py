@@ -24,7 +24,6 @@ prompts), and the zero-shot, random-guess and majority levels.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -109,8 +108,10 @@ class Bench:
             return self._protect(name, out)
 
     def _protect(self, name: str, out: Path) -> Path:
+        from mmguard.data.release import has_run_record, read_run_record
+
         key = f"protect/{name}"
-        if key in self.rows and (out / "mmguard-run.json").exists():
+        if key in self.rows and has_run_record(out):
             return out
         command = [*MMGUARD, "protect", "--dataset", DATA, "--split", "train", "--kind",
                    "triples", "--limit", str(self.train_size), "--out", str(out), "--quiet",
@@ -119,19 +120,19 @@ class Bench:
             command.append("--resume")  # a killed benchmark keeps its finished rounds
         print(f"protect {name}: {' '.join(command[2:])}", flush=True)
         measured = run_measured(command)
-        record = json.loads((out / "mmguard-run.json").read_text())
-        items = record["items"]
-        triggers = [item["trigger"] for item in items if item.get("trigger")]
-        psnrs = [item["psnr_db"] for item in items if item["psnr_db"] not in (None, "inf")]
+        record = read_run_record(out)
+        items = record.items
+        triggers = [item.trigger for item in items if item.trigger]
+        psnrs = [item.psnr_db for item in items if item.psnr_db != float("inf")]
         self.rows[key] = {
             **{k: v for k, v in measured.items() if k != "stdout"}, "images": len(items),
             "images_per_second": round(len(items) / measured["seconds"], 3),
-            "max_linf_levels": max(item["linf_levels"] for item in items),
+            "max_linf_levels": record.max_linf_levels,
             "mean_psnr_db": round(sum(psnrs) / len(psnrs), 2) if psnrs else None,
             "trigger_words": (round(sum(len(t.split()) for t in triggers) / len(triggers), 2)
                               if triggers else 0),
             "example_triggers": triggers[:5],
-            "optimisation": record.get("optimisation")}
+            "optimisation": record.optimisation}
         save_results(self.results)
         return out
 

@@ -32,6 +32,7 @@ from mmguard.attack.contrastive import (
     train_attacker,
 )
 from mmguard.data.builtin import load_builtin
+from mmguard.data.release import read_run_record
 from mmguard.data.sources import read_dataset
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
@@ -63,8 +64,8 @@ def protect(out: Path, settings: dict, limit: int | None) -> None:
     started = time.monotonic()
     method = create_method("mem", "pairs", **settings)
     protect_dataset(load_builtin("emoji", "train"), method, out, limit=limit, progress=False)
-    record = json.loads((out / "mmguard-run.json").read_text())
-    print(f"protect {time.monotonic() - started:.0f} s", json.dumps(record["optimisation"]))
+    optimisation = read_run_record(out).optimisation
+    print(f"protect {time.monotonic() - started:.0f} s", json.dumps(optimisation))
 
 
 def controls(out: Path, limit: int | None) -> None:

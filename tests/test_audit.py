@@ -15,8 +15,8 @@ from skimage.metrics import structural_similarity
 
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8
-from mmguard.evaluate.audit import _plus_trigger, audit_folder
-from mmguard.evaluate.stealth import ssim
+from mmguard.data.stealth import ssim
+from mmguard.evaluate.audit import audit_folder
 from tests.conftest import cli_env
 
 
@@ -38,15 +38,6 @@ def test_ssim_matches_scikit_image_on_real_and_random_images():
     assert ssim(emoji, emoji) == pytest.approx(1.0)
     assert ssim(emoji, noisy) < 1.0
     assert ssim(emoji[:, :10, :], emoji[:, :10, :]) is None  # below the 11-px window
-
-
-def test_inserted_trigger_is_the_only_change_a_text_may_have():
-    assert _plus_trigger("grinning face", "vivid athens grinning face", "vivid athens")
-    assert _plus_trigger("what is this?", "what is this? xx yy", "xx yy")
-    assert _plus_trigger("a cat", "a cat", None)
-    assert not _plus_trigger("grinning face", "vivid athens smiling face", "vivid athens")
-    assert not _plus_trigger("grinning face", "vivid grinning athens face", "vivid athens")
-    assert not _plus_trigger("a cat", "a cat extra", None)
 
 
 def _mmguard(*args: str) -> subprocess.CompletedProcess:
@@ -105,3 +96,32 @@ def test_audit_names_every_broken_item(protected, tmp_path):
     result = _mmguard("audit", str(broken))
     assert result.returncode == 1 and "not an mmguard run record (no input, budgets)" in \
         result.stderr
+
+
+def test_audit_checks_the_alpha_channel_of_transparent_images(photo_folder, tmp_path):
+    from mmguard.data.sources import fingerprint, read_dataset
+    from mmguard.protect.registry import create_method
+    from mmguard.protect.run import protect_dataset
+
+    dataset = read_dataset(photo_folder / "manifest.csv")
+    out = tmp_path / "out"
+    protect_dataset(dataset, create_method("random", eps=8 / 255), out,
+                    progress=False, input_fingerprint=fingerprint(dataset))
+    assert audit_folder(out).ok, audit_folder(out).problems
+    sticker = out / "images" / "b.png"  # the RGBA input
+    pixels = np.asarray(Image.open(sticker)).copy()
+    assert pixels.shape[-1] == 4
+    pixels[0, 0, 3] = (int(pixels[0, 0, 3]) + 1) % 256
+    Image.fromarray(pixels, mode="RGBA").save(sticker)
+    report = audit_folder(out)
+    assert report.problems == ["images/b.png: its alpha channel differs from the original's "
+                               "in 1 pixel(s)"]
+    Image.fromarray(pixels[..., :3], mode="RGB").save(sticker)
+    assert audit_folder(out).problems == ["images/b.png: has no alpha channel; the original's "
+                                          "transparency was lost"]
+    opaque = out / "images" / "a.png"
+    rgb = np.asarray(Image.open(opaque))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+                    mode="RGBA").save(opaque)
+    assert "images/a.png: has an alpha channel; the original is opaque" in \
+        audit_folder(out).problems

@@ -1,9 +1,17 @@
 import pytest
 import torch
 
+from mmguard.data.budget import (
+    levels,
+    parse_eps,
+    project_to_ball,
+    quantize_release,
+    quantize_within_budget,
+)
+from mmguard.data.images import DecodedImage
+from mmguard.data.stealth import linf_levels, psnr_db
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db
-from mmguard.protect.budget import levels, parse_eps, project_to_ball, quantize_within_budget
+from mmguard.protect.pgd import project_delta
 
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.0314", 0.0314), ("1", 1.0),
@@ -51,9 +59,52 @@ def test_projection_stays_in_ball_and_unit_range():
     assert torch.allclose(projected, torch.tensor([0.0, 0.6, 1.0]))
 
 
+def test_pgd_delta_projection():
+    x = torch.tensor([0.0, 0.5, 1.0, 0.99, 0.01])
+    d = torch.tensor([-0.2, 0.2, 0.2, 0.02, -0.003])
+    out = project_delta(x, d, 0.05)
+    assert torch.allclose(out, torch.tensor([0.0, 0.05, 0.0, 0.01, -0.003]), atol=1e-7)
+
+
+@pytest.mark.parametrize("eps", [1 / 255, 8 / 255, 0.03, 16 / 255])
+def test_one_projection_is_bit_identical_to_clipping_the_delta(eps):
+    # PGD used to clip the delta, random noise the sum; released files depend on both
+    # forms giving the very same float32 bits.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 256, (3, 32, 32), generator=generator).float() / 255
+        d = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps * 3
+        clipped_delta = (x + d.clamp(-eps, eps)).clamp(0.0, 1.0) - x
+        assert torch.equal(project_delta(x, d, eps), clipped_delta)
+        assert torch.equal(project_to_ball(x + d, x, eps),
+                           (x + d.clamp(-eps, eps)).clamp(0.0, 1.0))
+
+
 def test_psnr_matches_hand_computation():
     a = torch.zeros(3, 2, 2, dtype=torch.uint8)
     b = a.clone()
     b[0, 0, 0] = 12  # mse = 144 / 12
     assert psnr_db(a, b) == pytest.approx(10 * torch.log10(torch.tensor(255.0**2 / 12)).item())
     assert psnr_db(a, a) == float("inf")
+
+
+def test_release_of_a_transparent_image_moves_only_its_colour_within_budget():
+    colour = torch.tensor([[[0, 100, 250, 40]], [[30, 0, 255, 7]], [[200, 9, 1, 128]]],
+                          dtype=torch.uint8)
+    alpha = torch.tensor([[[255, 0, 128, 3]]], dtype=torch.uint8)
+    rgb = torch.tensor([[[0, 255, 252, 251]], [[30, 255, 255, 250]], [[200, 255, 128, 253]]],
+                       dtype=torch.uint8)  # colour over white, as models see it
+    original = DecodedImage(rgb, colour, alpha)
+    change = torch.tensor([5.0, -20.0, 3.0, -2.6]).view(1, 1, 4).expand(3, 1, 4) / 255
+    released = quantize_release(original, rgb.double() / 255 + change, 8 / 255)
+    assert released.shape == (4, 1, 4)
+    assert torch.equal(released[3:], alpha)
+    moved = released[:3].int() - colour.int()
+    # +5 and -3 levels land on the stored colour (clipped to [0, 255]); -20 to the budget.
+    assert moved[:, 0, 0].tolist() == [5, 5, 5]
+    assert moved[:, 0, 1].tolist() == [-8, 0, -8]
+    assert moved[:, 0, 2].tolist() == [3, 0, 3]
+    assert moved[:, 0, 3].tolist() == [-3, -3, -3]
+    opaque = DecodedImage(rgb, rgb)
+    assert torch.equal(quantize_release(opaque, rgb.double() / 255 + change, 8 / 255),
+                       quantize_within_budget(rgb, rgb.double() / 255 + change, 8 / 255))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import ImageRef
-from mmguard.evaluate.stealth import linf_levels
+from mmguard.data.stealth import linf_levels
 from tests.conftest import cli_env
 
 MMGUARD = [sys.executable, "-m", "mmguard"]

@@ -11,8 +11,8 @@ import torch
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.sources import read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels
 from mmguard.models.registry import create_contrastive_model
 from mmguard.protect.engine import BilevelMethod
 from mmguard.protect.registry import create_method

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from mmguard.data.images import (
+    has_transparency,
+    load_image,
     load_image_uint8,
     open_pil,
     read_png_uint8,
@@ -384,3 +386,60 @@ def test_save_png_atomic_round_trip(tmp_path: Path):
     save_png_atomic(second, target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["protected.png"]
     assert torch.equal(read_png_uint8(target), second)
+
+
+# --- transparency kept as stored ------------------------------------------------------------
+
+
+def _transparent_files(folder: Path) -> dict[str, Path]:
+    """The ways an image can carry transparency: alpha channels, a palette entry, tRNS."""
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, size=(6, 7, 4), dtype=np.uint8)
+    rgba[0, :, 3] = 0  # fully transparent row, with colour values of its own
+    la = rng.integers(0, 256, size=(6, 7, 2), dtype=np.uint8)
+    la[0, 0, 1] = 0
+    palette = Image.new("P", (7, 6))
+    palette.putpalette([255, 0, 0, 0, 200, 0, 0, 0, 255] + [0, 0, 0] * 253)
+    for x in range(7):
+        for y in range(6):
+            palette.putpixel((x, y), (x + y) % 3)
+    keyed = Image.fromarray(rng.integers(0, 256, size=(6, 7), dtype=np.uint8), mode="L")
+    paths = {name: folder / f"{name}.png" for name in ("rgba", "la", "palette", "keyed")}
+    Image.fromarray(rgba, mode="RGBA").save(paths["rgba"])
+    Image.fromarray(la, mode="LA").save(paths["la"])
+    palette.save(paths["palette"], transparency=1)
+    keyed.save(paths["keyed"], transparency=int(np.asarray(keyed)[0, 0]))
+    return paths
+
+
+def test_load_image_keeps_stored_colour_and_alpha_beside_the_composited_rgb(tmp_path: Path):
+    for name, path in _transparent_files(tmp_path).items():
+        decoded = load_image(ImageRef(key=path.name, path=path), name)
+        with Image.open(path) as stored:
+            assert has_transparency(stored), name
+            rgba = np.asarray(stored.convert("RGBA"))
+        assert torch.equal(decoded.rgb, load(path)), name  # models see the same image
+        assert torch.equal(decoded.alpha[0], torch.from_numpy(rgba[..., 3].copy())), name
+        assert torch.equal(decoded.colour, torch.from_numpy(rgba[..., :3].copy())
+                           .permute(2, 0, 1)), name
+        assert tuple(decoded.stored.shape) == (4, 6, 7)
+        assert int(decoded.alpha.min()) == 0, name  # some pixel really is transparent
+
+
+def test_opaque_images_have_no_alpha(tmp_path: Path):
+    palette = Image.new("P", (4, 3))  # a palette without a transparent entry
+    path = tmp_path / "opaque.png"
+    palette.save(path)
+    decoded = load_image(ImageRef(key="opaque.png", path=path), "opaque")
+    assert decoded.alpha is None and decoded.colour is decoded.rgb
+    assert decoded.stored is decoded.rgb
+
+
+def test_rgba_png_round_trip_keeps_alpha(tmp_path: Path):
+    rng = np.random.default_rng(6)
+    image = torch.from_numpy(rng.integers(0, 256, size=(4, 5, 9), dtype=np.uint8))
+    target = tmp_path / "rgba.png"
+    save_png_atomic(image, target)
+    with Image.open(target) as written:
+        assert written.mode == "RGBA"
+    assert torch.equal(read_png_uint8(target), image)

@@ -20,7 +20,15 @@ from mmguard.attack.triples import TripleSet, load_triples, split_trigger
 from mmguard.cli import main
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
+from mmguard.data.release import (
+    Budget,
+    RecordedInput,
+    ReleasedItem,
+    RunRecord,
+    write_run_record,
+)
 from mmguard.data.sources import read_dataset
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.lvlm_protocol import mix_clean_triples
 from mmguard.evaluate.vqa import (
@@ -35,7 +43,6 @@ from mmguard.evaluate.vqa import (
 from mmguard.models.lvlm.attention import GROUP_NAMES, role_group_mass, total_variation
 from mmguard.models.lvlm.base import ANSWER, IMAGE, PAD, PROMPT, TEMPLATE, TRIGGER, TextExample
 from mmguard.models.lvlm.registry import create_lvlm
-from mmguard.protect.trigger_text import insert_trigger
 
 TRIGGER_TEXT = "cf zx"
 
@@ -237,7 +244,8 @@ def test_mix_clean_triples_swaps_images_and_prompts_back(tmp_path):
     protected_dataset, clean_dataset = read_dataset(protected_manifest), \
         read_dataset(clean_manifest)
     protected = load_triples(protected_dataset)
-    assert all(turns[0].trigger == TRIGGER_TEXT for turns in protected.turns)
+    assert all(turns[0].trigger == TRIGGER_TEXT and turns[0].trigger_position == "start"
+               for turns in protected.turns)
     everything = mix_clean_triples(protected, protected_dataset, clean_dataset, 1.0, seed=0)
     assert all(turns[0].trigger is None for turns in everything.turns)
     assert all(torch.equal(a, b) for a, b in
@@ -257,10 +265,11 @@ def _fake_protected(clean_dir: Path, out: Path) -> Path:
     for record in clean.records:
         lines.append(f"{record.image.key},{insert_trigger(record.prompt, TRIGGER_TEXT)},"
                      f"{record.response}")
-        items.append({"key": record.image.key, "file": record.image.key,
-                      "trigger": TRIGGER_TEXT})
+        items.append(ReleasedItem(record.image.key, record.image.key, 0, float("inf"),
+                                  TRIGGER_TEXT, "start"))
     (out / "manifest.csv").write_text("\n".join(lines) + "\n")
-    (out / "mmguard-run.json").write_text(json.dumps({"items": items}))
+    write_run_record(out, RunRecord(RecordedInput(str(clean_dir / "manifest.csv"), "csv",
+                                                  "triples"), Budget(8 / 255, 8), items))
     return out / "manifest.csv"
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.sources import read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels
 from mmguard.protect.base import ProtectionItem, option
 from mmguard.protect.engine import BilevelConfig, BilevelMethod
 from mmguard.protect.registry import METHODS, create_method, register_method

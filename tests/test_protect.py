@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from mmguard.data.budget import quantize_release, quantize_within_budget
 from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, read_png_uint8
+from mmguard.data.images import load_image, load_image_uint8, read_png_uint8, to_float
 from mmguard.data.records import ImageRef
 from mmguard.data.sources import fingerprint, read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels
+from mmguard.protect.base import ProtectionItem
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 from tests.conftest import write_manifest
@@ -40,17 +43,59 @@ def test_every_image_written_at_original_size_within_budget(photo_folder, tmp_pa
     summary = run(dataset, out, eps=0.03)  # 7.65 levels: rounding must not reach 8
     assert summary.finished == 6
     for ref in dataset.images():
-        original = load_image_uint8(ref, ref.key)
+        original = load_image(ref, ref.key)
         stem = ref.key.rsplit(".", 1)[0]
         saved = read_png_uint8(out / "images" / f"{stem}.png")
-        assert saved.shape == original.shape
-        assert 1 <= linf_levels(original, saved) <= 7
+        assert saved.shape == original.stored.shape
+        assert saved.shape[0] == (4 if ref.key == "b.png" else 3)  # b.png is RGBA
+        assert 1 <= linf_levels(original.colour, saved[:3]) <= 7
     record = json.loads((out / "mmguard-run.json").read_text())
     assert record["status"] == "complete"
     assert record["budgets"]["eps_levels"] == 7
     assert {i["key"] for i in record["items"]} == {r.key for r in dataset.images()}
     assert all(i["linf_levels"] <= 7 and i["psnr_db"] > 30 for i in record["items"])
     assert record["versions"]["torch"] and record["config"]["method"] == "random"
+
+
+def test_transparent_inputs_come_back_rgba_with_their_alpha_byte_identical(tmp_path):
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, size=(12, 10, 4), dtype=np.uint8)
+    rgba[:4, :, 3] = 255  # opaque rows, where composited and stored colour agree
+    rgba[4:6, :, 3] = 0  # transparent rows with colour values of their own
+    palette = Image.fromarray(rng.integers(0, 3, size=(9, 8), dtype=np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 200, 0, 0, 0, 255] + [0, 0, 0] * 253)
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.fromarray(rgba, mode="RGBA").save(root / "sticker.png")
+    palette.save(root / "palette.png", transparency=1)  # a tRNS chunk: index 1 transparent
+    Image.fromarray(rgba[..., :3], mode="RGB").save(root / "opaque.png")
+    dataset = read_dataset(write_manifest(root, [
+        {"image": name, "caption": f"picture {name}"}
+        for name in ("sticker.png", "palette.png", "opaque.png")]))
+    eps = 8 / 255
+    run(dataset, tmp_path / "out", eps=eps)
+    items = {i["key"]: i for i in json.loads((tmp_path / "out" / "mmguard-run.json")
+                                             .read_text())["items"]}
+    method = create_method("random", eps=eps, seed=0)
+    for ref in dataset.images():
+        path = tmp_path / "out" / "images" / ref.key
+        original = load_image(ref, ref.key)
+        with Image.open(path) as written, Image.open(ref.path) as stored:
+            assert written.mode == ("RGB" if ref.key == "opaque.png" else "RGBA")
+            if ref.key != "opaque.png":
+                assert np.array_equal(np.asarray(written)[..., 3],
+                                      np.asarray(stored.convert("RGBA"))[..., 3])
+        saved = read_png_uint8(path)
+        # The budget holds on the colour channels against the stored colour values.
+        assert 1 <= linf_levels(original.colour, saved[:3]) <= 8
+        assert items[ref.key].get("alpha", False) == (ref.key != "opaque.png")
+        # The method saw the image composited on white, exactly as before.
+        [result] = method.protect_batch([ProtectionItem(ref.key, to_float(original.rgb),
+                                                        ["x"])])
+        assert torch.equal(saved, quantize_release(original, result.image, eps))
+        opaque_rows = quantize_within_budget(original.rgb, result.image, eps)[:, :4]
+        if ref.key == "sticker.png":
+            assert torch.equal(saved[:3, :4], opaque_rows)
 
 
 def test_manifest_mirrors_input_rows_and_columns(photo_folder, tmp_path):

@@ -16,9 +16,9 @@ from mmguard.attack.text_filter import (
     strip_training_set,
 )
 from mmguard.attack.triples import TripleSet
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TextExample
-from mmguard.protect.trigger_text import insert_trigger
 from tests.conftest import cli_env
 
 QUESTION = "What kind of clothing is this?"

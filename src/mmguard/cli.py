@@ -13,13 +13,14 @@ import click
 from mmguard import __version__
 from mmguard.attack.contrastive import RECIPES
 from mmguard.attack.lvlm import LVLM_RECIPES
+from mmguard.data.budget import levels, parse_eps
 from mmguard.data.builtin import BUILTINS, SPLITS, load_builtin
 from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
-from mmguard.data.sources import fingerprint, read_dataset
+from mmguard.data.resolve import resolve_dataset
+from mmguard.data.sources import fingerprint
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodConfig
-from mmguard.protect.budget import levels, parse_eps
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
 
@@ -118,8 +119,8 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
     if (data is None) == (dataset_name is None):
         raise MMGuardError("give exactly one input: --data MANIFEST or --dataset NAME")
     if dataset_name is not None:
-        return load_builtin(dataset_name, split or "train", kind)
-    dataset = read_dataset(data, split)
+        return resolve_dataset(f"{dataset_name}:{split or 'train'}", kind)
+    dataset = resolve_dataset(data, kind, split)
     if kind != dataset.kind and kind != "auto":
         raise MMGuardError(f"{data} holds {dataset.kind}, not {kind}")
     return dataset
@@ -257,7 +258,7 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
     """
     from mmguard.attack.augment import parse_augment
     from mmguard.attack.text_filter import parse_min_texts
-    from mmguard.evaluate.protocol import attacker_family, resolve_dataset
+    from mmguard.evaluate.protocol import attacker_family
 
     seed_list = _parse_seeds(seeds)
     if attacker is None:
@@ -307,7 +308,6 @@ def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline
         markdown_table,
         mix_clean,
         require_kind,
-        resolve_dataset,
     )
 
     if recipe in LVLM_RECIPES:
@@ -348,7 +348,7 @@ def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train,
         lvlm_markdown_table,
         mix_clean_triples,
     )
-    from mmguard.evaluate.protocol import require_kind, resolve_dataset
+    from mmguard.evaluate.protocol import require_kind
 
     if recipe in RECIPES:
         raise MMGuardError(f"--recipe {recipe} is for contrastive attackers; {attacker} is an "

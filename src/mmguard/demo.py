@@ -19,15 +19,16 @@ from pathlib import Path
 import click
 
 from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs
+from mmguard.data.budget import levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.images import load_image_uint8, read_png_uint8
 from mmguard.data.records import ImageRef
+from mmguard.data.release import read_run_record
 from mmguard.data.sources import fingerprint, read_dataset
+from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.protocol import run_seeds
-from mmguard.evaluate.stealth import linf_levels
-from mmguard.protect.budget import levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 
@@ -82,12 +83,10 @@ def run_demo(out: Path, limit: int | None = None) -> None:
 
 
 def _remeasure_budget(originals: Path, protected_dir: Path) -> int:
-    record = json.loads((protected_dir / "mmguard-run.json").read_text(encoding="utf-8"))
     worst = 0
-    for item in record["items"]:
-        original = load_image_uint8(ImageRef(item["key"], path=originals / item["key"]),
-                                    item["key"])
-        worst = max(worst, linf_levels(original, read_png_uint8(protected_dir / item["file"])))
+    for item in read_run_record(protected_dir).items:
+        original = load_image_uint8(ImageRef(item.key, path=originals / item.key), item.key)
+        worst = max(worst, linf_levels(original, read_png_uint8(protected_dir / item.file)))
     return worst
 
 

@@ -21,13 +21,13 @@ import click
 
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker
 from mmguard.attack.triples import TripleSet, load_triples
+from mmguard.data.budget import levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.lvlm_protocol import AnswerEvaluation, evaluate_answers, run_lvlm_seeds
 from mmguard.evaluate.vqa import reference_levels
-from mmguard.protect.budget import levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 

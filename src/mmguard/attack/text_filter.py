@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
 
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
@@ -102,8 +103,6 @@ def strip_prompts(turns, min_texts: float):
     `turns` is a TripleSet's list of TextExample lists. The trigger tag is
     dropped: after stripping, the attacker sees (and we encode) plain prompts.
     """
-    from mmguard.protect.trigger_text import insert_trigger
-
     prompts = [insert_trigger(e.prompt, e.trigger, e.trigger_position)
                for group in turns for e in group]
     flat, report = strip_rare_words(prompts, min_texts)

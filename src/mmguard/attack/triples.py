@@ -4,16 +4,14 @@ A protected folder's manifest already holds the prompts with their triggers
 inserted, and that text is what an attacker trains on. For measuring where
 attention goes, though, we want to know which tokens are the trigger. The
 run record `mmguard protect` writes beside the manifest names each image's
-trigger, so `load_triples` splits it back out of the prompt: the example then
-encodes to the very same text and tokens, only with the trigger's tokens
-tagged TRIGGER instead of PROMPT. Without a run record the prompts are used
-as they are.
+trigger and where it went, so `load_triples` splits it back out of the
+prompt: the example then encodes to the very same text and tokens, only with
+the trigger's tokens tagged TRIGGER instead of PROMPT. Without a run record
+the prompts are used as they are.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +19,10 @@ import torch
 
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.records import Dataset, TripleRecord
+from mmguard.data.release import has_run_record, read_run_record
+from mmguard.data.trigger_text import Position, locate_trigger
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TextExample
-from mmguard.protect.output import RUN_RECORD
-from mmguard.protect.trigger_text import insert_trigger
 
 
 @dataclass
@@ -60,48 +58,34 @@ def load_triples(dataset: Dataset, limit: int | None = None) -> TripleSet:
         records = [dataset.records[i] for i in indices]
         assert all(isinstance(r, TripleRecord) for r in records)
         images.append(to_float(load_image_uint8(records[0].image, records[0].where)))
-        turns.append([split_trigger(r.prompt, r.response, triggers.get(key)) for r in records])
+        trigger, position = triggers.get(key, (None, None))
+        turns.append([split_trigger(r.prompt, r.response, trigger, position) for r in records])
         keys.append(key)
     if not images:
         raise MMGuardError(f"{dataset.source} has no triples")
     return TripleSet(images, turns, keys)
 
 
-def released_triggers(dataset: Dataset) -> dict[str, str]:
-    """Image key in a protected folder's manifest -> the trigger put into its prompts."""
-    if dataset.root is None:
+def released_triggers(dataset: Dataset) -> dict[str, tuple[str, Position | None]]:
+    """Image key in a protected folder's manifest -> (trigger, position) put into its prompts.
+
+    Empty for data without a run record beside it (not a protected folder).
+    """
+    if dataset.root is None or not has_run_record(Path(dataset.root)):
         return {}
-    record_path = Path(dataset.root) / RUN_RECORD
-    if not record_path.exists():
-        return {}
-    try:
-        items = json.loads(record_path.read_text(encoding="utf-8")).get("items", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}
-    return {item["file"]: item["trigger"] for item in items
-            if isinstance(item, dict) and item.get("file") and item.get("trigger")}
+    return read_run_record(Path(dataset.root)).triggers_by_file()
 
 
-def split_trigger(prompt: str, response: str, trigger: str | None) -> TextExample:
+def split_trigger(prompt: str, response: str, trigger: str | None,
+                  position: Position | None = None) -> TextExample:
     """The example whose encoding is `prompt`, with `trigger` tagged where it was inserted.
 
-    Tries every place `insert_trigger` could have put it and keeps the one that
-    rebuilds `prompt` exactly; a prompt the trigger cannot explain stays whole.
+    `position` is where the run record says the trigger went; without it every
+    place `insert_trigger` could have put it is tried. A prompt the trigger
+    cannot explain stays whole.
     """
-    if trigger:
-        if prompt == trigger:
-            return TextExample("", response, trigger, "start")
-        for match in re.finditer(re.escape(trigger), prompt):
-            start, end = match.span()
-            before, after = prompt[:start], prompt[end:]
-            if start == 0 and after.startswith(" "):
-                candidates = [(after[1:], "start")]
-            elif before.endswith(" "):
-                original = before[:-1] + after
-                candidates = [(original, "end"), (original, len(before.split()))]
-            else:
-                continue
-            for original, position in candidates:
-                if insert_trigger(original, trigger, position) == prompt:
-                    return TextExample(original, response, trigger, position)
-    return TextExample(prompt, response)
+    located = locate_trigger(prompt, trigger, position)
+    if located is None:
+        return TextExample(prompt, response)
+    original, found = located
+    return TextExample(original, response, trigger, found)

@@ -5,6 +5,10 @@ shows is what gets protected), grayscale and palette images become RGB,
 transparency is composited on white, CMYK is converted with Pillow's
 conversion. Nothing is resized: models resize inside their own differentiable
 preprocessing.
+
+That composited RGB image is what every model sees. An image with
+transparency is also kept as stored, colour and alpha (`load_image`), so a
+release can give the owner back a transparent image with its alpha untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,28 @@ from mmguard.data.records import ImageRef
 from mmguard.errors import BadItemError
 
 _WHITE = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_PNG_MODES = {3: "RGB", 4: "RGBA"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image as models see it and, for one with transparency, as it is stored.
+
+    `rgb` is RGB with transparency composited on white; `colour` holds the
+    stored, un-composited colour values (the same tensor as `rgb` for an
+    opaque image) and `alpha` the alpha channel (None for an opaque image).
+    All uint8, (3, H, W) and (1, H, W).
+    """
+
+    rgb: torch.Tensor
+    colour: torch.Tensor
+    alpha: torch.Tensor | None = None
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """What a release writes back: RGBA (4, H, W) with transparency, else RGB."""
+        return self.rgb if self.alpha is None else torch.cat([self.colour, self.alpha])
 
 
 def check_image_file(ref: ImageRef, item: str) -> None:
@@ -35,6 +62,12 @@ def check_image_file(ref: ImageRef, item: str) -> None:
         raise BadItemError(item, f"image path is not a file: {path}")
     if path.stat().st_size == 0:
         raise BadItemError(item, f"image file is empty (0 bytes): {path}")
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha channel, or palette entries / a PNG tRNS colour key marking pixels transparent."""
+    return image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB")
+                                          and "transparency" in image.info)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -88,8 +121,23 @@ def open_pil(ref: ImageRef, item: str) -> Image.Image:
 
 def load_image_uint8(ref: ImageRef, item: str) -> torch.Tensor:
     """The image as a uint8 tensor of shape (3, H, W), oriented and in RGB."""
-    image = to_rgb(open_pil(ref, item))
+    return _channels_first(to_rgb(open_pil(ref, item)))
+
+
+def load_image(ref: ImageRef, item: str) -> DecodedImage:
+    """The image as models see it, plus its stored colour and alpha if it has transparency."""
+    image = open_pil(ref, item)
+    rgb = _channels_first(to_rgb(image))
+    if not has_transparency(image):
+        return DecodedImage(rgb, rgb)
+    rgba = _channels_first(image.convert("RGBA"))
+    return DecodedImage(rgb, rgba[:3].contiguous(), rgba[3:].contiguous())
+
+
+def _channels_first(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -99,7 +147,7 @@ def to_float(image_u8: torch.Tensor) -> torch.Tensor:
 
 
 def write_png_temporary(image_u8: torch.Tensor, folder: Path) -> Path:
-    """Write a (3, H, W) uint8 tensor as a fsynced PNG with a temporary name in `folder`.
+    """Write a (3 or 4, H, W) uint8 tensor as a fsynced RGB or RGBA PNG, temporarily named.
 
     The caller renames it into place (`os.replace`), so a crash leaves at most
     a stray ``.tmp-*`` file, never a half image under the final name.
@@ -109,7 +157,7 @@ def write_png_temporary(image_u8: torch.Tensor, folder: Path) -> Path:
     handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     try:
         with os.fdopen(handle, "wb") as tmp:
-            Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
+            Image.fromarray(array, mode=_PNG_MODES[image_u8.shape[0]]).save(tmp, format="PNG")
             tmp.flush()
             os.fsync(tmp.fileno())
     except BaseException:
@@ -119,12 +167,12 @@ def write_png_temporary(image_u8: torch.Tensor, folder: Path) -> Path:
 
 
 def save_png_atomic(image_u8: torch.Tensor, path: Path) -> None:
-    """Write a (3, H, W) uint8 tensor as PNG so the file is either whole or absent."""
+    """Write a (3 or 4, H, W) uint8 tensor as PNG so the file is either whole or absent."""
     os.replace(write_png_temporary(image_u8, path.parent), path)
 
 
 def read_png_uint8(path: Path) -> torch.Tensor:
-    """Read back a PNG written by `save_png_atomic` as (3, H, W) uint8."""
+    """Read back a PNG written by `save_png_atomic`: (4, H, W) RGBA uint8 for a file
+    with transparency, (3, H, W) RGB otherwise."""
     with Image.open(path) as handle:
-        array = np.asarray(handle.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return _channels_first(handle.convert("RGBA" if has_transparency(handle) else "RGB"))

@@ -6,27 +6,31 @@
 Before publishing, a data owner wants to know what will actually go out. For
 every item the run record lists, this reads the saved PNG and the original
 image and checks that the file exists and decodes, has the original's size,
-and stays within the record's budget (L∞ in 8-bit levels); it measures PSNR
-and SSIM; and it checks that each text in the protected manifest is the
-original text with at most the recorded trigger inserted (no word changed or
-lost, responses untouched). Problems are collected, not raised, so one report
-names every bad item; `AuditReport.ok` says whether there were any.
+keeps the original's alpha channel byte for byte (or has none, for an opaque
+original), and stays within the record's budget (L∞ in 8-bit levels, on the
+colour channels); it measures PSNR and SSIM; and it checks that each text in
+the protected manifest is the original text with at most the recorded trigger
+inserted (no word changed or lost, responses untouched). Problems are
+collected, not raised, so one report names every bad item; `AuditReport.ok`
+says whether there were any.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, read_png_uint8
+import torch
+
+from mmguard.data.images import DecodedImage, load_image, read_png_uint8
 from mmguard.data.records import Dataset
-from mmguard.data.sources import read_dataset
+from mmguard.data.release import RunRecord, read_run_record
+from mmguard.data.resolve import DatasetNotFound, resolve_dataset
+from mmguard.data.sources import mirror_manifest_name, read_dataset
+from mmguard.data.stealth import linf_levels, psnr_db, ssim
+from mmguard.data.trigger_text import is_original_plus_trigger
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db, ssim
-from mmguard.protect.output import RUN_RECORD, mirror_manifest_name
 
 
 @dataclass
@@ -67,53 +71,22 @@ class AuditReport:
             f"| problems | {len(self.problems)} |"])
 
 
-def read_run_record(folder: Path) -> dict:
-    path = folder / RUN_RECORD
-    if not path.exists():
-        raise MMGuardError(f"{folder} has no {RUN_RECORD}: it is not a folder written by "
-                           "`mmguard protect`")
+def recorded_originals(record: RunRecord) -> Dataset:
+    """The dataset the run record says was protected, read as the same kind of data."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MMGuardError(f"{path} is not readable JSON ({exc})") from None
-    missing = [k for k in ("input", "budgets", "items") if not isinstance(record, dict)
-               or k not in record]
-    if missing:
-        raise MMGuardError(f"{path} is not an mmguard run record (no {', '.join(missing)})")
-    return record
-
-
-def recorded_originals(record: dict) -> Dataset:
-    """The dataset the run record says was protected (a built-in split or a manifest path)."""
-    source, kind = record["input"]["source"], record["input"]["kind"]
-    if source.startswith("builtin:"):
-        name, _, split = source.removeprefix("builtin:").partition("/")
-        return load_builtin(name, split, kind)
-    if not Path(source).exists():
-        raise MMGuardError(f"the originals ({source}) are not where the run record says; "
-                           "name them with --original")
-    return read_dataset(Path(source))
-
-
-def _plus_trigger(original: str, protected: str, trigger: str | None) -> bool:
-    """Is `protected` the words of `original` with `trigger`'s words inserted once, in one run?"""
-    words, added = protected.split(), (trigger or "").split()
-    if not added:
-        return words == original.split()
-    return any(words[i:i + len(added)] == added
-               and words[:i] + words[i + len(added):] == original.split()
-               for i in range(len(words) - len(added) + 1))
+        return resolve_dataset(record.input.source, record.input.kind)
+    except DatasetNotFound:
+        raise MMGuardError(f"the originals ({record.input.source}) are not where the run record "
+                           "says; name them with --original") from None
 
 
 def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
     """Audit `folder` against `original` (a manifest or NAME:SPLIT; default: the run
     record's input, read as the same kind of data)."""
-    from mmguard.evaluate.protocol import resolve_dataset
-
     record = read_run_record(folder)
-    originals = (resolve_dataset(original, record["input"]["kind"]) if original
+    originals = (resolve_dataset(original, record.input.kind) if original
                  else recorded_originals(record))
-    report = AuditReport(str(folder), originals.source, record["budgets"]["eps_levels"])
+    report = AuditReport(str(folder), originals.source, record.budget.eps_levels)
     by_key = originals.records_by_image()
     manifest = folder / mirror_manifest_name(originals)
     if manifest.exists():
@@ -124,8 +97,8 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         protected_rows = {}
         report.problems.append(f"{manifest}: the protected manifest is missing")
     psnrs, ssims = [], []
-    for item in record.get("items", []):
-        key, file, trigger = item["key"], item["file"], item.get("trigger")
+    for item in record.items:
+        key, file, trigger = item.key, item.file, item.trigger
         if key not in by_key:
             report.problems.append(f"{file}: its original {key!r} is not in {originals.source}")
             continue
@@ -135,22 +108,27 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         _check_texts(report, file, [originals.records[i] for i in by_key[key]],
                      protected_rows.get(file, []), trigger)
         try:
-            original = load_image_uint8(first.image, first.where)
+            decoded = load_image(first.image, first.where)
             saved = read_png_uint8(folder / file)
         except (MMGuardError, OSError, ValueError) as exc:
             report.problems.append(f"{file}: cannot be read ({exc})")
             continue
-        if saved.shape != original.shape:
+        if saved.shape[1:] != decoded.rgb.shape[1:]:
             report.problems.append(f"{file}: size {tuple(saved.shape[1:])} differs from the "
-                                   f"original's {tuple(original.shape[1:])}")
+                                   f"original's {tuple(decoded.rgb.shape[1:])}")
             continue
-        change = linf_levels(original, saved)
+        if problem := _alpha_problem(decoded, saved):
+            report.problems.append(f"{file}: {problem}")
+            continue
+        # The budget holds on the colour channels, against the original's stored colour.
+        before, after = decoded.colour, saved[:3]
+        change = linf_levels(before, after)
         report.max_linf_levels = max(report.max_linf_levels, change)
         if change > report.eps_levels:
             report.problems.append(f"{file}: changes a pixel by {change}/255, over the budget "
                                    f"of {report.eps_levels}/255")
-        psnrs.append(psnr_db(original, saved))
-        if (value := ssim(original, saved)) is not None:
+        psnrs.append(psnr_db(before, after))
+        if (value := ssim(before, after)) is not None:
             ssims.append(value)
     finite = [p for p in psnrs if p != float("inf")]
     if finite:
@@ -160,6 +138,18 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
     if report.items == 0:
         report.problems.append(f"{folder}: the run record lists no finished items")
     return report
+
+
+def _alpha_problem(original: DecodedImage, saved: torch.Tensor) -> str | None:
+    """What is wrong with the saved file's transparency, if anything: it must be the original's."""
+    if original.alpha is None:
+        return "has an alpha channel; the original is opaque" if len(saved) == 4 else None
+    if len(saved) != 4:
+        return "has no alpha channel; the original's transparency was lost"
+    differing = int((saved[3] != original.alpha[0]).sum().item())
+    if differing:
+        return f"its alpha channel differs from the original's in {differing} pixel(s)"
+    return None
 
 
 def _check_texts(report: AuditReport, file: str, originals: list, protected: list,
@@ -175,6 +165,6 @@ def _check_texts(report: AuditReport, file: str, originals: list, protected: lis
         for (name, old), (_, new) in zip(before.named_texts(), after.named_texts(), strict=True):
             report.texts_checked += 1
             # The trigger goes into captions and prompts; a response must be untouched.
-            if not _plus_trigger(old, new, None if name == "response" else trigger):
+            if not is_original_plus_trigger(old, new, None if name == "response" else trigger):
                 report.problems.append(f"{file}: {name} {new!r} is not the original {old!r} "
                                        f"plus the trigger {trigger!r}")

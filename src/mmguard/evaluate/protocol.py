@@ -6,8 +6,8 @@ Each training set is trained once per seed; retrieval on the clean test set
 is reported per seed and as mean and standard deviation, next to the random-
 guess level for that test set and, with a clean baseline, the degradation.
 
-The pieces both attacker families share live here too: naming data
-(`resolve_dataset`) and checking it fits the attacker, choosing which images
+The pieces both attacker families share live here too: checking that data
+(named through `mmguard.data.resolve`) fits the attacker, choosing which images
 go back to clean (`clean_swaps`), and the per-seed loop and its statistics;
 `lvlm_protocol.py` is the same protocol for LVLM attackers.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -28,29 +27,12 @@ from mmguard.attack.contrastive import (
     load_pairs,
     train_attacker,
 )
-from mmguard.data.builtin import BUILTINS, load_builtin
 from mmguard.data.records import Dataset, Kind
-from mmguard.data.sources import read_dataset
+from mmguard.data.release import output_image_paths
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.retrieval import degradation
-from mmguard.protect.output import output_image_paths
 
 METRICS = ("R@1", "R@5", "R@10", "MedR")
-
-
-def resolve_dataset(spec: str, kind: Kind = "pairs") -> Dataset:
-    """A manifest path, or NAME:SPLIT for a built-in dataset (e.g. emoji:test) read as `kind`.
-
-    A manifest says itself what it holds; check it with `require_kind`.
-    """
-    path = Path(spec)
-    if path.exists():
-        return read_dataset(path)
-    name, _, split = spec.partition(":")
-    if name in BUILTINS and split:
-        return load_builtin(name, split, kind)
-    raise MMGuardError(f"{spec!r} is neither an existing manifest nor NAME:SPLIT of a built-in "
-                       f"dataset ({', '.join(BUILTINS)})")
 
 
 def attacker_family(name: str) -> str:

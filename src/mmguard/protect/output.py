@@ -1,10 +1,8 @@
 """Writing a protected dataset: files, journal, manifest, run record, resume.
 
-Layout of an output folder:
+The folder's layout and the run record's format belong to
+`mmguard.data.release`; this module is the run's journal and lock around them:
 
-    OUT/images/<image key's folder>/<stem>.png   protected images, original size
-    OUT/<manifest name>                          mirror of the input manifest
-    OUT/mmguard-run.json                         run record (settings, versions, per item)
     OUT/.mmguard/journal.jsonl                   append-only log of finished items
     OUT/.mmguard/lock                            held while a run writes here
 
@@ -22,10 +20,9 @@ import fcntl
 import json
 import os
 import platform
-import posixpath
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,34 +30,28 @@ from typing import Any
 import torch
 
 from mmguard import __version__
-from mmguard.data.images import read_png_uint8, write_png_temporary
+from mmguard.data.budget import levels, quantize_release
+from mmguard.data.images import DecodedImage, read_png_uint8, write_png_temporary
 from mmguard.data.records import Dataset, Record
+from mmguard.data.release import (
+    STATE_DIR,
+    Budget,
+    RecordedInput,
+    ReleasedItem,
+    RunRecord,
+    has_run_record,
+    output_image_paths,
+    read_run_record,
+    write_run_record,
+)
 from mmguard.data.sources import mirror_manifest_name, write_mirror
+from mmguard.data.stealth import linf_levels, psnr_db
+from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.stealth import linf_levels, psnr_db
-from mmguard.protect.budget import levels, quantize_within_budget
-from mmguard.protect.trigger_text import insert_trigger
 
-RUN_RECORD = "mmguard-run.json"
-STATE_DIR = ".mmguard"
 FLUSH_SECONDS = 30.0
 # Settings that may differ between a run and its resumption.
 RESUMABLE_DIFFERENCES = frozenset({"limit", "skip_bad", "device"})
-
-
-def output_image_paths(dataset: Dataset) -> dict[str, str]:
-    """Image key -> protected file path relative to the output folder.
-
-    The folder all images share is dropped and the rest mirrored, with the
-    extension changed to .png: with every image under "img/", "img/a/x.jpg"
-    becomes "images/a/x.png". The shared folder is computed over the whole
-    dataset, so `--limit` never changes a file's name.
-    """
-    keys = list(dataset.records_by_image())
-    folders = [posixpath.dirname(key) for key in keys]
-    shared = posixpath.commonpath(folders) if keys and all(folders) else ""
-    cut = len(shared) + 1 if shared else 0
-    return {key: f"images/{posixpath.splitext(key[cut:])[0]}.png" for key in keys}
 
 
 def package_versions() -> dict[str, str]:
@@ -71,13 +62,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_output_folder(out_dir: Path, input_root: Path | None, resume: bool) -> bool:
@@ -93,27 +77,13 @@ def check_output_folder(out_dir: Path, input_root: Path | None, resume: bool) ->
         raise MMGuardError(f"--out {out_dir} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return False
-    if (out / RUN_RECORD).exists() or (out / STATE_DIR / "journal.jsonl").exists():
+    if has_run_record(out) or (out / STATE_DIR / "journal.jsonl").exists():
         if resume:
             return True
         raise MMGuardError(f"--out {out_dir} holds an earlier mmguard run; add --resume to "
                            "continue it, or choose a new folder")
     raise MMGuardError(f"--out {out_dir} is not empty and was not written by mmguard; choose a "
                        "new or empty folder")
-
-
-@dataclass
-class FinishedItem:
-    key: str
-    file: str  # relative to the output folder
-    linf_levels: int
-    psnr_db: float
-    trigger: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        psnr = None if self.psnr_db == float("inf") else round(self.psnr_db, 3)
-        return {"key": self.key, "file": self.file, "linf": self.linf_levels / 255.0,
-                "linf_levels": self.linf_levels, "psnr_db": psnr, "trigger": self.trigger}
 
 
 class ProtectedDatasetWriter:
@@ -130,7 +100,7 @@ class ProtectedDatasetWriter:
         self.resuming = check_output_folder(out_dir, dataset.root, resume)
         (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
         self._lock = self._acquire_lock()
-        self.finished: dict[str, FinishedItem] = {}
+        self.finished: dict[str, ReleasedItem] = {}
         self.skipped: dict[str, dict[str, str]] = {}
         self.history: list[dict[str, Any]] = []
         if self.resuming:
@@ -154,11 +124,10 @@ class ProtectedDatasetWriter:
         return handle
 
     def _load_previous(self) -> None:
-        record_path = self.out_dir / RUN_RECORD
-        if record_path.exists():
-            previous = json.loads(record_path.read_text(encoding="utf-8"))
-            self._check_same_config(previous.get("config", {}))
-            self.history = previous.get("history", [])
+        if has_run_record(self.out_dir):
+            previous = read_run_record(self.out_dir)
+            self._check_same_config(previous.config)
+            self.history = previous.history
         journal = self.out_dir / STATE_DIR / "journal.jsonl"
         if not journal.exists():
             return
@@ -168,10 +137,11 @@ class ProtectedDatasetWriter:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that item is simply redone
             if entry.get("status") == "done" and (self.out_dir / entry["file"]).exists():
-                psnr = entry["psnr_db"]
-                self.finished[entry["key"]] = FinishedItem(
-                    entry["key"], entry["file"], entry["linf_levels"],
-                    float("inf") if psnr is None else psnr, entry.get("trigger"))
+                item = ReleasedItem.from_json(entry)
+                if item.trigger and item.trigger_position is None:
+                    # Journals written before positions were recorded: the run's own.
+                    item = replace(item, trigger_position=self.trigger_position)
+                self.finished[item.key] = item
 
     def _check_same_config(self, previous: dict[str, Any]) -> None:
         keys = (set(previous) | set(self.config)) - RESUMABLE_DIFFERENCES
@@ -186,10 +156,10 @@ class ProtectedDatasetWriter:
     def is_finished(self, key: str) -> bool:
         return key in self.finished
 
-    def write_item(self, key: str, original_u8: torch.Tensor, protected: torch.Tensor,
-                   trigger: str | None) -> FinishedItem:
+    def write_item(self, key: str, original: DecodedImage, protected: torch.Tensor,
+                   trigger: str | None) -> ReleasedItem:
         eps = self.config["eps"]
-        image_u8 = quantize_within_budget(original_u8, protected, eps)
+        image_u8 = quantize_release(original, protected, eps)
         relative = self.output_paths[key]
         target = self.out_dir / relative
         # Order matters for --resume: check the temporary file, journal it, then
@@ -198,11 +168,17 @@ class ProtectedDatasetWriter:
         temporary = write_png_temporary(image_u8, target.parent)
         try:
             saved = read_png_uint8(temporary)
-            change = linf_levels(original_u8, saved)
-            if saved.shape != original_u8.shape or change > levels(eps):
-                raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps) "
-                                   "or size; this is a bug in mmguard, please report it")
-            item = FinishedItem(key, relative, change, psnr_db(original_u8, saved), trigger)
+            stored = original.stored
+            # Measured on the colour channels, against the stored colour values.
+            change = linf_levels(original.colour, saved[:3]) \
+                if saved.shape == stored.shape else None
+            if change is None or change > levels(eps) or not torch.equal(saved[3:], stored[3:]):
+                raise RuntimeError(f"{key}: saved file breaks the budget ({change}/255 > eps), "
+                                   "the size or the alpha channel; this is a bug in mmguard, "
+                                   "please report it")
+            item = ReleasedItem(key, relative, change, psnr_db(original.colour, saved[:3]),
+                                trigger, self.trigger_position if trigger else None,
+                                alpha=original.alpha is not None)
             self._append_journal({"status": "done", **item.to_json()})
             os.replace(temporary, target)
         except BaseException:
@@ -229,7 +205,7 @@ class ProtectedDatasetWriter:
             item = self.finished.get(record.image.key)
             if item is None:
                 continue
-            texts = tuple(insert_trigger(t, item.trigger, self.trigger_position)
+            texts = tuple(insert_trigger(t, item.trigger, item.trigger_position)
                           for t in record.texts())
             rows.append((record.with_texts(texts), item.file))
         return rows
@@ -238,32 +214,16 @@ class ProtectedDatasetWriter:
               optimisation: dict[str, Any] | None = None) -> None:
         write_mirror(self.out_dir / mirror_manifest_name(self.dataset), self.dataset,
                      self.manifest_rows())
-        finished = list(self.finished.values())
-        finite_psnr = [i.psnr_db for i in finished if i.psnr_db != float("inf")]
         self.history[-1].update({"updated": _now(), "status": status})
-        record = {
-            "mmguard_version": __version__,
-            "status": status,
-            "error": error,
-            "input": {"source": self.dataset.source, "format": self.dataset.fmt,
-                      "kind": self.dataset.kind},
-            "config": self.config,
-            "budgets": {"eps": self.config["eps"], "eps_levels": levels(self.config["eps"]),
-                        "trigger_len": self.config.get("trigger_len")},
-            "versions": package_versions(),
-            "platform": {"python": sys.version.split()[0], "machine": platform.machine()},
-            "history": self.history,
-            "counts": {"finished": len(finished), "skipped": len(self.skipped)},
-            "summary": {
-                "max_linf_levels": max((i.linf_levels for i in finished), default=0),
-                "mean_psnr_db": round(sum(finite_psnr) / len(finite_psnr), 3)
-                if finite_psnr else None,
-            },
-            "optimisation": optimisation or {},
-            "skipped": [{"key": k, **v} for k, v in self.skipped.items()],
-            "items": [i.to_json() for i in finished],
-        }
-        _write_json_atomic(self.out_dir / RUN_RECORD, record)
+        config = self.config
+        write_run_record(self.out_dir, RunRecord(
+            input=RecordedInput(self.dataset.source, self.dataset.fmt, self.dataset.kind),
+            budget=Budget(config["eps"], levels(config["eps"]), config.get("trigger_len")),
+            items=list(self.finished.values()), status=status, error=error,
+            mmguard_version=__version__, config=config, versions=package_versions(),
+            platform={"python": sys.version.split()[0], "machine": platform.machine()},
+            history=self.history, optimisation=optimisation or {},
+            skipped=[{"key": k, **v} for k, v in self.skipped.items()]))
         self._last_flush = time.monotonic()
 
     def close(self, status: str, error: str | None = None,

@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mmguard.data.budget import project_to_ball
 
-def project(original: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clip delta to [-eps, eps] and keep original + delta inside [0, 1]."""
-    delta = delta.clamp(-eps, eps)
-    return (original + delta).clamp(0.0, 1.0) - original
+
+def project_delta(original: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """`delta` moved into the eps-ball around `original`, keeping original + delta in [0, 1]."""
+    return project_to_ball(original + delta, original, eps) - original
 
 
 def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
@@ -37,7 +38,8 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
     """
     sign = 1.0 if maximize else -1.0
     if shared_by is None:
-        current = [project(x, d.detach(), eps) for x, d in zip(originals, deltas, strict=True)]
+        current = [project_delta(x, d.detach(), eps)
+                   for x, d in zip(originals, deltas, strict=True)]
     else:
         current = [d.detach().clamp(-eps, eps) for d in deltas]
     for _ in range(steps):
@@ -49,7 +51,7 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
                       for x, j in zip(originals, shared_by, strict=True)]
         grads = torch.autograd.grad(loss_fn(images), variables)
         if shared_by is None:
-            current = [project(x, d.detach() + sign * step_size * g.sign(), eps)
+            current = [project_delta(x, d.detach() + sign * step_size * g.sign(), eps)
                        for x, d, g in zip(originals, current, grads, strict=True)]
         else:
             current = [(d + sign * step_size * g.sign()).clamp(-eps, eps)
@@ -59,5 +61,5 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
 
 def random_start(originals: Sequence[torch.Tensor], eps: float,
                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    return [project(x, (torch.rand(x.shape, generator=generator) * 2 - 1) * eps, eps)
+    return [project_delta(x, (torch.rand(x.shape, generator=generator) * 2 - 1) * eps, eps)
             for x in originals]

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 from tqdm import tqdm
 
-from mmguard.data.images import check_image_file, load_image_uint8, to_float
+from mmguard.data.images import DecodedImage, check_image_file, load_image, to_float
 from mmguard.data.records import Dataset, ImageRef, Record, TripleRecord
+from mmguard.data.release import STATE_DIR, output_image_paths
 from mmguard.errors import BadItemError, MMGuardError
 from mmguard.protect.base import ProtectionItem, ProtectionMethod
-from mmguard.protect.output import STATE_DIR, ProtectedDatasetWriter, output_image_paths
+from mmguard.protect.output import ProtectedDatasetWriter
 
 MAX_TEXT_CHARS = 10_000
 _MAX_LISTED = 20
@@ -202,18 +202,20 @@ class _JobsView:
     def load(self, keys: Sequence[str]) -> list[ProtectionItem]:
         return [item for item, _ in self.load_with_originals(keys)]
 
-    def load_with_originals(self, keys: Sequence[str]) -> list[tuple[ProtectionItem, Tensor]]:
-        """Float items plus their uint8 originals; a bad image is skipped or stops the run."""
+    def load_with_originals(self, keys: Sequence[str]
+                            ) -> list[tuple[ProtectionItem, DecodedImage]]:
+        """Float items plus their decoded originals; a bad image is skipped or stops the run."""
         loaded = []
         for key in keys:
             job = self._jobs[key]
             try:
-                original = load_image_uint8(job.ref, job.where)
+                original = load_image(job.ref, job.where)
             except BadItemError as exc:
                 if not self._skip_bad:
                     raise
                 self._writer.skip_item(key, exc.item, exc.reason)
                 continue
-            loaded.append((ProtectionItem(key, to_float(original), job.texts, job.responses),
+            # Methods see the composited RGB image; the writer keeps any alpha.
+            loaded.append((ProtectionItem(key, to_float(original.rgb), job.texts, job.responses),
                            original))
         return loaded

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmguard.data.trigger_text import trigger_segments
 from mmguard.errors import MMGuardError
-from mmguard.protect.trigger_text import trigger_segments
 
 # Token roles. IMAGE marks the placeholder positions the image features fill.
 TEMPLATE, IMAGE, PROMPT, TRIGGER, ANSWER, PAD = range(6)
@@ -49,7 +49,7 @@ class TextExample:
     """One (prompt, response) with an optional trigger inserted into the prompt.
 
     `trigger_position` is "start", "end" or a word index, as in
-    `mmguard.protect.trigger_text.insert_trigger`; the released prompt is
+    `mmguard.data.trigger_text.insert_trigger`; the released prompt is
     exactly `insert_trigger(prompt, trigger, trigger_position)`.
     `response=None` encodes the prompt only, ready for generation.
     """

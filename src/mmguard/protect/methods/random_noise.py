@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mmguard.data.budget import project_to_ball
 from mmguard.protect.base import MethodConfig, ProtectedItem, ProtectionItem, ProtectionMethod
-from mmguard.protect.budget import project_to_ball
 from mmguard.protect.seeding import item_generator
 
 

@@ -5,6 +5,11 @@ Rounding could push a pixel one level past the budget (with eps = 0.03,
 255 * eps = 7.65, and a change of 7.7 levels rounds to 8). So the quantised
 change is clipped to the largest whole number of levels inside the budget,
 measured against the original's own 8-bit values.
+
+An image with transparency is protected as models see it (composited on
+white) and released as stored: the method's change goes onto the stored
+colour values, within the budget measured on them, and the alpha channel is
+written back untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from fractions import Fraction
 
 import torch
 
+from mmguard.data.images import DecodedImage
 from mmguard.errors import MMGuardError
 
 
@@ -38,7 +44,13 @@ def levels(eps: float) -> int:
 
 
 def project_to_ball(perturbed: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1]."""
+    """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1].
+
+    The one L-infinity projection of the package: PGD projects its deltas as
+    `project_to_ball(original + delta, original, eps) - original`. Float
+    rounding is monotonic, so clipping the sum equals adding the clipped delta
+    bit for bit, and released files do not depend on which form a method uses.
+    """
     return torch.minimum(torch.maximum(perturbed, original - eps), original + eps).clamp(0.0, 1.0)
 
 
@@ -53,3 +65,16 @@ def quantize_within_budget(original_u8: torch.Tensor, perturbed: torch.Tensor,
     rounded = torch.round(perturbed.detach().to(torch.float64) * 255.0).to(torch.int16)
     clipped = torch.clamp(rounded, min=base - k, max=base + k).clamp(0, 255)
     return clipped.to(torch.uint8)
+
+
+def quantize_release(original: DecodedImage, protected: torch.Tensor, eps: float) -> torch.Tensor:
+    """The uint8 image to release, shaped like `original.stored`.
+
+    `protected` is the method's output for `original.rgb`, a float image in [0, 1].
+    """
+    if original.alpha is None:
+        return quantize_within_budget(original.rgb, protected, eps)
+    change = protected.detach().to(torch.float64) - original.rgb.to(torch.float64) / 255.0
+    colour = quantize_within_budget(original.colour,
+                                    original.colour.to(torch.float64) / 255.0 + change, eps)
+    return torch.cat([colour, original.alpha])
