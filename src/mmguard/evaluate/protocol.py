@@ -21,18 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mmguard.attack.contrastive import (
-    AttackerRecipe,
-    ImageCaptionSet,
-    evaluate_retrieval,
-    load_pairs,
-    train_attacker,
-)
+from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
 from mmguard.data.builtin import BUILTINS, load_builtin
 from mmguard.data.records import Dataset, Kind
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.retrieval import degradation
+from mmguard.evaluate.retrieval import degradation, evaluate_retrieval
 from mmguard.protect.output import output_image_paths
 
 METRICS = ("R@1", "R@5", "R@10", "MedR")
