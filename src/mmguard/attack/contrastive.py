@@ -20,12 +20,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from mmguard.attack.augment import AugmentPipeline
 from mmguard.data.images import load_image_uint8, to_float
-from mmguard.data.records import Dataset, PairRecord
+from mmguard.data.records import Dataset, Kind, PairRecord
 from mmguard.errors import MMGuardError
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model, pretrained_by_construction
@@ -53,6 +54,7 @@ class AttackerRecipe:
 class ImageCaptionSet:
     """Decoded images (at stored size) with their captions, for training or testing."""
 
+    kind: ClassVar[Kind] = "pairs"
     images: list[torch.Tensor]
     captions: list[list[str]]
     keys: list[str] = field(default_factory=list)

@@ -16,11 +16,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from mmguard.data.images import load_image_uint8, to_float
-from mmguard.data.records import Dataset, TripleRecord
+from mmguard.data.records import Dataset, Kind, TripleRecord
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TextExample
 from mmguard.protect.output import RUN_RECORD
@@ -31,6 +32,7 @@ from mmguard.protect.trigger_text import insert_trigger
 class TripleSet:
     """Decoded images (stored size, [0, 1]) and, per image, its (prompt, response) examples."""
 
+    kind: ClassVar[Kind] = "triples"
     images: list[torch.Tensor]
     turns: list[list[TextExample]]
     keys: list[str] = field(default_factory=list)

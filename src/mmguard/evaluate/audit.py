@@ -51,6 +51,12 @@ class AuditReport:
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
+    def describe_problems(self, shown: int = 20) -> str:
+        """"N problem(s):" and the first `shown` of them, one per line."""
+        more = len(self.problems) - shown
+        return (f"{len(self.problems)} problem(s):\n  " + "\n  ".join(self.problems[:shown])
+                + (f"\n  ... and {more} more" if more > 0 else ""))
+
     def table(self) -> str:
         def cell(value, digits):
             return "n/a" if value is None else f"{value:.{digits}f}"
@@ -159,6 +165,15 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
         report.mean_ssim, report.min_ssim = statistics.mean(ssims), min(ssims)
     if report.items == 0:
         report.problems.append(f"{folder}: the run record lists no finished items")
+    return report
+
+
+def audit_or_raise(folder: Path) -> AuditReport:
+    """Audit `folder` against the originals its run record names; an error naming the
+    problems if there are any (for callers about to publish or use the folder)."""
+    report = audit_folder(folder)
+    if not report.ok:
+        raise MMGuardError(f"{folder} fails its audit: {report.describe_problems(10)}")
     return report
 
 
