@@ -314,15 +314,14 @@ def audit(folder, original, json_out):
 @main.command("models")
 def models_list():
     """List the surrogate/attacker models by name."""
-    from mmguard.models.lvlm.registry import lvlm_models
-    from mmguard.models.registry import CONTRASTIVE_MODELS
+    from mmguard.models.families import model_names
 
-    click.echo("Contrastive (CLIP-style; methods em, uap, mem; pairs):")
-    for name, description in CONTRASTIVE_MODELS.items():
-        click.echo(f"  {name:16s} {description}")
-    click.echo("Generative LVLMs (method mmguard; triples):")
-    for name, description in lvlm_models().items():
-        click.echo(f"  {name:16s} {description}")
+    titles = {"contrastive": "Contrastive (CLIP-style; methods em, uap, mem; pairs):",
+              "lvlm": "Generative LVLMs (method mmguard; triples):"}
+    for family, names in model_names().items():
+        click.echo(titles[family])
+        for name, description in names.items():
+            click.echo(f"  {name:16s} {description}")
 
 
 @main.group(cls=_Group)
