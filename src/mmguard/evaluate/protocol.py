@@ -9,7 +9,8 @@ guess level for that test set and, with a clean baseline, the degradation.
 The pieces both attacker families share live here too: naming data
 (`resolve_dataset`) and checking it fits the attacker, choosing which images
 go back to clean (`clean_swaps`), and the per-seed loop and its statistics;
-`lvlm_protocol.py` is the same protocol for LVLM attackers.
+`lvlm_protocol.py` is the same protocol for LVLM attackers, and `attacker.py`
+runs either from named data (`mmguard evaluate`).
 """
 
 from __future__ import annotations
