@@ -24,16 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mmguard.attack.contrastive import (
-    AttackerRecipe,
-    ImageCaptionSet,
-    evaluate_retrieval,
-    load_pairs,
-    train_attacker,
-)
+from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
 from mmguard.data.builtin import load_builtin
 from mmguard.data.release import read_run_record
 from mmguard.data.sources import read_dataset
+from mmguard.evaluate.retrieval import evaluate_retrieval
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 

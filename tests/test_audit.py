@@ -16,7 +16,8 @@ from skimage.metrics import structural_similarity
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8
 from mmguard.data.stealth import ssim
-from mmguard.evaluate.audit import audit_folder
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.audit import audit_folder, audit_or_raise
 from tests.conftest import cli_env
 
 
@@ -85,6 +86,9 @@ def test_audit_names_every_broken_item(protected, tmp_path):
     assert f"images/{files[1].name}: size (32, 32) differs" in text
     assert f"images/{files[2].name}: cannot be read" in text
     assert "'a completely different caption' is not the original" in text
+    with pytest.raises(MMGuardError, match="fails its audit: 4 problem"):
+        audit_or_raise(broken)  # what the demos do before training on a folder
+    assert audit_or_raise(protected).items == 6
     result = _mmguard("audit", str(broken), "--json", str(tmp_path / "a.json"))
     assert result.returncode == 1 and "4 problem(s)" in result.stderr
     assert files[1].name in result.stderr

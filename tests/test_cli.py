@@ -190,3 +190,23 @@ def test_evaluate_rejects_bad_options_clearly(tmp_path):
     bad = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
                   "--attacker", "lit", "--recipe", "scratch", check=False)
     assert bad.returncode == 1 and "pretrained by construction" in bad.stderr
+
+
+def test_unknown_attacker_is_a_clear_error_listing_the_known_models():
+    result = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                     "--attacker", "rn-tnyi", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "unknown attacker 'rn-tnyi'" in result.stderr
+    assert "rn-tiny" in result.stderr and "lvlm-test" in result.stderr
+    assert "see `mmguard models`" in result.stderr
+
+
+def test_projector_option_is_for_lvlm_attackers():
+    assert "--projector" in mmguard("evaluate", "--help").stdout
+    align_help = " ".join(mmguard("align", "--help").stdout.split())  # click rewraps it
+    assert "mmguard evaluate --attacker NAME --projector PATH" in align_help
+    result = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                     "--attacker", "rn-test", "--projector", __file__, check=False)
+    assert result.returncode == 1
+    assert "--projector applies to LVLM attackers; rn-test is a contrastive model" in \
+        result.stderr

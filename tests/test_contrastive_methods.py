@@ -144,12 +144,8 @@ def test_pgd_deltas_are_whole_levels_so_the_saved_file_is_exact(tmp_path):
 def test_mem_protected_attacker_is_worse_than_clean_on_digits(tmp_path):
     # Note: at this scale the triggers alone explain most of the drop (see the
     # benchmark's controls); this checks the whole protect -> attack path.
-    from mmguard.attack.contrastive import (
-        AttackerRecipe,
-        evaluate_retrieval,
-        load_pairs,
-        train_attacker,
-    )
+    from mmguard.attack.contrastive import AttackerRecipe, load_pairs, train_attacker
+    from mmguard.evaluate.retrieval import evaluate_retrieval
 
     dataset = load_builtin("digits", "train", "pairs")
     method = create_method("mem", "pairs", strict=False, **{**FAST, "rounds": 3,

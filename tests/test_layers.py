@@ -15,7 +15,7 @@ FORBIDDEN = {
     "data": ("models", "protect", "attack", "evaluate", "cli", "demo", "demo_lvlm"),
     "models": ("protect", "attack", "evaluate", "cli", "demo", "demo_lvlm"),
     "protect": ("attack", "evaluate", "cli", "demo", "demo_lvlm"),
-    "attack": ("protect", "cli", "demo", "demo_lvlm"),
+    "attack": ("protect", "evaluate", "cli", "demo", "demo_lvlm"),
     "evaluate": ("protect", "cli", "demo", "demo_lvlm"),
 }
 

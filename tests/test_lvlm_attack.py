@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmguard.attack.lvlm import LVLMRecipe, fine_tune_lvlm, prepare_for_training
+from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm, prepare_for_training
 from mmguard.attack.triples import TripleSet, load_triples, split_trigger
 from mmguard.cli import main
 from mmguard.data.builtin import load_builtin
@@ -30,7 +30,7 @@ from mmguard.data.release import (
 from mmguard.data.sources import read_dataset
 from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.lvlm_protocol import mix_clean_triples
+from mmguard.evaluate.lvlm_protocol import answer_table, mix_clean_triples
 from mmguard.evaluate.vqa import (
     answer_accuracy,
     answer_degradation,
@@ -42,6 +42,7 @@ from mmguard.evaluate.vqa import (
 )
 from mmguard.models.lvlm.attention import GROUP_NAMES, role_group_mass, total_variation
 from mmguard.models.lvlm.base import ANSWER, IMAGE, PAD, PROMPT, TEMPLATE, TRIGGER, TextExample
+from mmguard.models.lvlm.embedded import create_embedded
 from mmguard.models.lvlm.registry import create_lvlm
 
 TRIGGER_TEXT = "cf zx"
@@ -356,3 +357,48 @@ def test_each_step_uses_its_own_gradient_and_the_scheduled_rate(pristine, digits
     rates = log.learning_rates
     assert len(rates) == 20 and rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert all(a > b for a, b in zip(rates[4:], rates[5:], strict=False)) and rates[-1] < 1e-5
+
+
+def test_evaluate_trains_the_attacker_from_the_given_projector(tmp_path):
+    from safetensors.torch import save_file
+
+    projector = tmp_path / "projector.safetensors"
+    weights = create_embedded("lvlm-test", seed=7, aligned=False).projector_state()
+    save_file(weights, str(projector))
+    attacker = build_attacker(LVLMRecipe(model="lvlm-test", projector=str(projector)))
+    assert all(torch.equal(attacker.projector_state()[name], value)
+               for name, value in weights.items())
+    assert not all(torch.equal(build_attacker(LVLMRecipe(model="lvlm-test"))
+                               .projector_state()[name], value)
+                   for name, value in weights.items())
+    result = _mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                      "--attacker", "lvlm-test", "--projector", str(projector), "--epochs", "1",
+                      "--batch-size", "4", "--limit-train", "4", "--limit-test", "4",
+                      "--max-new-tokens", "2", "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["attacker"]["projector"] == str(projector)
+
+
+def test_answer_table_rows_degradation_and_reference_levels():
+    def metrics(exact, tv, loss):
+        return {"exact_match": exact, "contains_match": exact, "tv_distance": tv,
+                "final_train_loss": loss}
+
+    rows = {"zero-shot": {"exact_match": 10.0, "contains_match": 12.0, "tv_distance": 0.1},
+            "clean": {"runs": [{}, {}], "mean": metrics(80.0, 0.2, 0.5),
+                      "std": metrics(2.0, 0.01, 0.1)},
+            "protected": {"runs": [{}], "mean": metrics(20.0, 0.3, 0.4),
+                          "std": metrics(0.0, 0.0, 0.0)}}
+    reference = {"random": 10.0, "majority": 30.0, "distinct_answers": 10}
+    lines = answer_table(rows, reference, ("exact_match", "tv_distance"),
+                         clean="clean").splitlines()
+    assert lines == ["| attacker | exact match % | degradation | attention TV train↔test |",
+                     "|---|---|---|---|",
+                     "| zero-shot | 10.0 | | 0.100 |",
+                     "| clean | 80.0 ± 2.0 | | 0.200 ± 0.010 |",
+                     "| protected | 20.0 | 75% | 0.300 |",
+                     "| random guess (1 of 10 answers) | 10.0 | | |",
+                     "| majority answer | 30.0 | | |"]
+    full = answer_table(rows, reference).splitlines()
+    assert full[2] == "| zero-shot | 10.0 | 12.0 | 0.100 | – |"

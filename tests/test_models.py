@@ -304,3 +304,14 @@ def test_projection_recipe_trains_only_heads():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in model.head_parameters()}
     assert 0 < len(trainable) < len(list(model.parameters()))
+
+
+def test_a_random_init_model_builds_without_a_pretrained_weights_warning(caplog, capfd):
+    import logging
+
+    from mmguard.models.registry import create_contrastive_model
+
+    with caplog.at_level(logging.INFO):
+        create_contrastive_model("rn-test")
+    assert not [r for r in caplog.records if "pretrained weights" in r.getMessage()]
+    assert "pretrained weights" not in capfd.readouterr().err

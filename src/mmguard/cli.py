@@ -226,7 +226,7 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
 @click.option("--mix-clean", default=None,
               help="CLEAN_MANIFEST:FRACTION: replace this fraction of the training images by "
                    "their clean originals (partial protection).")
-@click.option("--strip-rare-words", "strip_rare", default=None,
+@click.option("--strip-rare-words", default=None,
               help="Adaptive attacker: before training, delete words found in fewer than N "
                    "training texts (N >= 2; captions, or prompts of triples), or in fewer than "
                    "a fraction F in (0, 1) of them. Applied to --baseline-train too.")
@@ -240,12 +240,14 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
               help="LVLM: longest generated answer, in tokens [16].")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None,
               help="LVLM lora recipe: LoRA rank (alpha is twice the rank) [8].")
+@click.option("--projector", type=click.Path(path_type=str, exists=True, dir_okay=False),
+              default=None,
+              help="LVLM: the attacker's projector weights, e.g. from `mmguard align` "
+                   "[the packaged aligned projector]. Embedded LVLMs only.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Write the full report (per seed, mean, std, reference levels) here.")
-def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, lr, batch_size,
-             augment, mix_clean, strip_rare, seeds, limit_train, limit_test, max_new_tokens,
-             lora_rank, device, json_out):
+def evaluate(seeds, json_out, **options):
     """Train an attacker on --train and measure it on the clean --test set: retrieval for
     image-caption pairs, answer accuracy for instruction triples.
 
@@ -256,148 +258,16 @@ def evaluate(train, test, attacker, recipe, pretrained, baseline_train, epochs, 
       mmguard evaluate --train protected/manifest.csv --baseline-train digits:train \\
           --test digits:test --attacker smolvlm-lite --recipe lora --epochs 2
     """
-    from mmguard.attack.augment import parse_augment
-    from mmguard.attack.text_filter import parse_min_texts
-    from mmguard.evaluate.protocol import attacker_family
+    from mmguard.evaluate.attacker import AttackerEvaluation, evaluate_attacker
 
-    seed_list = _parse_seeds(seeds)
-    if attacker is None:
-        train_dataset = resolve_dataset(train)
-        attacker = "smolvlm-lite" if train_dataset.kind == "triples" else "rn-tiny"
-    else:
-        train_dataset = resolve_dataset(
-            train, "triples" if attacker_family(attacker) == "lvlm" else "pairs")
-    common = dict(train=train, train_dataset=train_dataset, test=test, attacker=attacker,
-                  recipe=recipe, baseline_train=baseline_train,
-                  mix=_parse_mix_clean(mix_clean) if mix_clean else None,
-                  overrides={k: v for k, v in (("epochs", epochs), ("lr", lr),
-                                               ("batch_size", batch_size)) if v is not None},
-                  augment=parse_augment(augment) if augment else None, seeds=seed_list,
-                  strip=parse_min_texts(strip_rare) if strip_rare else None, device=device)
-    if attacker_family(attacker) == "lvlm":
-        if pretrained:
-            raise MMGuardError("--pretrained applies to contrastive attackers; an LVLM attacker "
-                               "starts from its registry checkpoint")
-        report, table, summary = _evaluate_lvlm(**common, limits=(limit_train, limit_test),
-                                                max_new_tokens=max_new_tokens,
-                                                lora_rank=lora_rank)
-    else:
-        given = [name for name, value in (("--limit-train", limit_train),
-                                          ("--limit-test", limit_test),
-                                          ("--max-new-tokens", max_new_tokens),
-                                          ("--lora-rank", lora_rank)) if value is not None]
-        if given:
-            raise MMGuardError(f"{', '.join(given)} apply to LVLM attackers; {attacker} is a "
-                               "contrastive model")
-        report, table, summary = _evaluate_contrastive(**common, pretrained=pretrained)
-    report.update(train=train, test_data=test, mix_clean=mix_clean, strip_rare_words=strip_rare,
-                  command=sys.argv)
-    click.echo(table)
-    if summary:
-        click.echo(summary)
+    spec = AttackerEvaluation(seeds=_parse_seeds(seeds), command=sys.argv, **options)
+    result = evaluate_attacker(spec, log=lambda line: click.echo(line, err=True))
+    click.echo(result.table)
+    if result.summary:
+        click.echo(result.summary)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-
-
-def _evaluate_contrastive(train, train_dataset, test, attacker, recipe, baseline_train, mix,
-                          overrides, augment, seeds, strip, device, pretrained):
-    from mmguard.attack.contrastive import AttackerRecipe, load_pairs
-    from mmguard.evaluate.protocol import (
-        evaluate_contrastive,
-        markdown_table,
-        mix_clean,
-        require_kind,
-    )
-
-    if recipe in LVLM_RECIPES:
-        raise MMGuardError(f"--recipe {recipe} is for LVLM attackers; {attacker} is contrastive "
-                           f"(recipes: {', '.join(RECIPES)})")
-    if overrides.get("batch_size", 2) < 2:
-        raise MMGuardError("--batch-size: a contrastive batch needs at least 2 images")
-    train_set = load_pairs(require_kind(train_dataset, "pairs", attacker))
-    if mix:
-        train_set = mix_clean(train_set, train_dataset, resolve_dataset(mix[0]), mix[1], seeds[0])
-    recipe_settings = AttackerRecipe(model=attacker, recipe=recipe or "scratch",
-                                     pretrained=pretrained, device=device, augment=augment,
-                                     **overrides)
-    baseline = (load_pairs(require_kind(resolve_dataset(baseline_train), "pairs", attacker))
-                if baseline_train else None)
-    if strip:
-        train_set = _stripped(train_set, strip, train)
-        baseline = _stripped(baseline, strip, baseline_train) if baseline else None
-    test_set = load_pairs(require_kind(resolve_dataset(test), "pairs", attacker))
-    report = evaluate_contrastive(train_set, test_set, recipe_settings, seeds, baseline,
-                                  log=lambda line: click.echo(line, err=True))
-    summary = None
-    if "degradation" in report:
-        deg = report["degradation"]
-        summary = (f"degradation of R@10: i→t {_percent(deg['i2t']['R@10'])}, "
-                   f"t→i {_percent(deg['t2i']['R@10'])}; MedR x{deg['i2t']['MedR_ratio']:.2f} "
-                   f"/ x{deg['t2i']['MedR_ratio']:.2f}")
-    return report, markdown_table(report), summary
-
-
-def _evaluate_lvlm(train, train_dataset, test, attacker, recipe, baseline_train, mix, overrides,
-                   augment, seeds, strip, device, limits, max_new_tokens, lora_rank):
-    from mmguard.attack.lvlm import LVLMRecipe
-    from mmguard.attack.triples import load_triples
-    from mmguard.evaluate.lvlm_protocol import (
-        AnswerEvaluation,
-        evaluate_lvlm,
-        lvlm_markdown_table,
-        mix_clean_triples,
-    )
-    from mmguard.evaluate.protocol import require_kind
-
-    if recipe in RECIPES:
-        raise MMGuardError(f"--recipe {recipe} is for contrastive attackers; {attacker} is an "
-                           f"LVLM (recipes: {', '.join(LVLM_RECIPES)})")
-    limit_train, limit_test = limits
-
-    def triples(spec: str, dataset=None, limit=None):
-        dataset = dataset or resolve_dataset(spec, "triples")
-        return load_triples(require_kind(dataset, "triples", attacker), limit)
-
-    train_set = triples(train, train_dataset, limit_train)
-    if mix:
-        train_set = mix_clean_triples(train_set, train_dataset,
-                                      require_kind(resolve_dataset(mix[0], "triples"), "triples",
-                                                   attacker), mix[1], seeds[0])
-    lora = {"lora_rank": lora_rank, "lora_alpha": 2 * lora_rank} if lora_rank else {}
-    recipe_settings = LVLMRecipe(model=attacker, recipe=recipe or "lora", device=device,
-                                 augment=augment, **overrides, **lora)
-    settings = AnswerEvaluation(**({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
-    baseline = triples(baseline_train, limit=limit_train) if baseline_train else None
-    if strip:
-        train_set = _stripped(train_set, strip, train)
-        baseline = _stripped(baseline, strip, baseline_train) if baseline else None
-    report = evaluate_lvlm(train_set, triples(test, limit=limit_test), recipe_settings, seeds,
-                           baseline, settings, log=lambda line: click.echo(line, err=True))
-    summary = None
-    if "degradation" in report:
-        deg = report["degradation"]
-        summary = (f"degradation (1 - protected/clean): exact match "
-                   f"{_percent(deg['exact_match'])}, contains match "
-                   f"{_percent(deg['contains_match'])}")
-    return report, lvlm_markdown_table(report), summary
-
-
-def _stripped(data, min_texts: float, name: str):
-    """The training set with rare words stripped from its text, and a log line saying how many."""
-    from mmguard.attack.text_filter import strip_training_set
-
-    data, report = strip_training_set(data, min_texts)
-    click.echo(f"{name}: {report.describe()}", err=True)
-    return data
-
-
-def _parse_mix_clean(text: str) -> tuple[str, float]:
-    spec, _, fraction = text.rpartition(":")
-    try:
-        return spec, float(fraction)
-    except ValueError:
-        raise MMGuardError(f"--mix-clean {text!r}: expected MANIFEST:FRACTION") from None
+        json_out.write_text(json.dumps(result.report, indent=1, default=str) + "\n")
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -408,10 +278,6 @@ def _parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise MMGuardError("--seeds needs at least one seed")
     return seeds
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 @main.command()
@@ -439,25 +305,22 @@ def audit(folder, original, json_out):
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_json(), indent=1) + "\n")
     if not report.ok:
-        shown = report.problems[:20]
-        more = len(report.problems) - len(shown)
-        raise MMGuardError(f"{len(report.problems)} problem(s):\n  " + "\n  ".join(shown)
-                           + (f"\n  ... and {more} more (see --json)" if more else ""))
+        raise MMGuardError(report.describe_problems()
+                           + ("" if len(report.problems) <= 20 else " (see --json)"))
     click.echo("ok: every file within budget, at original size, texts intact")
 
 
 @main.command("models")
 def models_list():
     """List the surrogate/attacker models by name."""
-    from mmguard.models.lvlm.registry import lvlm_models
-    from mmguard.models.registry import CONTRASTIVE_MODELS
+    from mmguard.models.families import model_names
 
-    click.echo("Contrastive (CLIP-style; methods em, uap, mem; pairs):")
-    for name, description in CONTRASTIVE_MODELS.items():
-        click.echo(f"  {name:16s} {description}")
-    click.echo("Generative LVLMs (method mmguard; triples):")
-    for name, description in lvlm_models().items():
-        click.echo(f"  {name:16s} {description}")
+    titles = {"contrastive": "Contrastive (CLIP-style; methods em, uap, mem; pairs):",
+              "lvlm": "Generative LVLMs (method mmguard; triples):"}
+    for family, names in model_names().items():
+        click.echo(titles[family])
+        for name, description in names.items():
+            click.echo(f"  {name:16s} {description}")
 
 
 @main.group(cls=_Group)
@@ -525,7 +388,7 @@ def align(model_name, out, steps, batch_size, lr, seed, sources):
     """Stage-1 alignment: train an embedded LVLM's projector on public captions.
 
     mmguard ships aligned projectors; this reproduces them (or aligns on other data).
-    Use the result with --projector PATH wherever an LVLM is named.
+    Use the result as an attacker's projector: mmguard evaluate --attacker NAME --projector PATH.
     """
     from mmguard.models.lvlm.align import AlignSettings, align_projector
     from mmguard.models.lvlm.embedded import EMBEDDED_SPECS, create_embedded

@@ -2,8 +2,9 @@
 
 1. Export part of the emoji training split as a folder of PNGs plus manifest,
    as a data owner's folder would look.
-2. Protect it with MEM-3 against a small ResNet CLIP surrogate; the budget is
-   re-measured on the saved 8-bit files.
+2. Protect it with MEM-3 against a small ResNet CLIP surrogate, and audit the
+   result as a data owner would before publishing (budget re-measured on the
+   saved 8-bit files, sizes, texts).
 3. Train the same small CLIP from scratch three times, on the clean copy, on
    the protected copy, and on the clean images with the protected captions
    (the trigger-only control), and test each on the clean test split.
@@ -22,13 +23,10 @@ from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pai
 from mmguard.data.budget import levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
-from mmguard.data.images import load_image_uint8, read_png_uint8
-from mmguard.data.records import ImageRef
-from mmguard.data.release import read_run_record
 from mmguard.data.sources import fingerprint, read_dataset
-from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.protocol import run_seeds
+from mmguard.evaluate.audit import audit_or_raise
+from mmguard.evaluate.protocol import retrieval_table, run_seeds
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 
@@ -56,7 +54,7 @@ def run_demo(out: Path, limit: int | None = None) -> None:
     protected_dir = out / "protected"
     summary = protect_dataset(dataset, method, protected_dir, command=["mmguard", "demo"],
                               input_fingerprint=fingerprint(dataset))
-    worst = _remeasure_budget(originals, protected_dir)
+    worst = audit_or_raise(protected_dir).max_linf_levels
     click.echo(f"2. protected them into {protected_dir}: max |change| {worst}/255 on the saved "
                f"files (budget {levels(EPS)}/255), mean PSNR {summary.mean_psnr_db:.1f} dB, "
                f"{time.monotonic() - started:.0f} s so far")
@@ -82,24 +80,8 @@ def run_demo(out: Path, limit: int | None = None) -> None:
     click.echo(f"done in {time.monotonic() - started:.0f} s; report in {out / 'report.md'}")
 
 
-def _remeasure_budget(originals: Path, protected_dir: Path) -> int:
-    worst = 0
-    for item in read_run_record(protected_dir).items:
-        original = load_image_uint8(ImageRef(item.key, path=originals / item.key), item.key)
-        worst = max(worst, linf_levels(original, read_png_uint8(protected_dir / item.file)))
-    return worst
-
-
 def _table(rows: dict, test: ImageCaptionSet) -> str:
-    lines = [f"Retrieval on the clean emoji test split ({len(test.images)} images), attacker "
-             "rn-tiny trained from scratch, 30 epochs (R@K in %, MedR = median rank):", "",
-             "| training data | i→t R@1 | i→t R@10 | i→t MedR | t→i R@1 | t→i R@10 | t→i MedR |",
-             "|---|---|---|---|---|---|---|"]
-    for label, result in rows.items():
-        cells = [f"{result['mean'][d][m]:.1f}" for d in ("i2t", "t2i")
-                 for m in ("R@1", "R@10", "MedR")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    title = (f"Retrieval on the clean emoji test split ({len(test.images)} images), attacker "
+             "rn-tiny trained from scratch, 30 epochs (R@K in %, MedR = median rank):")
     level = next(iter(rows.values()))["random"]
-    cells = [f"{level[d][m]:.1f}" for d in ("i2t", "t2i") for m in ("R@1", "R@10", "MedR")]
-    lines.append("| random guess | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return f"{title}\n\n" + retrieval_table(rows, level, ("R@1", "R@10", "MedR"))

@@ -4,7 +4,8 @@
    ("What kind of clothing is this?" -> class name), as a data owner's folder.
 2. Protect them with MMGuard (image noise + a 3-token trigger inserted at the
    end of the prompt, Bridge Path Hijack binding) against the embedded
-   `smolvlm-lite` LVLM; the budget is re-measured on the saved 8-bit files.
+   `smolvlm-lite` LVLM, and audit the result (budget re-measured on the saved
+   8-bit files, sizes, texts).
 3. Fine-tune `smolvlm-lite` (LoRA + projector) on the clean copy, on the
    protected copy and on the clean images with the protected prompts (the
    trigger-only control), and ask each the clean test questions.
@@ -26,7 +27,13 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.sources import fingerprint, read_dataset
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.lvlm_protocol import AnswerEvaluation, evaluate_answers, run_lvlm_seeds
+from mmguard.evaluate.audit import audit_or_raise
+from mmguard.evaluate.lvlm_protocol import (
+    AnswerEvaluation,
+    answer_table,
+    evaluate_answers,
+    run_lvlm_seeds,
+)
 from mmguard.evaluate.vqa import reference_levels
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
@@ -61,8 +68,9 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     summary = protect_dataset(dataset, method, protected_dir, command=["mmguard", "demo",
                                                                        "--lvlm"],
                               input_fingerprint=fingerprint(dataset))
+    worst = audit_or_raise(protected_dir).max_linf_levels
     click.echo(f"2. protected them into {protected_dir}: max |change| "
-               f"{summary.max_linf_levels}/255 on the saved files (budget {levels(EPS)}/255), "
+               f"{worst}/255 on the saved files (budget {levels(EPS)}/255), "
                f"mean PSNR {summary.mean_psnr_db:.1f} dB, {time.monotonic() - started:.0f} s "
                "so far")
     protected_data = read_dataset(protected_dir / "manifest.csv")
@@ -81,7 +89,9 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
                                 log=lambda line: click.echo(f"3. attacker {line}"))
         rows[label] = result["runs"][0]
     _, examples = test.inputs()
-    table = _table(rows, reference_levels([e.response or "" for e in examples]))
+    table = answer_table(rows, reference_levels([e.response or "" for e in examples]),
+                         ("exact_match", "tv_distance"), "attacker (smolvlm-lite, LoRA)",
+                         clean="fine-tuned on clean")
     click.echo("\n" + table)
     click.echo("\nHow to read it: protection works when the protected row is far below the "
                "clean row, near the zero-shot row, and below the triggers-only control. "
@@ -89,18 +99,3 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     (out / "report.md").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     click.echo(f"done in {time.monotonic() - started:.0f} s; report in {out / 'report.md'}")
-
-
-def _table(rows: dict, reference: dict) -> str:
-    clean = rows["fine-tuned on clean"]["exact_match"]
-    lines = ["| attacker (smolvlm-lite, LoRA) | exact match % | degradation | attention TV "
-             "train↔test |", "|---|---|---|---|"]
-    for label, metrics in rows.items():
-        degradation = ""
-        if label != "fine-tuned on clean" and "zero-shot" not in label and clean:
-            degradation = f"{100 * (1 - metrics['exact_match'] / clean):.0f}%"
-        lines.append(f"| {label} | {metrics['exact_match']:.1f} | {degradation} | "
-                     f"{metrics['tv_distance']:.3f} |")
-    lines.append(f"| random guess (1 of {reference['distinct_answers']}) | "
-                 f"{reference['random']:.1f} | | |")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The attacker for image-caption data: train a CLIP-style model, test retrieval.
+"""The attacker for image-caption data: train a CLIP-style model (tested in `evaluate/`).
 
 The recipe follows MEM's (Liu et al. 2024, section 4.1): AdamW, weight decay
 0.2, linear warmup then cosine decay, temperature capped at 100. Recipes:
@@ -17,21 +17,20 @@ per epoch.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from mmguard.attack.augment import AugmentPipeline
-from mmguard.attack.schedule import warmup_cosine
 from mmguard.data.images import load_image_uint8, to_float
-from mmguard.data.records import Dataset, PairRecord
+from mmguard.data.records import Dataset, Kind, PairRecord
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.retrieval import random_guess_level, retrieval_metrics
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model, pretrained_by_construction
+from mmguard.models.training import Trainer, steps_per_run, train_epochs
 
 RECIPES = ("scratch", "finetune", "projection")
 
@@ -55,6 +54,7 @@ class AttackerRecipe:
 class ImageCaptionSet:
     """Decoded images (at stored size) with their captions, for training or testing."""
 
+    kind: ClassVar[Kind] = "pairs"
     images: list[torch.Tensor]
     captions: list[list[str]]
     keys: list[str] = field(default_factory=list)
@@ -99,65 +99,35 @@ def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
         raise MMGuardError("the training set needs at least two images")
     model = _build_model(recipe)
     device = torch.device(recipe.device)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(train.images) / recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
-    warmup = int(total * recipe.warmup_fraction)
-    scheduler = warmup_cosine(optimizer, total, warmup)
+    total = steps_per_run(len(train.images), recipe.batch_size, recipe.epochs)
+    trainer = Trainer([p for p in model.parameters() if p.requires_grad], recipe.lr,
+                      recipe.weight_decay, total, int(total * recipe.warmup_fraction))
+    # One RNG draws both the epoch order and each image's caption, interleaved.
     rng = random.Random(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    fixed_pixels = None if recipe.augment else _resized(model, train.images)
+    pixels = None if recipe.augment else model_input_pixels(model, train.images)
     tokens = [model.tokenize(captions) for captions in train.captions]
-    epoch_losses = []
-    for epoch in range(recipe.epochs):
-        model.train()
-        pixels = fixed_pixels if fixed_pixels is not None else _resized(
-            model, [recipe.augment(image, generator) for image in train.images])
-        order = list(range(len(train.images)))
-        rng.shuffle(order)
-        losses = []
-        for start in range(0, len(order), recipe.batch_size):
-            batch = order[start:start + recipe.batch_size]
-            if len(batch) < 2:
-                continue
-            ids = torch.stack([tokens[i][rng.randrange(len(tokens[i]))] for i in batch])
-            image_features = model.encode_pixels(model.preprocess.normalize(
-                pixels[batch].to(device)))
-            loss = info_nce(model.logits(image_features, model.encode_text(ids.to(device))))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        epoch_losses.append(sum(losses) / max(1, len(losses)))
-        if progress is not None:
-            progress(epoch + 1, epoch_losses[-1])
-    return model, epoch_losses
+
+    def augment(epoch: int) -> None:
+        nonlocal pixels
+        pixels = model_input_pixels(model, [recipe.augment(image, generator)
+                                            for image in train.images])
+
+    def batch_loss(batch: list[int]) -> torch.Tensor | None:
+        if len(batch) < 2:  # InfoNCE needs a negative
+            return None
+        ids = torch.stack([tokens[i][rng.randrange(len(tokens[i]))] for i in batch])
+        image_features = model.encode_pixels(model.preprocess.normalize(
+            pixels[batch].to(device)))
+        return info_nce(model.logits(image_features, model.encode_text(ids.to(device))))
+
+    log = train_epochs(trainer, model, batch_loss, items=len(train.images),
+                       batch_size=recipe.batch_size, epochs=recipe.epochs, shuffle=rng,
+                       before_epoch=augment if recipe.augment else None, progress=progress)
+    return model, log.epoch_losses
 
 
-def _resized(model: ContrastiveModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
+def model_input_pixels(model: ContrastiveModel, images: Sequence[torch.Tensor]) -> torch.Tensor:
     """Images at the model's input size in [0, 1] (normalisation happens per batch)."""
     with torch.no_grad():
         return torch.cat([model.preprocess.resize_crop(image[None]) for image in images])
-
-
-@torch.no_grad()
-def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
-                       batch_size: int = 256) -> dict:
-    """R@1/5/10, MedR and MeanR in both directions on a (clean) test set."""
-    model.eval()
-    device = model.device
-    pixels = _resized(model, test.images)
-    image_features = torch.cat([
-        model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
-        for chunk in pixels.split(batch_size)])
-    texts = [caption for captions in test.captions for caption in captions]
-    owners = torch.tensor([i for i, captions in enumerate(test.captions) for _ in captions])
-    text_features = torch.cat([model.encode_text(model.tokenize(texts[s:s + batch_size])
-                                                 .to(device))
-                               for s in range(0, len(texts), batch_size)])
-    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), owners)
-    per_image = max(1, round(len(texts) / len(test.images)))
-    metrics["random"] = random_guess_level(len(test.images), len(texts), per_image)
-    return metrics

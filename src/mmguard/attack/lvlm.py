@@ -26,18 +26,19 @@ Example:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mmguard.attack.augment import AugmentPipeline
-from mmguard.attack.schedule import warmup_cosine
 from mmguard.attack.triples import TripleSet
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import LVLMAdapter
+from mmguard.models.lvlm.lora import inject_lora
 from mmguard.models.lvlm.registry import create_lvlm
+from mmguard.models.training import Trainer, TrainingLog, steps_per_run, train_epochs
 
 LVLM_RECIPES = ("lora", "projector", "full")
 DEFAULT_LR = {"lora": 2e-4, "projector": 1e-3, "full": 2e-5}
@@ -59,23 +60,17 @@ class LVLMRecipe:
     seed: int = 0
     device: str = "cpu"
     augment: AugmentPipeline | None = None
+    projector: str | None = None  # aligned projector weights (embedded LVLMs; `mmguard align`)
 
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.recipe] if self.lr is None else self.lr
 
 
-@dataclass
-class TrainingLog:
-    step_losses: list[float] = field(default_factory=list)  # mean response loss per batch
-    learning_rates: list[float] = field(default_factory=list)  # the rate each step used
-    epoch_losses: list[float] = field(default_factory=list)  # mean of the epoch's batches
-    trainable: int = 0  # number of trained parameter values
-
-
 def build_attacker(recipe: LVLMRecipe) -> LVLMAdapter:
     """The attacker's untouched starting checkpoint (the same for every seed)."""
-    return create_lvlm(recipe.model, recipe.device)
+    projector = Path(recipe.projector) if recipe.projector else None
+    return create_lvlm(recipe.model, recipe.device, projector=projector)
 
 
 def prepare_for_training(adapter: LVLMAdapter, recipe: LVLMRecipe) -> list[nn.Parameter]:
@@ -86,7 +81,8 @@ def prepare_for_training(adapter: LVLMAdapter, recipe: LVLMRecipe) -> list[nn.Pa
     torch.manual_seed(recipe.seed)
     adapter.model.requires_grad_(False)
     if recipe.recipe == "lora":
-        trainable = add_lora(adapter, recipe) + _projector(adapter)
+        trainable = inject_lora(adapter, recipe.lora_rank, recipe.lora_alpha,
+                                recipe.lora_dropout) + _projector(adapter)
     else:
         trainable = adapter.trainable_parameters(recipe.recipe)
     for parameter in trainable:
@@ -104,21 +100,6 @@ def _projector(adapter: LVLMAdapter) -> list[nn.Parameter]:
                            "this adapter does not expose") from None
 
 
-def add_lora(adapter: LVLMAdapter, recipe: LVLMRecipe) -> list[nn.Parameter]:
-    """Inject LoRA into the adapter's model in place (works on any nn.Module); its weights."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
-                        lora_dropout=recipe.lora_dropout,
-                        target_modules=adapter.lora_target_modules())
-    try:
-        inject_adapter_in_model(config, adapter.model)
-    except ValueError as exc:
-        raise MMGuardError(f"{adapter.name}: cannot add LoRA to "
-                           f"{adapter.lora_target_modules()}: {exc}") from None
-    return [p for name, p in adapter.model.named_parameters() if ".lora_" in name]
-
-
 def fine_tune_lvlm(adapter: LVLMAdapter, train: TripleSet, recipe: LVLMRecipe,
                    progress=None) -> TrainingLog:
     """Fine-tune `adapter` in place on `train`; leaves it in eval mode.
@@ -128,39 +109,30 @@ def fine_tune_lvlm(adapter: LVLMAdapter, train: TripleSet, recipe: LVLMRecipe,
     examples = train.examples()
     if not examples:
         raise MMGuardError("the training set has no examples")
-    parameters = prepare_for_training(adapter, recipe)
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate,
-                                  weight_decay=recipe.weight_decay)
-    total = math.ceil(len(examples) / recipe.batch_size) * recipe.epochs
-    scheduler = warmup_cosine(optimizer, total, int(total * recipe.warmup_fraction))
+    total = steps_per_run(len(examples), recipe.batch_size, recipe.epochs)
+    trainer = Trainer(prepare_for_training(adapter, recipe), recipe.learning_rate,
+                      recipe.weight_decay, total, int(total * recipe.warmup_fraction),
+                      recipe.max_grad_norm)
     order_generator = torch.Generator().manual_seed(recipe.seed)
     augment_generator = torch.Generator().manual_seed(recipe.seed + 1)
-    log = TrainingLog(trainable=sum(p.numel() for p in parameters))
+    images = train.images
+
+    def augment(epoch: int) -> None:
+        nonlocal images
+        images = [recipe.augment(image, augment_generator) for image in train.images]
+
+    def batch_loss(indices: list[int]) -> torch.Tensor:
+        batch = [examples[i] for i in indices]
+        pixels = adapter.pixel_inputs([images[index] for index, _ in batch])
+        encoded = adapter.encode([example for _, example in batch], pixels)
+        return adapter.forward(encoded, pixels).loss.mean()
+
     try:
-        for epoch in range(recipe.epochs):
-            adapter.model.train()
-            images = train.images if recipe.augment is None else [
-                recipe.augment(image, augment_generator) for image in train.images]
-            order = torch.randperm(len(examples), generator=order_generator).tolist()
-            first_step = len(log.step_losses)
-            for start in range(0, len(order), recipe.batch_size):
-                batch = [examples[i] for i in order[start:start + recipe.batch_size]]
-                pixels = adapter.pixel_inputs([images[index] for index, _ in batch])
-                encoded = adapter.encode([example for _, example in batch], pixels)
-                loss = adapter.forward(encoded, pixels).loss.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parameters, recipe.max_grad_norm)
-                log.learning_rates.append(optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                scheduler.step()
-                log.step_losses.append(loss.item())
-            epoch_steps = log.step_losses[first_step:]
-            log.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
-            if progress is not None:
-                progress(epoch + 1, log.epoch_losses[-1])
+        return train_epochs(trainer, adapter.model, batch_loss, items=len(examples),
+                            batch_size=recipe.batch_size, epochs=recipe.epochs,
+                            shuffle=order_generator,
+                            before_epoch=None if recipe.augment is None else augment,
+                            progress=progress)
     finally:
         adapter.model.eval()
         adapter.model.requires_grad_(False)
-    return log

@@ -115,8 +115,10 @@ def strip_prompts(turns, min_texts: float):
 
 def strip_training_set(data, min_texts: float):
     """An ImageCaptionSet (its captions) or a TripleSet (its prompts), stripped; and the report."""
-    if hasattr(data, "captions"):
+    if data.kind == "pairs":
         captions, report = strip_captions(data.captions, min_texts)
         return replace(data, captions=captions), report
-    turns, report = strip_prompts(data.turns, min_texts)
-    return replace(data, turns=turns), report
+    if data.kind == "triples":
+        turns, report = strip_prompts(data.turns, min_texts)
+        return replace(data, turns=turns), report
+    raise MMGuardError(f"cannot strip words from {data.kind} data")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from mmguard.data.images import load_image_uint8, to_float
-from mmguard.data.records import Dataset, TripleRecord
+from mmguard.data.records import Dataset, Kind, TripleRecord
 from mmguard.data.release import has_run_record, read_run_record
 from mmguard.data.trigger_text import Position, locate_trigger
 from mmguard.errors import MMGuardError
@@ -29,6 +30,7 @@ from mmguard.models.lvlm.base import TextExample
 class TripleSet:
     """Decoded images (stored size, [0, 1]) and, per image, its (prompt, response) examples."""
 
+    kind: ClassVar[Kind] = "triples"
     images: list[torch.Tensor]
     turns: list[list[TextExample]]
     keys: list[str] = field(default_factory=list)

@@ -55,6 +55,12 @@ class AuditReport:
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
+    def describe_problems(self, shown: int = 20) -> str:
+        """"N problem(s):" and the first `shown` of them, one per line."""
+        more = len(self.problems) - shown
+        return (f"{len(self.problems)} problem(s):\n  " + "\n  ".join(self.problems[:shown])
+                + (f"\n  ... and {more} more" if more > 0 else ""))
+
     def table(self) -> str:
         def cell(value, digits):
             return "n/a" if value is None else f"{value:.{digits}f}"
@@ -150,6 +156,15 @@ def _alpha_problem(original: DecodedImage, saved: torch.Tensor) -> str | None:
     if differing:
         return f"its alpha channel differs from the original's in {differing} pixel(s)"
     return None
+
+
+def audit_or_raise(folder: Path) -> AuditReport:
+    """Audit `folder` against the originals its run record names; an error naming the
+    problems if there are any (for callers about to publish or use the folder)."""
+    report = audit_folder(folder)
+    if not report.ok:
+        raise MMGuardError(f"{folder} fails its audit: {report.describe_problems(10)}")
+    return report
 
 
 def _check_texts(report: AuditReport, file: str, originals: list, protected: list,

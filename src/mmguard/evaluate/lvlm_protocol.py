@@ -23,8 +23,15 @@ from dataclasses import dataclass, replace
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm
 from mmguard.attack.triples import TripleSet, load_triples
 from mmguard.data.records import Dataset
-from mmguard.evaluate.protocol import clean_swaps, mean_std_cell, over_seeds, population_std
+from mmguard.evaluate.protocol import (
+    clean_swaps,
+    mean_std_cell,
+    over_seeds,
+    percent,
+    population_std,
+)
 from mmguard.evaluate.vqa import (
+    ANSWER_METRICS,
     answer_accuracy,
     answer_degradation,
     attention_shift,
@@ -124,21 +131,65 @@ def evaluate_lvlm(train: TripleSet, test: TripleSet, recipe: LVLMRecipe, seeds: 
 
 
 def lvlm_markdown_table(report: dict) -> str:
-    lines = ["| attacker | exact match % | contains match % | attention TV train↔test "
-             "| final train loss |", "|---|---|---|---|---|"]
-    zero = report["zero_shot"]
-    lines.append(f"| untouched (zero-shot) | {zero['exact_match']:.1f} | "
-                 f"{zero['contains_match']:.1f} | {zero['tv_distance']:.3f} | – |")
-    for label, result in (("fine-tuned on clean", report.get("clean")),
-                          ("fine-tuned on given --train", report["protected"])):
-        if result is None:
-            continue
-        runs = len(result["runs"])
-        cells = [mean_std_cell(result["mean"][m], result["std"][m], runs, digits)
-                 for m, digits in zip(ROW_METRICS, (1, 1, 3, 3), strict=True)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    level = report["reference"]
-    lines.append(f"| random guess (1 of {level['distinct_answers']} answers) | "
-                 f"{level['random']:.1f} | {level['random']:.1f} | | |")
-    lines.append(f"| majority answer | {level['majority']:.1f} | {level['majority']:.1f} | | |")
+    """The report of `evaluate_lvlm` as a table: zero-shot, clean and given rows, levels."""
+    rows = {"untouched (zero-shot)": report["zero_shot"],
+            "fine-tuned on clean": report.get("clean"),
+            "fine-tuned on given --train": report["protected"]}
+    return answer_table({label: row for label, row in rows.items() if row}, report["reference"])
+
+
+# Table columns: metric -> (header, decimals).
+ANSWER_COLUMNS = {"exact_match": ("exact match %", 1), "contains_match": ("contains match %", 1),
+                  "tv_distance": ("attention TV train↔test", 3),
+                  "final_train_loss": ("final train loss", 3)}
+
+
+def answer_table(rows: dict[str, dict], reference: dict, columns: tuple[str, ...] = ROW_METRICS,
+                 first_header: str = "attacker", clean: str | None = None) -> str:
+    """A row per attacker (label -> `run_lvlm_seeds` result, shown as mean ± std over seeds,
+    or one run's metrics), then the random-guess and majority levels.
+
+    With `clean` (the label of the clean-trained row), an exact-match degradation
+    column follows the exact-match one, filled for the other fine-tuned rows.
+    """
+    headers = [first_header] + [ANSWER_COLUMNS[metric][0] for metric in columns]
+    if clean is not None:
+        headers.insert(2, "degradation")
+    lines = [_markdown_row(headers), "|" + "---|" * len(headers)]
+    clean_mean = _row_stats(rows[clean])[0] if clean is not None else None
+    for label, row in rows.items():
+        mean, std, runs = _row_stats(row)
+        cells = [mean_std_cell(mean[m], std.get(m, 0.0), runs, ANSWER_COLUMNS[m][1])
+                 if m in mean else "–" for m in columns]
+        if clean is not None:
+            fine_tuned = label != clean and "final_train_loss" in mean
+            lost = answer_degradation(clean_mean, mean)["exact_match"] if fine_tuned else None
+            cells.insert(1, "" if lost is None else percent(lost))
+        lines.append(_markdown_row([label, *cells]))
+    for label, level in ((f"random guess (1 of {reference['distinct_answers']} answers)",
+                          reference["random"]), ("majority answer", reference["majority"])):
+        cells = [f"{level:.1f}" if m in ANSWER_METRICS else "" for m in columns]
+        if clean is not None:
+            cells.insert(1, "")
+        lines.append(_markdown_row([label, *cells]))
     return "\n".join(lines)
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "|" + "".join(f" {cell} |" if cell else " |" for cell in cells)
+
+
+def _row_stats(row: dict) -> tuple[dict, dict, int]:
+    """(mean, std, number of runs) of a `run_lvlm_seeds` result or of one run's metrics."""
+    if "runs" in row:
+        return row["mean"], row["std"], len(row["runs"])
+    return row, {}, 1
+
+
+def lvlm_summary(report: dict) -> str | None:
+    """One line on how much protection cost the attacker, when there is a clean baseline."""
+    if "degradation" not in report:
+        return None
+    deg = report["degradation"]
+    return (f"degradation (1 - protected/clean): exact match {percent(deg['exact_match'])}, "
+            f"contains match {percent(deg['contains_match'])}")

@@ -9,7 +9,8 @@ guess level for that test set and, with a clean baseline, the degradation.
 The pieces both attacker families share live here too: checking that data
 (named through `mmguard.data.resolve`) fits the attacker, choosing which images
 go back to clean (`clean_swaps`), and the per-seed loop and its statistics;
-`lvlm_protocol.py` is the same protocol for LVLM attackers.
+`lvlm_protocol.py` is the same protocol for LVLM attackers, and `attacker.py`
+runs either from named data (`mmguard evaluate`).
 """
 
 from __future__ import annotations
@@ -20,33 +21,15 @@ from dataclasses import replace
 
 import torch
 
-from mmguard.attack.contrastive import (
-    AttackerRecipe,
-    ImageCaptionSet,
-    evaluate_retrieval,
-    load_pairs,
-    train_attacker,
-)
+from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
 from mmguard.data.records import Dataset, Kind
 from mmguard.data.release import output_image_paths
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.retrieval import degradation
+from mmguard.evaluate.retrieval import degradation, evaluate_retrieval
 
 METRICS = ("R@1", "R@5", "R@10", "MedR")
 
 
-def attacker_family(name: str) -> str:
-    """"contrastive" (trains on pairs) or "lvlm" (trains on triples), from the registries."""
-    from mmguard.models.lvlm.registry import lvlm_models
-    from mmguard.models.registry import CONTRASTIVE_MODELS
-
-    if name in CONTRASTIVE_MODELS or name.startswith(("hf:", "open_clip:")):
-        return "contrastive"
-    if name in lvlm_models() or "/" in name:  # a Hugging Face LVLM checkpoint id
-        return "lvlm"
-    raise MMGuardError(f"unknown attacker {name!r}; contrastive models: "
-                       f"{', '.join(CONTRASTIVE_MODELS)}; LVLMs: {', '.join(lvlm_models())} "
-                       "or a Hugging Face checkpoint id")
 
 
 def require_kind(dataset: Dataset, kind: Kind, attacker: str) -> Dataset:
@@ -153,21 +136,38 @@ def evaluate_contrastive(train: ImageCaptionSet, test: ImageCaptionSet, recipe: 
 
 
 def markdown_table(report: dict) -> str:
-    header = ("| training data | " + " | ".join(f"i→t {m}" for m in METRICS) + " | "
-              + " | ".join(f"t→i {m}" for m in METRICS) + " |")
-    lines = [header, "|" + "---|" * (1 + 2 * len(METRICS))]
-    rows = [("clean", report.get("clean")), ("given --train", report["protected"])]
-    for label, result in rows:
-        if result is None:
-            continue
-        cells = [_cell(result, d, m) for d in ("i2t", "t2i") for m in METRICS]
+    """The report of `evaluate_contrastive` as a table: clean and given rows, random level."""
+    rows = {"clean": report.get("clean"), "given --train": report["protected"]}
+    return retrieval_table({label: result for label, result in rows.items() if result},
+                           report["protected"]["random"])
+
+
+def retrieval_table(rows: dict[str, dict], random_level: dict,
+                    metrics: tuple[str, ...] = METRICS) -> str:
+    """A row per training data (label -> `run_seeds` result: mean ± std over seeds), both
+    directions, and the random-guess level last."""
+    header = ("| training data | " + " | ".join(f"i→t {m}" for m in metrics) + " | "
+              + " | ".join(f"t→i {m}" for m in metrics) + " |")
+    lines = [header, "|" + "---|" * (1 + 2 * len(metrics))]
+    for label, result in rows.items():
+        cells = [mean_std_cell(result["mean"][d][m], result["std"][d][m], len(result["runs"]))
+                 for d in ("i2t", "t2i") for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    random_level = report["protected"]["random"]
-    cells = [f"{random_level[d][m]:.1f}" for d in ("i2t", "t2i") for m in METRICS]
+    cells = [f"{random_level[d][m]:.1f}" for d in ("i2t", "t2i") for m in metrics]
     lines.append("| random guess | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(result: dict, direction: str, metric: str) -> str:
-    return mean_std_cell(result["mean"][direction][metric], result["std"][direction][metric],
-                         len(result["runs"]))
+def contrastive_summary(report: dict) -> str | None:
+    """One line on how much protection cost the attacker, when there is a clean baseline."""
+    if "degradation" not in report:
+        return None
+    deg = report["degradation"]
+    return (f"degradation of R@10: i→t {percent(deg['i2t']['R@10'])}, "
+            f"t→i {percent(deg['t2i']['R@10'])}; MedR x{deg['i2t']['MedR_ratio']:.2f} "
+            f"/ x{deg['t2i']['MedR_ratio']:.2f}")
+
+
+def percent(fraction: float | None) -> str:
+    """A fraction as a whole percentage ("n/a" when undefined)."""
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"

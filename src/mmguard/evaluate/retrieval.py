@@ -1,5 +1,8 @@
 """Image-text retrieval metrics (R@K, MedR, MeanR), and what a random scorer would get.
 
+`evaluate_retrieval(model, test)` measures a trained contrastive model on a
+(clean) test set; the rest works on features alone.
+
 Protection is judged by how badly a CLIP model trained on protected data retrieves
 on a clean test set, so these numbers are the headline result. Two details decide
 whether they can be trusted:
@@ -36,7 +39,9 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from mmguard.attack.contrastive import ImageCaptionSet, model_input_pixels
 from mmguard.errors import MMGuardError
+from mmguard.models.contrastive import ContrastiveModel
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
@@ -232,3 +237,25 @@ def degradation(clean: dict, protected: dict) -> dict:
         section["MedR_ratio"] = None if before["MedR"] == 0 else after["MedR"] / before["MedR"]
         out[direction] = section
     return out
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
+                       batch_size: int = 256) -> dict:
+    """R@1/5/10, MedR and MeanR in both directions on a (clean) test set, and the
+    random-guess level for it under "random"."""
+    model.eval()
+    device = model.device
+    pixels = model_input_pixels(model, test.images)
+    image_features = torch.cat([
+        model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
+        for chunk in pixels.split(batch_size)])
+    texts = [caption for captions in test.captions for caption in captions]
+    owners = torch.tensor([i for i, captions in enumerate(test.captions) for _ in captions])
+    text_features = torch.cat([model.encode_text(model.tokenize(texts[s:s + batch_size])
+                                                 .to(device))
+                               for s in range(0, len(texts), batch_size)])
+    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), owners)
+    per_image = max(1, round(len(texts) / len(test.images)))
+    metrics["random"] = random_guess_level(len(test.images), len(texts), per_image)
+    return metrics

@@ -8,7 +8,9 @@ ViT-B-32, ...) are open_clip's own, with `pretrained=` passed straight to
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +41,8 @@ class OpenClipModel(ContrastiveModel):
     def __init__(self, architecture: str, pretrained: str | None = None):
         super().__init__()
         self.architecture = architecture
-        self.clip = open_clip.create_model(architecture, pretrained=pretrained)
+        with _quiet_random_init(pretrained is None):
+            self.clip = open_clip.create_model(architecture, pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(architecture)
         self.context_length = self.tokenizer.context_length
         cfg = open_clip.get_model_preprocess_cfg(self.clip)
@@ -147,3 +150,25 @@ def _word_token_ids(architecture: str, tokenizer) -> tuple[int, ...]:
                 and tokenizer.encode(word) == [index]:
             found.append(index)
     return tuple(sorted(found))
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(intended: bool):
+    """Without pretrained weights open_clip warns, through the root logger, on every
+    build that the model is randomly initialised; here that is the request (scratch
+    attackers, test configs), so the notice is dropped. Other messages pass."""
+    if not intended:
+        yield
+        return
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)

@@ -15,7 +15,6 @@ LVLMs never trains anything.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.lvlm.base import TextExample
 from mmguard.models.lvlm.embedded import EmbeddedAdapter
+from mmguard.models.training import Trainer
 
 ALIGN_PROMPTS = ("Describe the image.", "What is shown in this picture?",
                  "Give a short caption for this image.")
@@ -66,16 +66,11 @@ def align_projector(adapter: EmbeddedAdapter, settings: AlignSettings, out: Path
     parameters = adapter.trainable_parameters("projector")
     for parameter in parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
-
-    def schedule(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    trainer = Trainer(parameters, settings.lr, total_steps=settings.steps,
+                      warmup_steps=settings.warmup)
     model.train()
+    # A stream of batches rather than epochs: a fresh permutation joins the queue
+    # whenever fewer than a batch remain.
     history, started, order = [], time.monotonic(), []
     for step in range(settings.steps):
         if len(order) < settings.batch_size:
@@ -83,12 +78,7 @@ def align_projector(adapter: EmbeddedAdapter, settings: AlignSettings, out: Path
         chosen = [pairs[order.pop()] for _ in range(settings.batch_size)]
         images = [to_float(load_image_uint8(ref, ref.key)) for ref, _ in chosen]
         examples = [TextExample(rng.choice(ALIGN_PROMPTS), caption) for _, caption in chosen]
-        loss = adapter.loss(images, examples).loss.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        history.append(round(loss.item(), 4))
+        history.append(round(trainer.step(adapter.loss(images, examples).loss.mean()), 4))
         if (step + 1) % 20 == 0 or step == 0:
             recent = history[-20:]
             log(f"align {adapter.name}: step {step + 1}/{settings.steps} "

@@ -24,6 +24,7 @@ from torch import nn
 from mmguard.errors import MMGuardError
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model
+from mmguard.models.training import Trainer
 from mmguard.protect.surrogates.base import Images, Surrogate, TextItem
 from mmguard.protect.triggers import trigger_vocabulary
 
@@ -49,7 +50,7 @@ class ContrastiveSurrogate(Surrogate):
         self.model: ContrastiveModel = create_contrastive_model(names[0], pretrained, device)
         self.device = torch.device(device)
         self.trainable = trainable
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.2)
+        self.trainer = Trainer(self.model.parameters(), lr=lr, weight_decay=0.2)
 
     # -- texts ---------------------------------------------------------------------
     def ids(self, texts: Sequence[TextItem]) -> torch.Tensor:
@@ -65,21 +66,17 @@ class ContrastiveSurrogate(Surrogate):
     # -- inner minimisation --------------------------------------------------------
     def train_step(self, images: Images, texts: Sequence[TextItem]) -> float:
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(images, self.ids(texts))
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        return self.trainer.step(self._loss(images, self.ids(texts)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters()) if self.trainable else []
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "trainer": self.trainer.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.load_state_dict(state["trainer"])
 
     @contextlib.contextmanager
     def perturbation_mode(self, batch_statistics: bool = False) -> Iterator[None]:

@@ -26,6 +26,7 @@ from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import TRIGGER, EncodedBatch, LVLMAdapter, TextExample
 from mmguard.models.lvlm.lora import inject_lora
 from mmguard.models.lvlm.registry import create_lvlm
+from mmguard.models.training import Trainer
 from mmguard.protect.binding import (
     align_to_protected,
     answer_rows,
@@ -102,22 +103,22 @@ class LVLMSurrogate(Surrogate):
                                            for name in self.names]
         for member in self.members:
             member.model.requires_grad_(False)
-        self.optimizers = []
+        self.trainers: list[Trainer] = []
         if trainable:
             for member in self.members:
                 parameters = member.trainable_parameters("projector")
                 for parameter in parameters:
                     parameter.requires_grad_(True)
-                self.optimizers.append(torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0))
+                self.trainers.append(Trainer(parameters, lr=lr))
         # Inner adaptation (MMGuard section 5): LoRA rank 8, dropout 0.1, on the language
         # model's attention and MLP projections, lr 1e-4, mini-batches of 2; reset every round.
         self.inner_steps = inner_steps
-        self.inner: list[tuple[list[nn.Parameter], list[torch.Tensor], torch.optim.Optimizer]] = []
+        self.inner: list[tuple[list[nn.Parameter], list[torch.Tensor], Trainer]] = []
         for member in self.members if inner_steps else []:
             weights = inject_lora(member, rank=INNER_RANK, alpha=2 * INNER_RANK,
                                   dropout=INNER_DROPOUT, include_mlp=True)
             self.inner.append((weights, [w.detach().clone() for w in weights],
-                               torch.optim.AdamW(weights, lr=inner_lr, weight_decay=0.0)))
+                               Trainer(weights, lr=inner_lr)))
 
     @property
     def primary(self) -> LVLMAdapter:
@@ -142,14 +143,11 @@ class LVLMSurrogate(Surrogate):
         """Each member's projector learns the protected batch."""
         examples = self.examples(texts)
         losses = []
-        for member, optimizer in zip(self.members, self.optimizers, strict=True):
+        for member, trainer in zip(self.members, self.trainers, strict=True):
             member.model.train()
-            optimizer.zero_grad(set_to_none=True)
             loss = member.loss([image.detach() for image in images], examples).loss.mean()
-            loss.backward()
-            optimizer.step()
+            losses.append(trainer.step(loss))
             member.model.eval()
-            losses.append(loss.item())
         return sum(losses) / max(1, len(losses))
 
     def adapt(self, images: Images, texts: Sequence[TextItem]) -> float | None:
@@ -160,27 +158,23 @@ class LVLMSurrogate(Surrogate):
         for step in range(self.inner_steps):
             rows = [(step * INNER_BATCH + i) % len(examples)
                     for i in range(min(INNER_BATCH, len(examples)))]
-            for member, (_, _, optimizer) in zip(self.members, self.inner, strict=True):
+            for member, (_, _, trainer) in zip(self.members, self.inner, strict=True):
                 member.model.train()
-                optimizer.zero_grad(set_to_none=True)
                 loss = member.loss([images[r].detach() for r in rows],
                                    [examples[r] for r in rows]).loss.mean()
-                loss.backward()
-                optimizer.step()
+                losses.append(trainer.step(loss))
                 member.model.eval()
-                losses.append(loss.item())
         return sum(losses) / len(losses)
 
     @torch.no_grad()
     def end_round(self) -> None:
-        for weights, initial, optimizer in self.inner:
+        for weights, initial, trainer in self.inner:
             for weight, start in zip(weights, initial, strict=True):
                 weight.copy_(start)
-            optimizer.state.clear()
+            trainer.optimizer.state.clear()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for optimizer in self.optimizers for group in optimizer.param_groups
-                for p in group["params"]]
+        return [p for trainer in self.trainers for p in trainer.parameters]
 
     def state(self) -> dict[str, Any]:
         # Only what the bilevel steps train (the projectors): not the frozen towers, nor
@@ -188,14 +182,14 @@ class LVLMSurrogate(Surrogate):
         trained = {id(p) for p in self.trainable_parameters()}
         return {"projectors": [{name: p.detach().cpu() for name, p
                                 in member.model.named_parameters() if id(p) in trained}
-                               for member in self.members] if self.optimizers else [],
-                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+                               for member in self.members] if self.trainers else [],
+                "trainers": [trainer.state_dict() for trainer in self.trainers]}
 
     def load(self, state: dict[str, Any]) -> None:
         for member, saved in zip(self.members, state.get("projectors", []), strict=False):
             member.model.load_state_dict(saved, strict=False)
-        for optimizer, saved in zip(self.optimizers, state.get("optimizers", []), strict=False):
-            optimizer.load_state_dict(saved)
+        for trainer, saved in zip(self.trainers, state.get("trainers", []), strict=False):
+            trainer.load_state_dict(saved)
 
     # -- losses ------------------------------------------------------------------------
     @torch.no_grad()
