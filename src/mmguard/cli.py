@@ -310,6 +310,60 @@ def audit(folder, original, json_out):
     click.echo("ok: every file within budget, at original size, texts intact")
 
 
+@main.command()
+@click.option("--dataset", "dataset_name", type=click.Choice(sorted(BUILTINS)), required=True,
+              help="Built-in dataset whose training split is protected.")
+@click.option("--kind", type=click.Choice(KINDS), default="pairs", show_default=True)
+@click.option("--method", type=click.Choice(sorted(METHODS)), required=True)
+@click.option("--set", "options", multiple=True, metavar="OPTION=VALUE",
+              help="A method option, named as its config field (e.g. pgd_steps=40); repeatable.")
+@click.option("--attacker", "attackers", multiple=True, required=True,
+              help="MODEL:RECIPE[:key=value,...], e.g. lit:projection, rn-tiny:scratch, "
+                   "smolvlm-lite:lora:epochs=2; repeatable.")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--limit", type=click.IntRange(min=4), default=None,
+              help="First N images of the training split (before the hold-out).")
+@click.option("--holdout", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
+              help="Share of those images held out, clean, as the validation set.")
+@click.option("--on", "evaluate_on", type=click.Choice(("validation", "test")),
+              default="validation", show_default=True,
+              help="Score attackers on the held-out validation slice (screening) or on the "
+                   "test split (the benchmark; never tune on it).")
+@click.option("--limit-test", type=click.IntRange(min=2), default=None)
+@click.option("--eps", type=EpsParam(), default="8/255", show_default=True)
+@click.option("--name", default=None, help="Row name [dataset/method [options]].")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Work folder (protected data; reused by a rerun of the same row).")
+@click.option("--results", type=click.Path(path_type=Path), default=None,
+              help="JSON file the row is added to, with a Markdown table beside it "
+                   "[OUT/lab.json].")
+@click.option("--final-epoch-only", is_flag=True,
+              help="Score attackers after their last epoch only (faster for LVLMs).")
+def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, evaluate_on,
+        limit_test, eps, name, out, results, final_epoch_only):
+    """Efficacy lab: protect a slice with a method and test it against every control
+    (clean, uniform noise in the same ball, noise only, trigger only) and attacker, over
+    seeds; appends a row to a JSON file and a Markdown table.
+
+    \b
+    Example (screening on the validation slice):
+      mmguard lab --dataset emoji --method wrong-target --set pgd_steps=40 \\
+          --attacker lit:projection --attacker rn-tiny:scratch --limit 600 --out runs/lab/wt
+    """
+    from mmguard.lab import LabSetting, append_row, lab_row_name, run_lab
+    from mmguard.protect.registry import parse_options
+
+    setting = LabSetting(dataset=dataset_name, kind=kind, method=method,
+                         options=parse_options(method, options), attackers=tuple(attackers),
+                         seeds=tuple(_parse_seeds(seeds)), limit=limit, holdout=holdout,
+                         evaluate_on=evaluate_on, limit_test=limit_test, eps=eps)
+    row = run_lab(setting, out, log=lambda line: click.echo(line, err=True),
+                  every_epoch=not final_epoch_only)
+    results = results or out / "lab.json"
+    append_row(results, results.with_suffix(".md"), name or lab_row_name(setting), row)
+    click.echo(results.with_suffix(".md").read_text())
+
+
 @main.command("models")
 def models_list():
     """List the surrogate/attacker models by name."""

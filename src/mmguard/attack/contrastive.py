@@ -92,9 +92,14 @@ def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:
     return model
 
 
-def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
-                   progress=None) -> tuple[ContrastiveModel, list[float]]:
-    """Train the attacker; returns the model and the mean loss of every epoch."""
+def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe, progress=None,
+                   after_epoch=None) -> tuple[ContrastiveModel, list[float]]:
+    """Train the attacker; returns the model and the mean loss of every epoch.
+
+    `progress(epoch, mean_loss)` and `after_epoch(model, epoch)` run after every
+    epoch (1-based); the latter may evaluate the model (the next epoch puts it
+    back in training mode).
+    """
     if len(train.images) < 2:
         raise MMGuardError("the training set needs at least two images")
     model = _build_model(recipe)
@@ -123,8 +128,18 @@ def train_attacker(train: ImageCaptionSet, recipe: AttackerRecipe,
 
     log = train_epochs(trainer, model, batch_loss, items=len(train.images),
                        batch_size=recipe.batch_size, epochs=recipe.epochs, shuffle=rng,
-                       before_epoch=augment if recipe.augment else None, progress=progress)
+                       before_epoch=augment if recipe.augment else None,
+                       progress=lambda epoch, loss: _after(epoch, loss, model, progress,
+                                                           after_epoch))
     return model, log.epoch_losses
+
+
+def _after(epoch: int, loss: float, model: ContrastiveModel, progress, after_epoch) -> None:
+    if progress is not None:
+        progress(epoch, loss)
+    if after_epoch is not None:
+        with torch.no_grad():
+            after_epoch(model, epoch)
 
 
 def model_input_pixels(model: ContrastiveModel, images: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any
 
 from mmguard.errors import MMGuardError
@@ -58,3 +59,30 @@ def create_method(name: str, kind: str | None = None, *, strict: bool = True,
     if kind is not None and kind not in cls.kinds:
         raise MMGuardError(f"method {name!r} protects {' or '.join(cls.kinds)}, not {kind}")
     return cls(config, kind)
+
+
+def parse_options(name: str, assignments: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """["pgd_steps=40", "surrogates=lit"] -> typed values for the method's Config fields."""
+    fields = {f.name: f for f in dataclasses.fields(method_class(name).Config)}
+    options: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise MMGuardError(f"{assignment!r}: expected OPTION=VALUE with an option of "
+                               f"{name} ({', '.join(sorted(fields))})")
+        default = fields[key].default
+        kind = fields[key].metadata.get("type") or type(default)
+        if isinstance(default, tuple):
+            options[key] = tuple(part.strip() for part in text.split(",") if part.strip())
+        elif isinstance(default, bool):
+            options[key] = text.strip().lower() in ("1", "true", "yes", "on")
+        elif kind in (int, float, "eps"):
+            try:
+                options[key] = (float(Fraction(text)) if kind == "eps" or "/" in text
+                                else kind(text))
+            except ValueError:
+                raise MMGuardError(f"{assignment!r}: {key} takes a number") from None
+        else:
+            options[key] = text
+    return options

@@ -1,0 +1,306 @@
+"""The efficacy lab: one protection setting against every control, attackers and seeds.
+
+    row = run_lab(LabSetting(dataset="emoji", kind="pairs", method="wrong-target",
+                             attackers=("lit:projection", "rn-tiny:scratch"), seeds=(0, 1, 2),
+                             limit=600), work=Path("runs/lab/wt"))
+
+A protection works when an attacker trained on it does worse on clean data
+than the same attacker trained on each control:
+
+- clean: the original training data;
+- uniform: i.i.d. uniform noise in the same eps-ball (the strongest naive control
+  against frozen pretrained towers, calibration.md);
+- noise only: the method's images with the original texts;
+- trigger only: the original images with the method's texts (when it changes them).
+
+The training images are the first `limit` of the training split minus a held-out
+slice (`holdout`, the last share in split order): choices are screened on that
+clean slice ("validation"), never on the test split, which `evaluate_on="test"`
+uses for the final benchmark. Each attacker is scored after every epoch, so the
+row has the final score and the best one over the epochs (an attacker who stops
+early is an attacker too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
+from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm
+from mmguard.attack.triples import TripleSet, load_triples
+from mmguard.data.builtin import load_builtin
+from mmguard.data.release import output_image_paths, read_run_record
+from mmguard.data.sources import read_dataset
+from mmguard.errors import MMGuardError
+from mmguard.evaluate.audit import audit_or_raise
+from mmguard.evaluate.lvlm_protocol import AnswerEvaluation, evaluate_answers
+from mmguard.evaluate.retrieval import evaluate_retrieval
+from mmguard.models.families import DATA_KIND, family_of
+
+Log = Callable[[str], None]
+CONTROLS = ("clean", "uniform", "method", "noise only", "trigger only")
+# Attacker recipes by short name: "MODEL:RECIPE[:key=value,...]".
+CONTRASTIVE_DEFAULTS = {"scratch": dict(epochs=30, lr=5e-4, batch_size=64),
+                        "projection": dict(epochs=10, lr=1e-3, batch_size=64),
+                        "finetune": dict(epochs=5, lr=1e-4, batch_size=64)}
+# Metrics per family: (name, higher is better).
+METRICS = {"contrastive": (("i2t R@10", True), ("i2t MedR", False), ("t2i R@10", True),
+                           ("t2i MedR", False)),
+           "lvlm": (("exact_match", True), ("contains_match", True))}
+
+
+@dataclass
+class LabSetting:
+    dataset: str  # a built-in dataset
+    kind: str  # pairs or triples
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)  # the method's Config fields
+    attackers: tuple[str, ...] = ("rn-tiny:scratch",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    limit: int | None = None  # training images before the hold-out
+    holdout: float = 0.2
+    evaluate_on: str = "validation"  # or "test"
+    limit_test: int | None = None
+    eps: float = 8 / 255
+
+
+def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """"lit:projection:epochs=5,lr=1e-3" -> ("lit", "projection", {"epochs": 5, "lr": 0.001})."""
+    parts = spec.split(":")
+    if len(parts) < 2:
+        raise MMGuardError(f"attacker {spec!r}: write MODEL:RECIPE, e.g. lit:projection")
+    overrides: dict[str, Any] = {}
+    for item in (parts[2].split(",") if len(parts) > 2 and parts[2] else []):
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if "." in value or "e" in value else int(value)
+    return parts[0], parts[1], overrides
+
+
+def _recipe(spec: str, seed: int):
+    model, recipe, overrides = parse_attacker(spec)
+    if family_of(model, "attacker") == "contrastive":
+        base = {**CONTRASTIVE_DEFAULTS.get(recipe, {}), **overrides}
+        return AttackerRecipe(model=model, recipe=recipe, seed=seed, **base)
+    return LVLMRecipe(model=model, recipe=recipe, seed=seed, **overrides)
+
+
+# -- data --------------------------------------------------------------------------------
+def split_training(setting: LabSetting):
+    """(training part, held-out part) of the training split, by image, in split order."""
+    dataset = load_builtin(setting.dataset, "train", setting.kind)
+    keys = list(dataset.records_by_image())
+    if setting.limit is not None:
+        keys = keys[:setting.limit]
+    held = max(1, round(setting.holdout * len(keys))) if setting.evaluate_on == "validation" \
+        else 0
+    train_keys, held_keys = set(keys[:len(keys) - held]), set(keys[len(keys) - held:])
+
+    def subset(wanted: set[str]):
+        return dataclasses.replace(dataset, records=[r for r in dataset.records
+                                                     if r.image.key in wanted])
+
+    return subset(train_keys), subset(held_keys)
+
+
+def _load(dataset, kind: str):
+    return load_pairs(dataset) if kind == "pairs" else load_triples(dataset)
+
+
+def _swap(images_from, texts_from, kind: str):
+    if kind == "pairs":
+        return ImageCaptionSet(images_from.images, texts_from.captions, images_from.keys)
+    return TripleSet(images_from.images, texts_from.turns, images_from.keys)
+
+
+def _texts(data, kind: str) -> list:
+    if kind == "pairs":
+        return data.captions
+    return [[(e.prompt, e.trigger) for e in turns] for turns in data.turns]
+
+
+def training_sets(setting: LabSetting, clean_dataset, protected: Path,
+                  uniform: Path) -> dict[str, Any]:
+    """The attacker's training sets of one row, aligned image by image."""
+    kind = setting.kind
+    clean = _load(clean_dataset, kind)
+    method = _load(read_dataset(protected / "manifest.csv"), kind)
+    paths = output_image_paths(clean_dataset)
+    if [paths[key] for key in clean.keys] != method.keys:
+        raise MMGuardError(f"{protected} does not hold every training image in order; "
+                           "delete it and run again")
+    sets = {"clean": clean, "uniform": _load(read_dataset(uniform / "manifest.csv"), kind),
+            "method": method, "noise only": _swap(method, clean, kind)}
+    if _texts(method, kind) != _texts(clean, kind):
+        sets["trigger only"] = _swap(clean, method, kind)
+    return sets
+
+
+def protect_once(dataset, method: str, options: dict[str, Any], out: Path, eps: float,
+                 log: Log) -> dict[str, Any]:
+    """Protect `dataset` into `out` unless a finished run is there; its stealth and time."""
+    from mmguard.protect.registry import create_method
+    from mmguard.protect.run import protect_dataset
+
+    record = out / "mmguard-run.json"
+    started = time.monotonic()
+    if not (record.exists() and read_run_record(out).status == "complete"):
+        protection = create_method(method, dataset.kind, eps=eps, **options)
+        protect_dataset(dataset, protection, out, resume=out.exists(), progress=False,
+                        command=["lab", method])
+        log(f"protected {out.name} with {method} in {time.monotonic() - started:.0f} s")
+    audit = audit_or_raise(out)
+    run = read_run_record(out)
+    return {"seconds": round(time.monotonic() - started, 1), "max_linf_levels":
+            audit.max_linf_levels, "mean_psnr_db": audit.mean_psnr_db,
+            "mean_ssim": audit.mean_ssim, "optimisation": run.optimisation}
+
+
+# -- attackers ---------------------------------------------------------------------------
+def _contrastive_scores(metrics: dict) -> dict[str, float]:
+    return {"i2t R@10": metrics["i2t"]["R@10"], "i2t MedR": metrics["i2t"]["MedR"],
+            "t2i R@10": metrics["t2i"]["R@10"], "t2i MedR": metrics["t2i"]["MedR"]}
+
+
+def attack_once(spec: str, seed: int, train, test, every_epoch: bool) -> dict[str, Any]:
+    """Train one attacker on `train`; its clean-test scores after every epoch (or the last)."""
+    recipe = _recipe(spec, seed)
+    epochs: list[dict[str, float]] = []
+    if isinstance(recipe, AttackerRecipe):
+        def after_epoch(model, epoch):
+            if every_epoch or epoch == recipe.epochs:
+                epochs.append(_contrastive_scores(evaluate_retrieval(model, test)))
+
+        train_attacker(train, recipe, after_epoch=after_epoch)
+    else:
+        adapter = build_attacker(recipe)
+        settings = AnswerEvaluation(attention_examples=0, samples=0)
+
+        def progress(epoch, _loss):
+            if every_epoch or epoch == recipe.epochs:
+                adapter.model.eval()
+                scores = evaluate_answers(adapter, test, train, settings)
+                epochs.append({name: scores[name] for name, _ in METRICS["lvlm"]})
+
+        fine_tune_lvlm(adapter, train, recipe, progress=progress)
+    return {"final": epochs[-1], "epochs": epochs}
+
+
+def _best(epochs: list[dict[str, float]], family: str) -> dict[str, float]:
+    return {name: (max if higher else min)(e[name] for e in epochs)
+            for name, higher in METRICS[family]}
+
+
+def _mean_sem(values: list[float]) -> dict[str, float]:
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return {"mean": statistics.mean(values), "sem": sem, "runs": values}
+
+
+# -- one row -----------------------------------------------------------------------------
+def run_lab(setting: LabSetting, work: Path, log: Log = print,
+            every_epoch: bool = True) -> dict[str, Any]:
+    """Protect, build the controls, train every attacker on every set over the seeds."""
+    if setting.kind not in DATA_KIND.values():
+        raise MMGuardError(f"kind {setting.kind!r}: choose pairs or triples")
+    train_part, held_part = split_training(setting)
+    if setting.evaluate_on == "validation":
+        test_dataset = held_part
+    else:
+        test_dataset = load_builtin(setting.dataset, "test", setting.kind)
+    test = _load(test_dataset, setting.kind)
+    if setting.limit_test is not None:
+        test = test.first(setting.limit_test) if setting.kind == "triples" else \
+            ImageCaptionSet(test.images[:setting.limit_test], test.captions[:setting.limit_test],
+                            test.keys[:setting.limit_test])
+    work.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"setting": dataclasses.asdict(setting),
+                           "train_images": len(train_part.records_by_image()),
+                           "test_images": len(test.images)}
+    from mmguard.protect.registry import create_method
+
+    create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)  # fail early
+    row["protect"] = protect_once(train_part, setting.method, setting.options,
+                                  work / "protected", setting.eps, log)
+    row["uniform"] = protect_once(train_part, "random", {"seed": 0}, work / "uniform",
+                                  setting.eps, log)
+    sets = training_sets(setting, train_part, work / "protected", work / "uniform")
+    row["attackers"] = {}
+    for spec in setting.attackers:
+        family = family_of(parse_attacker(spec)[0], "attacker")
+        if DATA_KIND[family] != setting.kind:
+            raise MMGuardError(f"attacker {spec} trains on {DATA_KIND[family]}, the row "
+                               f"protects {setting.kind}")
+        results: dict[str, Any] = {}
+        for name, train in sets.items():
+            runs = []
+            for seed in setting.seeds:
+                started = time.monotonic()
+                run = attack_once(spec, seed, train, test, every_epoch)
+                run["best"] = _best(run["epochs"], family)
+                runs.append(run)
+                log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
+                    f"{_short(run['best'])} ({time.monotonic() - started:.0f} s)")
+            results[name] = {
+                which: {metric: _mean_sem([r[which][metric] for r in runs])
+                        for metric, _ in METRICS[family]} for which in ("final", "best")}
+            results[name]["epochs"] = [r["epochs"] for r in runs]
+        row["attackers"][spec] = results
+    return row
+
+
+def _short(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+
+
+# -- the results file and its table -----------------------------------------------------------
+def append_row(results: Path, table: Path, name: str, row: dict[str, Any]) -> None:
+    """Add (or replace) row `name` in the JSON file and rewrite the Markdown table."""
+    data = json.loads(results.read_text()) if results.exists() else {"rows": {}}
+    data["rows"][name] = row
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(data, indent=1) + "\n")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(markdown(data["rows"]))
+
+
+def markdown(rows: dict[str, dict[str, Any]]) -> str:
+    """One line per row, attacker and metric: final (best over epochs) mean ± s.e. per set."""
+    lines = ["# Efficacy lab", "",
+             "Each cell: attacker's final score ± standard error over seeds, then its best "
+             "over the epochs in brackets. Rows on `validation` are screening runs on a "
+             "held-out slice of the training split; `test` rows are the benchmark.", "",
+             "| row | on | attacker | metric | " + " | ".join(CONTROLS) + " | PSNR / SSIM |",
+             "|---|---|---|---|" + "---|" * len(CONTROLS) + "---|"]
+    for name, row in rows.items():
+        setting = row["setting"]
+        stealth = row["protect"]
+        quality = (f"{stealth['mean_psnr_db']:.1f} / "
+                   f"{stealth['mean_ssim']:.3f}" if stealth.get("mean_ssim") is not None
+                   else f"{stealth['mean_psnr_db']:.1f} / n/a")
+        for spec, results in row["attackers"].items():
+            family = family_of(parse_attacker(spec)[0], "attacker")
+            for metric, _ in METRICS[family]:
+                cells = []
+                for control in CONTROLS:
+                    if control not in results:
+                        cells.append("—")
+                        continue
+                    final, best = results[control]["final"][metric], \
+                        results[control]["best"][metric]
+                    cells.append(f"{final['mean']:.1f} ± {final['sem']:.1f} "
+                                 f"({best['mean']:.1f})")
+                lines.append(f"| {name} | {setting['evaluate_on']} | {spec} | {metric} | "
+                             + " | ".join(cells) + f" | {quality} |")
+    return "\n".join(lines) + "\n"
+
+
+def lab_row_name(setting: LabSetting) -> str:
+    options = ",".join(f"{k}={v}" for k, v in sorted(setting.options.items()))
+    return f"{setting.dataset}/{setting.method}" + (f" [{options}]" if options else "")
