@@ -57,3 +57,24 @@ def write_manifest(root: Path, rows: list[dict], name: str = "manifest.csv") -> 
 
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    """The tiny random `lvlm-test` LVLM (tests of LVLM code; a file may override it)."""
+    import torch
+
+    from mmguard.models.lvlm.registry import create_lvlm
+
+    torch.manual_seed(0)
+    return create_lvlm("lvlm-test")
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    """Four real emoji images from the test split, float (3, 64, 64)."""
+    from mmguard.data.builtin import load_builtin
+    from mmguard.data.images import load_image_uint8, to_float
+
+    records = load_builtin("emoji", "test", "triples").records[:4]
+    return [to_float(load_image_uint8(r.image, r.image.key)) for r in records]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.lvlm.base import ANSWER, IMAGE, PROMPT, TRIGGER, EncodedBatch, TextExample
 from mmguard.models.lvlm.embedded import create_embedded
 from mmguard.models.lvlm.registry import create_lvlm
@@ -25,18 +24,7 @@ from mmguard.protect.surrogates import TextItem
 from mmguard.protect.surrogates.lvlm import LVLMSurrogate
 
 PROMPT_TEXT = "What kind of clothing is this?"
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    torch.manual_seed(0)
-    return create_lvlm("lvlm-test")
-
-
-@pytest.fixture(scope="module")
-def real_images():
-    records = load_builtin("emoji", "test", "triples").records[:4]
-    return [to_float(load_image_uint8(r.image, r.image.key)) for r in records]
+# `adapter` (the tiny random lvlm-test) and `real_images` (4 emoji) come from conftest.py.
 
 
 def test_attention_mass_of_a_hand_built_map_equals_the_hand_computed_kl():

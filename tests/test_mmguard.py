@@ -23,7 +23,6 @@ from mmguard.models.lvlm.base import (
     TextExample,
     answer_positions,
 )
-from mmguard.models.lvlm.registry import create_lvlm
 from mmguard.protect.binding import bph_loss, js_divergence, routing_profile
 from mmguard.protect.pgd import pgd, random_start
 from mmguard.protect.registry import create_method
@@ -31,18 +30,7 @@ from mmguard.protect.run import protect_dataset
 from tests.conftest import BIN
 
 PROMPT_TEXT = "What kind of clothing is this?"
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    torch.manual_seed(0)
-    return create_lvlm("lvlm-test")
-
-
-@pytest.fixture(scope="module")
-def real_images():
-    records = load_builtin("emoji", "test", "triples").records[:4]
-    return [to_float(load_image_uint8(r.image, r.image.key)) for r in records]
+# `adapter` (the tiny random lvlm-test) and `real_images` (4 emoji) come from conftest.py.
 
 
 def _tokens(adapter, ids):
