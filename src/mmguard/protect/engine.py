@@ -41,6 +41,7 @@ from mmguard.protect.base import (
 )
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
 from mmguard.protect.pgd import pgd
+from mmguard.protect.robust import expectation_over, parse_robust
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.state import PerturbationStore
 from mmguard.protect.surrogates import (
@@ -66,6 +67,9 @@ class SurrogateConfig(MethodConfig):
     surrogate_lr: float = option(1e-4, "Surrogate learning rate.")
     pgd_steps: int = option(8, "PGD steps per batch and round.", min=1)
     step_size: float = option(1 / 255, "PGD step size.", type="eps")
+    robust: str = option("", "Optimise the noise to survive these attacker transformations "
+                         "(expectation over them in every PGD step): any of jpeg, grayscale, "
+                         "resize, crop, blur, comma-separated.", type=str)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class BilevelMethod(ProtectionMethod):
         self.family = surrogate_family(self.surrogate_names, self.kind)
         self.history: list[dict[str, Any]] = []
         self.pretrain_losses: list[float] = []
+        self.robust = parse_robust(self.config.robust)
 
     # -- hooks ---------------------------------------------------------------------
     def surrogate_options(self) -> dict[str, Any]:
@@ -342,6 +347,8 @@ class BilevelMethod(ProtectionMethod):
             # (3) noise, with the texts fixed
             if self.perturbs_image:
                 loss_fn = self.noise_loss(items, texts, reference, generator)
+                if self.robust:
+                    loss_fn = expectation_over(self.robust, loss_fn, generator)
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None)

@@ -1,0 +1,64 @@
+"""Differentiable stand-ins for the attacker's transformations (EOT inside PGD)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmguard.attack import augment
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, to_float
+from mmguard.errors import MMGuardError
+from mmguard.protect.registry import create_method
+from mmguard.protect.robust import TRANSFORMS, expectation_over, jpeg, parse_robust
+from mmguard.protect.run import protect_dataset
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    return [to_float(load_image_uint8(r.image, "x"))
+            for r in load_builtin("emoji", "test").records[:3]]
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_each_transform_keeps_shape_and_range_and_passes_gradients(emoji, name):
+    image = emoji[0].clone().requires_grad_(True)
+    out = TRANSFORMS[name](image, torch.Generator().manual_seed(0))
+    assert out.shape == image.shape
+    assert float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
+    (grad,) = torch.autograd.grad(out.sum(), image)
+    assert float(grad.abs().sum()) > 0
+
+
+def test_stand_ins_track_the_real_transformations(emoji):
+    for image in emoji:
+        real = augment.jpeg(image, 75)
+        # closer to real JPEG than the untouched image is (4:2:0 chroma, quality-75 tables)
+        assert float((jpeg(image) - real).abs().mean()) < 0.7 * float((image - real).abs().mean())
+        assert torch.allclose(TRANSFORMS["grayscale"](image, None), augment.grayscale(image),
+                              atol=1e-6)
+
+
+def test_expectation_draws_a_transformation_per_call(emoji):
+    calls = []
+    loss = expectation_over(("grayscale",), lambda images: calls.append(images) or
+                            images[0].sum(), torch.Generator().manual_seed(0))
+    for _ in range(12):
+        loss(emoji[:1])
+    grays = sum(bool(torch.equal(c[0][0], c[0][1])) for c in calls)
+    assert 0 < grays < 12  # both the untouched and the grayscale images are used
+    assert parse_robust("jpeg, blur") == ("jpeg", "blur") and parse_robust("") == ()
+    with pytest.raises(MMGuardError, match="unknown sepia"):
+        parse_robust("jpeg,sepia")
+
+
+def test_robust_option_runs_through_the_engine(tmp_path):
+    method = create_method("em", "pairs", surrogates=("rn-test",), rounds=1, pgd_steps=3,
+                           batch_size=8, robust="jpeg,grayscale,crop")
+    protect_dataset(load_builtin("digits", "train", "pairs"), method, tmp_path / "out",
+                    limit=8, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["config"]["robust"] == "jpeg,grayscale,crop"
+    assert 0 < max(item["linf_levels"] for item in record["items"]) <= 8
