@@ -166,3 +166,34 @@ def test_wrong_target_moves_features_to_the_permuted_group(tmp_path, kind, surro
     saved = [to_float(read_png_uint8(tmp_path / "out" / r.image.key)) for r in
              list({r.image.key: r for r in protected.records}.values())]
     assert share_at_target(saved) > share_at_target(clean) + 0.2
+
+
+def test_cluster_em_shares_one_pattern_per_cluster_then_refines_per_image(tmp_path):
+    dataset = load_builtin("digits", "train", "pairs")
+    method = create_method("cluster-em", "pairs", surrogates=("rn-test",), rounds=1,
+                           pgd_steps=2, batch_size=8, clusters=3, cluster_features="rn-test")
+    protect_dataset(dataset, method, tmp_path / "shared", limit=16, progress=False)
+    clusters = method.cluster_of
+    assert len(clusters) == 16 and set(clusters.values()) == {0, 1, 2}
+    saved = {r.image.key: read_png_uint8(tmp_path / "shared" / r.image.key).float()
+             for r in read_dataset(tmp_path / "shared" / "manifest.csv").records}
+    originals = {k: load_image_uint8(r.image, "o").float() for k, r in
+                 zip(saved, [dataset.records[i] for i in range(16)], strict=True)}
+    deltas = {k: saved[k] - originals[k] for k in saved}
+    by_cluster: dict[int, list[str]] = {}
+    for (key, _), cluster in zip(deltas.items(), clusters.values(), strict=True):
+        by_cluster.setdefault(cluster, []).append(key)
+    # images of one cluster carry one pattern (up to clipping at 0 and 255)
+    for keys in by_cluster.values():
+        first = deltas[keys[0]]
+        for key in keys[1:]:
+            unclipped = (originals[key] > 8) & (originals[key] < 247) & \
+                        (originals[keys[0]] > 8) & (originals[keys[0]] < 247)
+            assert torch.equal(deltas[key][unclipped], first[unclipped])
+    refine = create_method("cluster-em", "pairs", surrogates=("rn-test",), rounds=1,
+                           refine_rounds=1, pgd_steps=2, batch_size=8, clusters=3,
+                           cluster_features="rn-test")
+    protect_dataset(dataset, refine, tmp_path / "refined", limit=16, progress=False)
+    record = json.loads((tmp_path / "refined" / "mmguard-run.json").read_text())
+    assert [r["round"] for r in record["optimisation"]["rounds"]] == [1, 2]
+    assert len(list((tmp_path / "refined/.mmguard/work/deltas").glob("*.npy"))) == 3 + 16

@@ -8,6 +8,7 @@ from typing import Any
 
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import ProtectionMethod
+from mmguard.protect.methods.cluster_em import ClusterErrorMinimizing
 from mmguard.protect.methods.em import ErrorMinimizing
 from mmguard.protect.methods.mem import MultiStepErrorMinimizing
 from mmguard.protect.methods.mmguard_binding import MMGuard
@@ -22,6 +23,7 @@ METHODS: dict[str, type[ProtectionMethod]] = {
     MultiStepErrorMinimizing.name: MultiStepErrorMinimizing,
     MMGuard.name: MMGuard,
     WrongTarget.name: WrongTarget,
+    ClusterErrorMinimizing.name: ClusterErrorMinimizing,
 }
 
 
