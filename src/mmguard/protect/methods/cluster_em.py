@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mmguard.protect.base import DatasetView, ProtectionItem, option
+from mmguard.protect.grouping import answer_groups, answer_of, dataset_features, kmeans_groups
 from mmguard.protect.methods.em import EMConfig, ErrorMinimizing
 from mmguard.protect.surrogates import create_surrogate
 
@@ -60,27 +61,19 @@ class ClusterErrorMinimizing(ErrorMinimizing):
         self._round_index = 0
 
     def _cluster(self, data: DatasetView) -> dict[str, int]:
-        keys, features, answers = [], [], {}
         if self.kind == "triples":
-            for start in range(0, len(data.keys), self.config.batch_size):
-                for item in data.load(data.keys[start:start + self.config.batch_size]):
-                    keys.append(item.key)
-                    answers[item.key] = " | ".join(sorted(set(item.responses or [])))
-            names = sorted(set(answers.values()))
-            return {key: names.index(answers[key]) for key in keys}
+            keys = data.keys
+            answers = {item.key: answer_of(item) for start in range(0, len(keys),
+                                                                    self.config.batch_size)
+                       for item in data.load(keys[start:start + self.config.batch_size])}
+            keys = list(answers)
+            return dict(zip(keys, answer_groups(keys, answers), strict=True))
         tower = create_surrogate((self.config.cluster_features,), device=self.config.device,
                                  seed=self.config.seed)
-        with torch.no_grad(), tower.perturbation_mode():
-            for start in range(0, len(data.keys), self.config.batch_size):
-                items = data.load(data.keys[start:start + self.config.batch_size])
-                keys += [item.key for item in items]
-                features.append(tower.image_features([item.image for item in items]).cpu())
-        from sklearn.cluster import KMeans
-
-        fitted = KMeans(n_clusters=min(self.config.clusters, len(keys)), n_init=4,
-                        random_state=self.config.seed)
-        labels = fitted.fit_predict(torch.cat(features).double().numpy())
-        return {key: int(label) for key, label in zip(keys, labels, strict=True)}
+        keys, features, _ = dataset_features(data, tower, self.config.batch_size,
+                                             self.config.device)
+        labels = kmeans_groups(features, self.config.clusters, self.config.seed)
+        return dict(zip(keys, labels, strict=True))
 
     def _round(self, data: DatasetView, round_index: int):
         self._round_index = round_index

@@ -46,6 +46,7 @@ import torch
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodConfig, ProtectionItem, option
 from mmguard.protect.engine import BilevelConfig, BilevelMethod, TriggerConfig
+from mmguard.protect.grouping import answer_of
 from mmguard.protect.pgd import random_start
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.surrogates import TextItem
@@ -173,7 +174,7 @@ def _group_key(item: ProtectionItem, grouping: str) -> str:
     """The item itself, or ("response") every item with the same set of responses."""
     if grouping == "item":
         return item.key
-    return "response: " + " | ".join(sorted({r.strip() for r in item.responses or []}))
+    return "response: " + answer_of(item)
 
 
 def _trigger_position(position: str | int) -> str | int:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import DatasetView, ProtectionItem, option
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig
+from mmguard.protect.grouping import answer_groups, dataset_features, kmeans_groups
 from mmguard.protect.surrogates import TextItem
 
 
@@ -73,19 +74,10 @@ class WrongTarget(BilevelMethod):
             self.centroids = torch.tensor(saved["centroids"])
             self.scale = saved["scale"]
             return
-        keys, features = [], []
-        with torch.no_grad(), self.surrogate.perturbation_mode(self.batch_statistics):
-            for start in range(0, len(data.keys), self.config.batch_size):
-                items = data.load(data.keys[start:start + self.config.batch_size])
-                keys += [item.key for item in items]
-                features.append(self.surrogate.image_features(
-                    [item.image.to(self.device) for item in items]).cpu())
-                if self.kind == "triples":
-                    self._answers = {**getattr(self, "_answers", {}),
-                                     **{item.key: " | ".join(sorted(set(item.responses or [])))
-                                        for item in items}}
-        matrix = torch.cat(features)
-        labels = self._group(keys, matrix)
+        keys, matrix, answers = dataset_features(data, self.surrogate, self.config.batch_size,
+                                                 self.device, self.batch_statistics)
+        labels = torch.tensor(answer_groups(keys, answers) if self.kind == "triples"
+                              else kmeans_groups(matrix, self.config.groups, self.config.seed))
         count = int(labels.max()) + 1
         if count < 2:
             raise MMGuardError("wrong-target needs at least two groups of images (two "
@@ -103,16 +95,6 @@ class WrongTarget(BilevelMethod):
         self.store.write_json("targets.json", {
             "group_of": self.group_of, "target_of": self.target_of,
             "centroids": self.centroids.tolist(), "scale": self.scale})
-
-    def _group(self, keys: list[str], features: torch.Tensor) -> torch.Tensor:
-        if self.kind == "triples":
-            names = sorted(set(self._answers.values()))
-            return torch.tensor([names.index(self._answers[key]) for key in keys])
-        from sklearn.cluster import KMeans
-
-        clusters = min(self.config.groups, len(keys))
-        fitted = KMeans(n_clusters=clusters, n_init=4, random_state=self.config.seed)
-        return torch.from_numpy(fitted.fit_predict(features.double().numpy())).long()
 
     # -- the noise step -------------------------------------------------------------------
     def _logits(self, features: torch.Tensor) -> torch.Tensor:

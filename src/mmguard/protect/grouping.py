@@ -1,0 +1,45 @@
+"""Grouping a dataset's images without labels: by answer (triples) or by k-means on a
+frozen tower's features (pairs). Used by the methods that share or target per group."""
+
+from __future__ import annotations
+
+import torch
+
+from mmguard.protect.base import DatasetView, ProtectionItem
+from mmguard.protect.surrogates import Surrogate
+
+
+def answer_of(item: ProtectionItem) -> str:
+    """The item's set of responses as one string: items answered alike share it."""
+    return " | ".join(sorted({response.strip() for response in item.responses or []}))
+
+
+def dataset_features(data: DatasetView, surrogate: Surrogate, batch_size: int,
+                     device: torch.device | str = "cpu",
+                     batch_statistics: bool = False) -> tuple[list[str], torch.Tensor,
+                                                              dict[str, str]]:
+    """Every image's frozen-tower features (N, D), with the keys in that order and each
+    key's answer (empty for pairs); one pass over the data, batch by batch."""
+    keys, features, answers = [], [], {}
+    with torch.no_grad(), surrogate.perturbation_mode(batch_statistics):
+        for start in range(0, len(data.keys), batch_size):
+            items = data.load(data.keys[start:start + batch_size])
+            keys += [item.key for item in items]
+            answers.update({item.key: answer_of(item) for item in items})
+            features.append(surrogate.image_features([item.image.to(device)
+                                                      for item in items]).cpu())
+    return keys, torch.cat(features), answers
+
+
+def answer_groups(keys: list[str], answers: dict[str, str]) -> list[int]:
+    """Group index per key: one group per distinct answer, in sorted answer order."""
+    names = sorted(set(answers.values()))
+    return [names.index(answers[key]) for key in keys]
+
+
+def kmeans_groups(features: torch.Tensor, clusters: int, seed: int) -> list[int]:
+    """Group index per row of `features`: k-means with `clusters` clusters (fewer if fewer rows)."""
+    from sklearn.cluster import KMeans
+
+    fitted = KMeans(n_clusters=min(clusters, len(features)), n_init=4, random_state=seed)
+    return [int(label) for label in fitted.fit_predict(features.double().numpy())]
