@@ -34,7 +34,7 @@ from mmguard.errors import MMGuardError
 CLDR_PACKAGE = "unicode-cldr-core"
 CLDR_ANNOTATIONS = (Path("/usr/share/unicode/cldr/common/annotations/en.xml"),
                     Path("/usr/share/unicode/cldr/common/annotationsDerived/en.xml"))
-DESCRIPTION = "the emoji images with 2-5 captions each: names, CLDR keywords, group (64x64 RGB)"
+DESCRIPTION = "the emoji images with 2-4 captions each: names, CLDR keywords, group (64x64 RGB)"
 SOURCE = "Debian fonts-noto-color-emoji + unicode-data + unicode-cldr-core, Python unicodedata"
 PROMPT = emoji.PROMPT
 MIN_CAPTIONS, MAX_CAPTIONS = 2, 5
