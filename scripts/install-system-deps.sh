@@ -3,7 +3,7 @@
 # emoji names, Fashion-MNIST, and an English word list (natural triggers).
 # Installs only what is missing.
 set -euo pipefail
-packages=(fonts-noto-color-emoji unicode-data dataset-fashion-mnist wamerican)
+packages=(fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist wamerican)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from mmguard.cli import main
 from mmguard.data.builtin import BUILTINS, load_builtin
 from mmguard.data.builtin import digits as digits_module
 from mmguard.data.builtin import emoji as emoji_module
+from mmguard.data.builtin import emoji_captions as captions_module
 from mmguard.data.builtin import fashion_mnist as fashion_module
-from mmguard.data.builtin.emoji import parse_emoji_test
+from mmguard.data.builtin.emoji import EmojiEntry, parse_emoji_test
+from mmguard.data.builtin.emoji_captions import Annotation, captions_of, parse_cldr_annotations
 from mmguard.data.export import export_dataset
 from mmguard.data.images import load_image_uint8, open_pil
 from mmguard.data.records import PairRecord, TripleRecord
@@ -25,6 +29,9 @@ from mmguard.errors import MMGuardError
 needs_emoji = pytest.mark.skipif(
     not (emoji_module.FONT.exists() and emoji_module.EMOJI_TEST.exists()),
     reason="emoji font or emoji-test.txt not installed")
+needs_cldr = pytest.mark.skipif(
+    not all(path.exists() for path in captions_module.CLDR_ANNOTATIONS),
+    reason="unicode-cldr-core not installed")
 needs_fashion = pytest.mark.skipif(
     not (fashion_module.ROOT / "t10k-images-idx3-ubyte.gz").exists(),
     reason="dataset-fashion-mnist not installed")
@@ -154,8 +161,12 @@ EMOJI_TEST_EXCERPT = """\
 1F636 200D 1F32B            ; minimally-qualified # 😶‍🌫 E13.1 face in clouds
 
 # group: People & Body
+
+# subgroup: hand-fingers-open
 1F44B                       ; fully-qualified     # 👋 E0.6 waving hand
 1F44B 1F3FB                 ; fully-qualified     # 👋🏻 E1.0 waving hand: light skin tone
+
+# subgroup: family
 1F468 200D 1F469 200D 1F466 ; fully-qualified     # 👨‍👩‍👦 E2.0 family: man, woman, boy
 
 # group: Component
@@ -163,22 +174,139 @@ EMOJI_TEST_EXCERPT = """\
 1F9B0                       ; fully-qualified     # 🦰 E11.0 red hair
 
 # group: Symbols
+
+# subgroup: keycap
 0023 FE0F 20E3              ; fully-qualified     # #️⃣ E0.6 keycap: #
 
 # group: Flags
+
+# subgroup: country-flag
 1F1EB 1F1F7                 ; fully-qualified     # 🇫🇷 E2.0 flag: France
 """
 
 
 def test_parse_emoji_test_excerpt():
+    smileys = ("Smileys & Emotion", "face-smiling")
     assert parse_emoji_test(EMOJI_TEST_EXCERPT) == [
-        ("\U0001F600", "grinning face"),
-        ("\u263A\uFE0F", "smiling face"),
-        ("\U0001F44B", "waving hand"),
-        ("\U0001F468\u200D\U0001F469\u200D\U0001F466", "family: man, woman, boy"),
-        ("#\uFE0F\u20E3", "keycap: #"),
-        ("\U0001F1EB\U0001F1F7", "flag: France"),
+        ("\U0001F600", "grinning face", *smileys),
+        ("\u263A\uFE0F", "smiling face", *smileys),
+        ("\U0001F44B", "waving hand", "People & Body", "hand-fingers-open"),
+        ("\U0001F468\u200D\U0001F469\u200D\U0001F466", "family: man, woman, boy",
+         "People & Body", "family"),
+        ("#\uFE0F\u20E3", "keycap: #", "Symbols", "keycap"),
+        ("\U0001F1EB\U0001F1F7", "flag: France", "Flags", "country-flag"),
     ]
+
+
+# --- emoji-captions -----------------------------------------------------------------------
+
+CLDR_EXCERPT = """\
+<?xml version="1.0" encoding="UTF-8" ?>
+<ldml><annotations>
+  <annotation cp="&amp;">ampersand | and | et</annotation>
+  <annotation cp="&amp;" type="tts">ampersand</annotation>
+  <annotation cp="\U0001F603">face | mouth | open | smile</annotation>
+  <annotation cp="\U0001F603" type="tts">Grinning Face With Big Eyes</annotation>
+  <annotation cp="\u263A">face | outlined | relaxed | smile | smiling face</annotation>
+  <annotation cp="\U0001F1EB\U0001F1F7" type="tts">flag: France</annotation>
+</annotations></ldml>
+"""
+
+
+def test_parse_cldr_annotations_excerpt():
+    parsed = parse_cldr_annotations(CLDR_EXCERPT)
+    assert parsed == {
+        "&": Annotation("ampersand", ("ampersand", "and", "et")),
+        "\U0001F603": Annotation("Grinning Face With Big Eyes", ("face", "mouth", "open", "smile")),
+        "\u263A": Annotation(None, ("face", "outlined", "relaxed", "smile", "smiling face")),
+        "\U0001F1EB\U0001F1F7": Annotation("flag: France", ()),
+    }
+
+
+def test_captions_of_each_source_deduplicated():
+    cldr = parse_cldr_annotations(CLDR_EXCERPT)
+    big_eyes = EmojiEntry("\U0001F603", "grinning face with big eyes", "Smileys & Emotion",
+                          "face-smiling")
+    # The CLDR short name is the emoji name in other case: dropped as a duplicate.
+    assert captions_of(big_eyes, cldr) == (
+        "grinning face with big eyes", "smiling face with open mouth",
+        "face, mouth, open, smile", "smileys emotion, face smiling")
+    # CLDR lists emoji without U+FE0F; "smiling face" is both the emoji and the
+    # character name (WHITE SMILING FACE is the latter).
+    smiling = EmojiEntry("\u263A\uFE0F", "smiling face", "Smileys & Emotion", "face-affection")
+    assert captions_of(smiling, cldr) == (
+        "smiling face", "white smiling face", "face, outlined, relaxed, smile, smiling face",
+        "smileys emotion, face affection")
+    # A sequence has no character name; an emoji missing from CLDR keeps the others.
+    flag = EmojiEntry("\U0001F1EB\U0001F1F7", "flag: France", "Flags", "country-flag")
+    assert captions_of(flag, cldr) == ("flag: France", "flags, country flag")
+    assert captions_of(flag, {}) == ("flag: France", "flags, country flag")
+
+
+def _images_and_captions(split: str) -> dict[str, list[str]]:
+    dataset = load_builtin("emoji-captions", split, "pairs")
+    return {key: [dataset.records[i].captions[0] for i in rows]
+            for key, rows in dataset.records_by_image().items()}
+
+
+@needs_emoji
+@needs_cldr
+def test_emoji_captions_several_per_image_split_by_image():
+    train, test = _images_and_captions("train"), _images_and_captions("test")
+
+    # The same images and split as `emoji`; every caption row of an image in one split.
+    assert set(train) == set(keys(load_builtin("emoji", "train", "pairs")))
+    assert set(test) == set(keys(load_builtin("emoji", "test", "pairs")))
+    assert not set(train) & set(test)
+    for captions in [*train.values(), *test.values()]:
+        assert 2 <= len(captions) <= 5
+        assert len({caption.casefold() for caption in captions}) == len(captions)
+    assert train["1f600.png"] == ["grinning face", "face, grin, grinning face",
+                                  "smileys emotion, face smiling"]
+    assert train["1f603.png"][1] == "smiling face with open mouth"
+    # A caption no longer names one image: subgroup phrases and keywords are shared.
+    owners: dict[str, set[str]] = {}
+    for key, captions in train.items():
+        for caption in captions:
+            owners.setdefault(caption, set()).add(key)
+    assert len(owners["smileys emotion, face smiling"]) > 5
+    rows = sum(len(captions) for captions in train.values())
+    assert rows > 2.5 * len(train)
+
+    triples = load_builtin("emoji-captions", "test", "triples")
+    assert [r.image.key for r in triples.records] == list(test)
+    assert all(r.response == test[r.image.key][0] for r in triples.records)
+
+
+@needs_emoji
+@needs_cldr
+def test_emoji_captions_export_repeats_the_image_path(tmp_path: Path):
+    dataset = load_builtin("emoji-captions", "test", "pairs")
+    manifest = export_dataset(dataset, tmp_path / "export", "csv", limit=3)
+
+    back = read_dataset(manifest)
+    groups = back.records_by_image()
+    assert len(groups) == 3 == len(list((tmp_path / "export" / "images").iterdir()))
+    original = _images_and_captions("test")
+    for key, rows in groups.items():
+        stem = key.removeprefix("images/")
+        assert [back.records[i].captions[0] for i in rows] == original[stem]
+
+
+def test_emoji_captions_without_cldr_names_the_package(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(captions_module, "CLDR_ANNOTATIONS", (tmp_path / "en.xml",))
+    captions_module._cldr.cache_clear()
+    try:
+        with pytest.raises(MMGuardError, match="install the Debian package unicode-cldr-core"):
+            load_builtin("emoji-captions", "train", "pairs")
+        # On the command line: one error line and exit code 1, no traceback.
+        result = CliRunner().invoke(main, ["datasets", "export", "emoji-captions",
+                                           "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1
+        assert "error: the emoji-captions dataset needs" in result.output
+        assert "unicode-cldr-core" in result.output and "Traceback" not in result.output
+    finally:
+        captions_module._cldr.cache_clear()
 
 
 # --- digits ----------------------------------------------------------------------------

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.sources import read_dataset
 from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
+from mmguard.evaluate.audit import audit_folder
 from mmguard.models.registry import create_contrastive_model
 from mmguard.protect.engine import BilevelMethod
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 from mmguard.protect.triggers import english_words
+from tests.conftest import write_manifest
 
 FAST = dict(surrogates=("rn-test",), batch_size=8, rounds=2, pgd_steps=2, top_k=4,
             train_steps=1, clean_epochs=1)
@@ -202,3 +206,69 @@ def test_mem_step_shuffle_rescores_each_pgd_step_with_new_caption_pairs(tmp_path
     fixed_loss = fixed.noise_loss([], texts, None, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert len({round(float(fixed_loss(images)), 6) for _ in range(3)}) == 1
+
+
+def multi_caption_folder(root: Path) -> Path:
+    """Four real digit images, three captions each, rows interleaved as in a COCO export."""
+    root.mkdir()
+    records = load_builtin("digits", "train").records[:4]
+    for record in records:
+        Image.fromarray(load_image_uint8(record.image, "o").permute(1, 2, 0).numpy()).save(
+            root / record.image.key)
+    phrasings = ("{}", "the number {}", "{} written by hand")
+    rows = [{"image": record.image.key, "caption": phrasing.format(record.captions[0])}
+            for phrasing in phrasings for record in records]
+    return write_manifest(root, rows)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("noise_per", ["caption", "image"])
+def test_mem_noise_per_caption_writes_one_image_per_caption_row(tmp_path, noise_per):
+    manifest = multi_caption_folder(tmp_path / "photos")
+    before = file_hashes(tmp_path / "photos")
+    dataset = read_dataset(manifest)
+    method = create_method("mem", "pairs", strict=False,
+                           **{**FAST, "rounds": 1, "trigger_init": "random"}, noise_per=noise_per)
+    out = tmp_path / "out"
+    protect_dataset(dataset, method, out, progress=False)
+
+    released = read_dataset(out / "manifest.csv").records
+    assert len(released) == 12
+    files = [record.image.key for record in released]
+    triggers = []
+    for original, record in zip(dataset.records, released, strict=True):
+        # Every row keeps its place and its caption, behind its own or its image's trigger.
+        caption = original.captions[0]
+        assert record.captions[0].endswith(" " + caption)
+        triggers.append(record.captions[0][: -len(caption) - 1])
+    if noise_per == "caption":
+        assert sorted(files) == sorted(f"images/{Path(r.image.key).stem}__c{k}.png"
+                                       for k in range(3) for r in dataset.records[:4])
+        assert len(set(triggers)) == 12
+    else:
+        assert sorted(set(files)) == sorted(f"images/{r.image.key}" for r in dataset.records[:4])
+        assert len(set(triggers)) == 4
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        Path(f).name for f in set(files))
+
+    saved: dict[str, list[torch.Tensor]] = {}
+    for original, file in zip(dataset.records, files, strict=True):
+        pixels = read_png_uint8(out / file)
+        change = linf_levels(load_image_uint8(original.image, "o"), pixels)
+        assert 0 < change <= 8, file  # perturbed, within 8/255 on the saved 8-bit file
+        saved.setdefault(original.image.key, []).append(pixels)
+    for copies in saved.values():
+        distinct = {tuple(c.flatten().tolist()) for c in copies}
+        assert len(distinct) == (3 if noise_per == "caption" else 1)
+    assert file_hashes(tmp_path / "photos") == before  # originals untouched
+
+    record = json.loads((out / "mmguard-run.json").read_text())
+    assert len(record["items"]) == len(set(files))
+    assert record["config"]["noise_per"] == noise_per
+    assert record["config"].get("release_per") == ("caption" if noise_per == "caption" else None)
+    report = audit_folder(out)
+    assert report.ok, report.problems
+    assert report.items == len(set(files)) and report.texts_checked == 12

@@ -15,6 +15,7 @@ from mmguard.data.release import (
     ReleasedItem,
     RunRecord,
     output_image_paths,
+    per_caption_images,
     read_run_record,
     write_run_record,
 )
@@ -101,6 +102,28 @@ def test_output_paths_drop_the_shared_folder_and_become_png(tmp_path: Path):
                                          {"image": "img/b.webp", "caption": "b"}])
     paths = output_image_paths(resolve_dataset(manifest))
     assert paths == {"img/a/x.jpg": "images/a/x.png", "img/b.webp": "images/b.png"}
+
+
+def test_per_caption_images_give_every_caption_row_its_own_key(tmp_path: Path):
+    (tmp_path / "img").mkdir()
+    rows = [{"image": "img/a.jpg", "caption": ["one", "two"]},
+            {"image": "img/b.png", "caption": "three"},
+            {"image": "img/a.jpg", "caption": "four"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = resolve_dataset(tmp_path / "m.jsonl")
+
+    split = per_caption_images(dataset)
+
+    assert [(r.image.key, r.captions) for r in split.records] == [
+        ("img/a__c0.jpg", ("one",)), ("img/a__c1.jpg", ("two",)),
+        ("img/b__c0.png", ("three",)), ("img/a__c2.jpg", ("four",))]
+    # Same files read, same rows mirrored; the input dataset is left as it was.
+    assert {r.image.path for r in split.records} == {tmp_path / "img/a.jpg", tmp_path / "img/b.png"}
+    assert split.records[1].raw is dataset.records[0].raw
+    assert (split.source, split.fmt, split.root) == (dataset.source, dataset.fmt, dataset.root)
+    assert [r.image.key for r in dataset.records] == ["img/a.jpg", "img/b.png", "img/a.jpg"]
+    assert list(output_image_paths(split).values()) == [
+        "images/a__c0.png", "images/a__c1.png", "images/b__c0.png", "images/a__c2.png"]
 
 
 def test_resolver_reads_manifests_builtins_and_the_names_run_records_write(tmp_path: Path):

@@ -58,6 +58,54 @@ def test_hand_computed_metrics():
     assert all(type(v) is float for v in [*i2t.values(), *t2i.values()])
 
 
+def multi_caption_case():
+    """2 images, 5 captions whose rows interleave: owner [1, 0, 1, 0, 0].
+
+    Cosine similarities (rows images, columns captions), exact by construction:
+        img0: [0.6, 0.1, 0.2, 0.5, 0.3]    true: cap1, cap3, cap4
+        img1: [0.2, 0.3, 0.4, 0.1, 0.0]    true: cap0, cap2
+    """
+    sims = torch.tensor([[0.6, 0.1, 0.2, 0.5, 0.3], [0.2, 0.3, 0.4, 0.1, 0.0]],
+                        dtype=torch.float64)
+    images = torch.eye(2, 3, dtype=torch.float64)
+    # Unit text vectors whose first two coordinates are the similarities.
+    texts = torch.cat([sims.T, (1 - (sims.T ** 2).sum(dim=1, keepdim=True)).sqrt()], dim=1)
+    return images, texts, torch.tensor([1, 0, 1, 0, 0])
+
+
+def test_image_to_text_hit_is_any_of_the_images_captions():
+    i2t, t2i = retrieval_ranks(*multi_caption_case())
+    # img0: its first caption (cap1, 0.1) is near the bottom, but its best true caption
+    # is cap3 (0.5); only the false cap0 (0.6) is above it -> 2.
+    # img1: best true caption cap2 (0.4); the false ones score 0.3 and less -> 1.
+    assert i2t.tolist() == [2, 1]
+    # One rank per caption: cap0 img0 (0.6) above img1 (0.2) -> 2; cap1 img1 (0.3) above
+    # img0 (0.1) -> 2; cap2, cap3, cap4 are highest on their own image -> 1.
+    assert t2i.tolist() == [2, 2, 1, 1, 1]
+    metrics = retrieval_metrics(*multi_caption_case(), ks=(1, 2))
+    assert metrics["i2t"]["R@1"] == pytest.approx(50.0)
+    assert metrics["t2i"]["R@1"] == pytest.approx(60.0)
+    assert metrics["n_images"] == 2 and metrics["n_texts"] == 5
+
+
+def test_multi_caption_manifest_reaches_retrieval_grouped_by_image(tmp_path):
+    from PIL import Image
+
+    from mmguard.attack.contrastive import load_pairs
+    from mmguard.data.sources import read_dataset
+    from tests.conftest import write_manifest
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name)
+    manifest = write_manifest(tmp_path, [{"image": "a.png", "caption": "red one"},
+                                         {"image": "b.png", "caption": "blue one"},
+                                         {"image": "a.png", "caption": "a red square"}])
+    pairs = load_pairs(read_dataset(manifest))
+    assert pairs.keys == ["a.png", "b.png"]
+    assert pairs.captions == [["red one", "a red square"], ["blue one"]]
+    assert len(pairs.images) == 2
+
+
 def test_default_ks_give_standard_keys():
     result = retrieval_metrics(*hand_case())
     assert list(result["i2t"]) == ["R@1", "R@5", "R@10", "MedR", "MeanR"]
@@ -190,6 +238,24 @@ def test_random_guess_exact_small_cases():
     assert two["i2t"]["MedR"] == 1.0
     assert two["i2t"]["MeanR"] == pytest.approx(5 / 3)
     assert random_guess_level(5, 5, 1)["t2i"]["MedR"] == 3.0
+
+
+def test_random_guess_with_different_caption_counts():
+    # 3 images with 1, 1 and 2 captions among n = 4. One caption: P(best <= r) = r/4.
+    # Two: P(best > 1) = C(2,1)/C(4,1) = 1/2, P(best > 2) = C(2,2)/C(4,2) = 1/6.
+    level = random_guess_level(n_images=3, n_texts=4, captions_per_image=[1, 2, 1],
+                               ks=(1, 2, 3))
+    assert level["i2t"]["R@1"] == pytest.approx(100 * (1 / 4 + 1 / 4 + 1 / 2) / 3)
+    assert level["i2t"]["R@2"] == pytest.approx(100 * (1 / 2 + 1 / 2 + 5 / 6) / 3)
+    assert level["i2t"]["R@3"] == pytest.approx(100 * (3 / 4 + 3 / 4 + 1) / 3)
+    # P(rank <= 1) = 1/3 < 1/2 <= P(rank <= 2) = 11/18.
+    assert level["i2t"]["MedR"] == 2.0
+    assert level["i2t"]["MeanR"] == pytest.approx((5 / 2 + 5 / 2 + 5 / 3) / 3)
+    assert level["t2i"]["R@1"] == pytest.approx(100 / 3)
+    # One count per image that are all equal is the single-count form.
+    assert random_guess_level(4, 12, [3, 3, 3, 3]) == random_guess_level(4, 12, 3)
+    with pytest.raises(MMGuardError, match="3 counts for 2 images"):
+        random_guess_level(2, 4, [1, 1, 2])
 
 
 def test_random_guess_matches_monte_carlo():

@@ -3,6 +3,8 @@
 Layout of a folder `mmguard protect` writes:
 
     OUT/images/<image key's folder>/<stem>.png   protected images, original size
+                                                 (<stem>__c<k>.png: one per caption row,
+                                                 when the method protects per caption)
     OUT/<manifest name>                          mirror of the input manifest
     OUT/mmguard-run.json                         run record (settings, versions, per item)
     OUT/.mmguard/                                the writer's journal and lock
@@ -16,16 +18,42 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmguard.data.records import Dataset
+from mmguard.data.records import Dataset, PairRecord
 from mmguard.data.trigger_text import Position
 from mmguard.errors import MMGuardError
 
 RUN_RECORD = "mmguard-run.json"
 STATE_DIR = ".mmguard"
+# The run record's config says how images were released; absent means "image".
+RELEASE_PER = "release_per"
+
+
+def per_caption_images(dataset: Dataset) -> Dataset:
+    """The dataset with every caption row given an image of its own.
+
+    A method that protects per caption (MEM's reference code on Flickr's five
+    captions) releases an image once per row: row k of "img/a.jpg" reads the
+    same file under the key "img/a__c<k>.jpg", so it gets its own file
+    ("images/a__c<k>.png"), its own noise and its own trigger, with nothing
+    else in the pipeline knowing. A row holding several captions (a JSONL
+    list) becomes one row per caption. The rows keep their order and source.
+    """
+    rows = [single for record in dataset.records
+            for single in ([record.with_texts((text,)) for text in record.captions]
+                           if isinstance(record, PairRecord) and len(record.captions) > 1
+                           else [record])]
+    seen: dict[str, int] = {}
+    records = []
+    for record in rows:
+        image = record.image
+        k = seen[image.key] = seen.get(image.key, -1) + 1
+        stem, extension = posixpath.splitext(image.key)
+        records.append(replace(record, image=replace(image, key=f"{stem}__c{k}{extension}")))
+    return replace(dataset, records=records)
 
 
 def output_image_paths(dataset: Dataset) -> dict[str, str]:
@@ -120,6 +148,11 @@ class RunRecord:
     @property
     def surrogates(self) -> tuple[str, ...]:
         return tuple(self.config.get("surrogates") or ())
+
+    @property
+    def per_caption(self) -> bool:
+        """Released one image per caption row (see `per_caption_images`)."""
+        return self.config.get(RELEASE_PER) == "caption"
 
     @property
     def max_linf_levels(self) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from mmguard.data.images import DecodedImage, load_image, read_png_uint8
 from mmguard.data.records import Dataset
-from mmguard.data.release import RunRecord, read_run_record
+from mmguard.data.release import RunRecord, per_caption_images, read_run_record
 from mmguard.data.resolve import DatasetNotFound, resolve_dataset
 from mmguard.data.sources import mirror_manifest_name, read_dataset
 from mmguard.data.stealth import linf_levels, psnr_db, ssim
@@ -92,6 +92,9 @@ def audit_folder(folder: Path, original: str | None = None) -> AuditReport:
     record = read_run_record(folder)
     originals = (resolve_dataset(original, record.input.kind) if original
                  else recorded_originals(record))
+    if record.per_caption:
+        # Each caption row was released as an image of its own, compared to the same original.
+        originals = per_caption_images(originals)
     report = AuditReport(str(folder), originals.source, record.budget.eps_levels)
     by_key = originals.records_by_image()
     manifest = folder / mirror_manifest_name(originals)

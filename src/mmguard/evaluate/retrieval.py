@@ -33,6 +33,7 @@ features then give bit-identical similarities, and ties are seen as ties).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -173,19 +174,26 @@ def _p_best_rank_above(n: int, c: int, r: int) -> Fraction:
     return p
 
 
-def _lower_median_best_rank(n: int, c: int) -> int:
-    """Smallest r with P(best rank <= r) >= 1/2; the CDF is monotone, so bisect."""
-    low, high = 1, n - c + 1
+def _lower_median_best_rank(n: int, counts: dict[int, int]) -> int:
+    """Smallest r with P(best rank <= r) >= 1/2 for an image drawn at random, `counts`
+    mapping c (true captions) -> how many images have c; the CDF is monotone, so bisect."""
+    images = sum(counts.values())
+
+    def at_most(r: int) -> Fraction:
+        return sum((m * (1 - _p_best_rank_above(n, c, r)) for c, m in counts.items()),
+                   Fraction(0)) / images
+
+    low, high = 1, n - min(counts) + 1
     while low < high:
         mid = (low + high) // 2
-        if 1 - _p_best_rank_above(n, c, mid) >= Fraction(1, 2):
+        if at_most(mid) >= Fraction(1, 2):
             high = mid
         else:
             low = mid + 1
     return low
 
 
-def random_guess_level(n_images: int, n_texts: int, captions_per_image: int,
+def random_guess_level(n_images: int, n_texts: int, captions_per_image: int | Sequence[int],
                        ks: Sequence[int] = DEFAULT_KS) -> dict:
     """Expected metrics of a scorer that orders items uniformly at random (same keys as
     `retrieval_metrics`). A protected model near these numbers has learned nothing.
@@ -194,21 +202,35 @@ def random_guess_level(n_images: int, n_texts: int, captions_per_image: int,
         P(best rank <= K) = 1 - C(n-c, K) / C(n, K)
         MedR = smallest r with P(best rank <= r) >= 1/2  (lower median)
         MeanR = sum_{r>=0} P(best rank > r) = (n + 1) / (c + 1)
+    With one count per image (images with different numbers of captions), R@K and
+    MeanR are the means over the images, and MedR is the lower median of the rank of
+    an image drawn at random.
     text->image, one true image among m = n_images, rank uniform on 1..m:
         R@K = min(K, m) / m,  MedR = ceil(m / 2) (lower median),  MeanR = (m + 1) / 2
     R@K is in percent; MedR is exact, not simulated.
     """
     ks = _check_ks(ks)
+    per_image = ([captions_per_image] * n_images if isinstance(captions_per_image, int)
+                 else list(captions_per_image))
     for name, value in (("n_images", n_images), ("n_texts", n_texts),
-                        ("captions_per_image", captions_per_image)):
+                        *(("captions_per_image", c) for c in per_image)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MMGuardError(f"{name} must be a positive integer; got {value!r}")
-    n, c, m = n_texts, captions_per_image, n_images
-    if c > n:
-        raise MMGuardError(f"captions_per_image ({c}) exceeds n_texts ({n})")
-    i2t = {f"R@{k}": 100.0 * float(1 - _p_best_rank_above(n, c, k)) for k in ks}
-    i2t["MedR"] = float(_lower_median_best_rank(n, c))
-    i2t["MeanR"] = (n + 1) / (c + 1)
+    n, m = n_texts, n_images
+    if len(per_image) != m:
+        raise MMGuardError(f"captions_per_image has {len(per_image)} counts for {m} images")
+    if max(per_image) > n:
+        raise MMGuardError(f"captions_per_image ({max(per_image)}) exceeds n_texts ({n})")
+    # Images with the same count have the same distribution: compute each count once.
+    counts = Counter(per_image)
+
+    def mean_over_images(value) -> float:
+        return float(sum(Fraction(images) * value(c) for c, images in counts.items()) / m)
+
+    i2t = {f"R@{k}": 100.0 * mean_over_images(lambda c, k=k: 1 - _p_best_rank_above(n, c, k))
+           for k in ks}
+    i2t["MedR"] = float(_lower_median_best_rank(n, counts))
+    i2t["MeanR"] = mean_over_images(lambda c: Fraction(n + 1, c + 1))
     t2i = {f"R@{k}": 100.0 * min(k, m) / m for k in ks}
     t2i["MedR"] = float((m + 1) // 2)
     t2i["MeanR"] = (m + 1) / 2
@@ -256,6 +278,6 @@ def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
                                                  .to(device))
                                for s in range(0, len(texts), batch_size)])
     metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), owners)
-    per_image = max(1, round(len(texts) / len(test.images)))
-    metrics["random"] = random_guess_level(len(test.images), len(texts), per_image)
+    metrics["random"] = random_guess_level(len(test.images), len(texts),
+                                           [len(captions) for captions in test.captions])
     return metrics

@@ -98,6 +98,13 @@ class ProtectionMethod(ABC):
         return getattr(self.config, "batch_size", 16)
 
     @property
+    def release_per(self) -> str:
+        """"image": one protected file per image, shared by all its caption rows;
+        "caption": one per caption row, each with its own noise and trigger (the runner
+        then protects `data.release.per_caption_images` of the dataset)."""
+        return "image"
+
+    @property
     def trigger_position(self) -> str | int:
         """Where the released text gets the trigger: "start", "end" or a word index."""
         return "start"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mmguard.data.images import DecodedImage, check_image_file, load_image, to_float
 from mmguard.data.records import Dataset, ImageRef, Record, TripleRecord
-from mmguard.data.release import STATE_DIR, output_image_paths
+from mmguard.data.release import RELEASE_PER, STATE_DIR, output_image_paths, per_caption_images
 from mmguard.errors import BadItemError, MMGuardError
 from mmguard.protect.base import ProtectionItem, ProtectionMethod
 from mmguard.protect.output import ProtectedDatasetWriter
@@ -129,7 +129,8 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
     """Validate, run `method` over the dataset and write the protected copy to `out_dir`.
 
     `batch_size` (images decoded and protected at once) defaults to the method's
-    own; outputs never depend on it.
+    own; outputs never depend on it. A method that protects per caption row sees,
+    and `limit` counts, one image per row.
     """
     if dataset.kind not in method.kinds:
         raise MMGuardError(f"method {method.name!r} protects {' or '.join(method.kinds)}, but "
@@ -138,12 +139,17 @@ def protect_dataset(dataset: Dataset, method: ProtectionMethod, out_dir: Path, *
         raise MMGuardError(f"the {method.name} method was set up for {method.kind}, but "
                            f"{dataset.source} holds {dataset.kind}; create it with "
                            f"kind={dataset.kind!r}")
+    per_caption = method.release_per == "caption"
+    if per_caption:
+        dataset = per_caption_images(dataset)
     jobs, problems = plan_jobs(dataset, limit)
     if problems and not skip_bad:
         raise MMGuardError(f"{len(problems)} bad item(s) in {dataset.source}; nothing was "
                            f"written. Fix them or add --skip-bad:\n{format_problems(problems)}")
     config = {**(input_fingerprint or {"input": dataset.source}), "kind": dataset.kind,
-              **method.describe(), "limit": limit, "skip_bad": skip_bad}
+              **method.describe(), "limit": limit, "skip_bad": skip_bad,
+              # Only when it differs, so image-mode run records keep their form.
+              **({RELEASE_PER: "caption"} if per_caption else {})}
     writer = ProtectedDatasetWriter(out_dir, dataset, config, command or [], resume,
                                     method.trigger_position)
     for item, reason in problems:

@@ -17,7 +17,7 @@ TEST_FRACTION = 0.2
 class BuiltinItem:
     key: str  # file name of the image, e.g. "1f600.png"
     opener: Callable[[], Image.Image]
-    caption: str  # pairs form
+    captions: tuple[str, ...]  # pairs form: one row per caption, the image repeated
     answer: str  # triples form: the response to the dataset's prompt
 
 
@@ -38,8 +38,9 @@ def build_dataset(name: str, split: str, kind: Kind, items: list[BuiltinItem],
         image = ImageRef(key=item.key, opener=item.opener)
         where = f"{name}/{split} {item.key}"
         if kind == "pairs":
-            records.append(PairRecord(image=image, captions=(item.caption,), where=where,
-                                      raw={"image": item.key, "caption": item.caption}))
+            records.extend(PairRecord(image=image, captions=(caption,), where=where,
+                                      raw={"image": item.key, "caption": caption})
+                           for caption in item.captions)
         else:
             records.append(TripleRecord(image=image, prompt=prompt, response=item.answer,
                                         where=where, raw={"image": item.key, "prompt": prompt,

@@ -38,5 +38,5 @@ def items(split: str) -> list[BuiltinItem]:
         word = WORDS[int(target)]
         chosen.append(BuiltinItem(key=key,
                                   opener=functools.partial(Image.fromarray, images[index], "L"),
-                                  caption=f"a handwritten digit {word}", answer=word))
+                                  captions=(f"a handwritten digit {word}",), answer=word))
     return chosen

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -27,13 +28,22 @@ _FONT_SIZE = 109  # the only size the colour bitmap font carries
 _CANVAS = 136
 
 
-def parse_emoji_test(text: str) -> list[tuple[str, str]]:
-    """(emoji string, name) for fully-qualified, non-skin-tone, non-component emoji."""
-    found: list[tuple[str, str]] = []
-    group = ""
+class EmojiEntry(NamedTuple):
+    symbol: str  # the emoji string, e.g. "\U0001F600"
+    name: str  # "grinning face"
+    group: str  # "Smileys & Emotion"
+    subgroup: str  # "face-smiling"
+
+
+def parse_emoji_test(text: str) -> list[EmojiEntry]:
+    """Fully-qualified, non-skin-tone, non-component emoji, with their group and subgroup."""
+    found: list[EmojiEntry] = []
+    group = subgroup = ""
     for line in text.splitlines():
         if line.startswith("# group:"):
             group = line.split(":", 1)[1].strip()
+        if line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
         if "; fully-qualified" not in line or group == "Component":
             continue
         codepoints, rest = line.split(";", 1)
@@ -41,7 +51,8 @@ def parse_emoji_test(text: str) -> list[tuple[str, str]]:
         name = rest.split("#", 1)[1].strip().split(" ", 2)[2]
         if "skin tone" in name:
             continue
-        found.append(("".join(chr(int(cp, 16)) for cp in codepoints.split()), name))
+        symbol = "".join(chr(int(cp, 16)) for cp in codepoints.split())
+        found.append(EmojiEntry(symbol, name, group, subgroup))
     return found
 
 
@@ -60,27 +71,33 @@ def render(symbol: str) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=1)
-def _all_emoji() -> tuple[tuple[str, str], ...]:
+def all_emoji() -> tuple[EmojiEntry, ...]:
+    """Every listed emoji the font draws as one glyph, in emoji-test.txt's order."""
     for needed, package in ((FONT, "fonts-noto-color-emoji"), (EMOJI_TEST, "unicode-data")):
         if not needed.exists():
             raise MMGuardError(f"the emoji dataset needs {needed}: install the Debian package "
                                f"{package} (`make install` does)")
     font = _font()
     usable = []
-    for symbol, name in parse_emoji_test(EMOJI_TEST.read_text(encoding="utf-8")):
-        left, _, right, _ = font.getbbox(symbol)
+    for entry in parse_emoji_test(EMOJI_TEST.read_text(encoding="utf-8")):
+        left, _, right, _ = font.getbbox(entry.symbol)
         # A sequence the font cannot ligate is drawn as several glyphs side by side.
         if 0 < right - left <= _CANVAS:
-            usable.append((symbol, name))
+            usable.append(entry)
     return tuple(usable)
 
 
+def image_key(symbol: str) -> str:
+    """"1f600.png": the code points in hex, joined by dashes."""
+    return "-".join(f"{ord(ch):x}" for ch in symbol) + ".png"
+
+
+def in_split(entry: EmojiEntry, split: str) -> bool:
+    # By the name, so every caption set built on these images splits them alike.
+    return split_of(entry.name) == split
+
+
 def items(split: str) -> list[BuiltinItem]:
-    chosen = []
-    for symbol, name in _all_emoji():
-        if split_of(name) != split:
-            continue
-        key = "-".join(f"{ord(ch):x}" for ch in symbol) + ".png"
-        chosen.append(BuiltinItem(key=key, opener=functools.partial(render, symbol),
-                                  caption=name, answer=name))
-    return chosen
+    return [BuiltinItem(key=image_key(entry.symbol), opener=functools.partial(render, entry.symbol),
+                        captions=(entry.name,), answer=entry.name)
+            for entry in all_emoji() if in_split(entry, split)]

@@ -56,5 +56,5 @@ def items(split: str) -> list[BuiltinItem]:
         chosen.append(BuiltinItem(
             key=f"{split}-{index:05d}.png",
             opener=functools.partial(Image.fromarray, images[index], "L"),
-            caption=f"a photo of {_article(name)} {name}", answer=name))
+            captions=(f"a photo of {_article(name)} {name}",), answer=name))
     return chosen

@@ -24,6 +24,10 @@ class MEMConfig(EMConfig, TriggerConfig):
                                 choices=("batch", "step"))
     trigger_init: str = option("the", "Start every trigger as 'the the the', or as random "
                                "allowed tokens (the reference code).", choices=("the", "random"))
+    noise_per: str = option("image", "One noise and trigger per image, shared by its caption "
+                            "rows; or per caption row, the image released once per row as "
+                            "<stem>__c<k>.png (the reference code on Flickr's five captions).",
+                            choices=("image", "caption"))
 
 
 class MultiStepErrorMinimizing(ErrorMinimizing):
@@ -42,11 +46,14 @@ class MultiStepErrorMinimizing(ErrorMinimizing):
     Config (MEMConfig): EM's options plus trigger_len (3; MEM-3 / MEM-5),
     top_k (16), beam_width (1), trigger_rounds (half of the rounds),
     natural_triggers (False), trigger_vocab (whole vocabulary), shuffle_every
-    ("batch"), trigger_init ("the").
+    ("batch"), trigger_init ("the"), noise_per ("image").
 
     The authors' reference code (src/poison_train.py) differs from the paper;
     its regime is `--round-train-steps 200 --train-steps 0 --surrogate-lr 1e-4
-    --shuffle-every step --trigger-init random --trigger-rounds R/4`.
+    --shuffle-every step --trigger-init random --trigger-rounds R/4`, and it
+    protects every caption row on its own (`--noise-per caption`): an image
+    with five captions is released five times, each copy with its own noise
+    and trigger.
 
     Example:
         mmguard protect --dataset emoji --method mem --trigger-len 5 --out out/
@@ -60,6 +67,10 @@ class MultiStepErrorMinimizing(ErrorMinimizing):
     @property
     def trigger_len(self) -> int:
         return self.config.trigger_len
+
+    @property
+    def release_per(self) -> str:
+        return self.config.noise_per
 
     @property
     def trigger_rounds(self) -> int:
