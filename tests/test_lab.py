@@ -7,7 +7,14 @@ import json
 import pytest
 
 from mmguard.errors import MMGuardError
-from mmguard.lab import LabSetting, append_row, parse_attacker, run_lab, training_sets
+from mmguard.lab import (
+    ControlCache,
+    LabSetting,
+    append_row,
+    parse_attacker,
+    run_lab,
+    training_sets,
+)
 from mmguard.protect.registry import parse_options
 
 TINY = dict(surrogates=("rn-test",), rounds=1, pgd_steps=2, batch_size=8, top_k=4)
@@ -49,6 +56,34 @@ def test_controls_swap_images_and_texts_of_the_protected_and_clean_sets(tmp_path
     assert sets["trigger only"].captions is method.captions
     assert all(m[0].endswith(" " + c[0]) for m, c in zip(method.captions, clean.captions,
                                                          strict=True))
+
+
+def test_controls_are_reused_across_rows_and_trigger_free_rows_skip_the_swaps(tmp_path):
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    cache = ControlCache(tmp_path / "controls.json")
+    first = LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
+                       seeds=(0,), limit=16)
+    lines: list[str] = []
+    row = run_lab(first, tmp_path / "a", log=lines.append, cache=cache)
+    # no trigger: noise only is the method itself, trigger only the clean set
+    assert set(row["attackers"][attacker]) == {"clean", "uniform", "method"}
+    assert not any("cached" in line for line in lines)
+    stored = json.loads((tmp_path / "controls.json").read_text())
+    assert len(stored) == 2
+    second = LabSetting(dataset="digits", kind="pairs", method="mem", options=TINY,
+                        attackers=(attacker,), seeds=(0,), limit=16)
+    lines.clear()
+    again = run_lab(second, tmp_path / "b", log=lines.append,
+                    cache=ControlCache(tmp_path / "controls.json"))
+    assert sum("cached" in line for line in lines) == 2
+    for name in ("clean", "uniform"):
+        reused = again["attackers"][attacker][name]["final"]
+        assert reused == row["attackers"][attacker][name]["final"]
+    # another slice is another setting: nothing reused
+    lines.clear()
+    run_lab(LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
+                       seeds=(0,), limit=20), tmp_path / "c", log=lines.append, cache=cache)
+    assert not any("cached" in line for line in lines)
 
 
 def test_lab_options_and_attackers_are_parsed_and_checked():

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,7 +144,8 @@ def test_shared_noise_on_images_of_different_sizes_names_the_item(tmp_path):
 @pytest.mark.parametrize("kind, surrogate", [("pairs", "rn-test"), ("triples", "lvlm-test")])
 def test_wrong_target_moves_features_to_the_permuted_group(tmp_path, kind, surrogate):
     method = create_method("wrong-target", kind, surrogates=(surrogate,), pgd_steps=8,
-                           batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)
+                           batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255,
+                           target="centroid")
     dataset = load_builtin("digits", "train", kind)
     protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
     record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
@@ -166,6 +168,38 @@ def test_wrong_target_moves_features_to_the_permuted_group(tmp_path, kind, surro
     saved = [to_float(read_png_uint8(tmp_path / "out" / r.image.key)) for r in
              list({r.image.key: r for r in protected.records}.values())]
     assert share_at_target(saved) > share_at_target(clean) + 0.2
+
+
+def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path):
+    method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=10,
+                           batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)
+    assert method.config.target == "image"
+    dataset = load_builtin("digits", "train", "pairs")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    targets = method.target_image_of
+    # the target image lies in the permuted group, and the targets of a group are used alike
+    assert all(method.group_of[targets[k]] == method.target_of[k] for k in targets)
+    uses: dict[str, int] = {}
+    for target in targets.values():
+        uses[target] = uses.get(target, 0) + 1
+    for group in set(method.group_of.values()):
+        counts = [uses.get(k, 0) for k, g in method.group_of.items() if g == group]
+        if any(counts):
+            assert max(counts) - min(counts) <= 1
+    protected = {Path(r.image.key).stem: r
+                 for r in read_dataset(tmp_path / "out" / "manifest.csv").records}
+    keys = list(targets)
+    with torch.no_grad(), method.surrogate.perturbation_mode():
+        saved = method.surrogate.image_features([
+            to_float(read_png_uint8(tmp_path / "out" / protected[Path(k).stem].image.key))
+            for k in keys])
+    clean = torch.stack([method.features_of[k] for k in keys])
+    wanted = torch.stack([method.features_of[targets[k]] for k in keys])
+    before = (clean - wanted).norm(dim=1)
+    after = (saved - wanted).norm(dim=1)
+    assert float((after / before).mean()) < 0.8
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["optimisation"]["rounds"][0]["target_distance_ratio"] < 0.8
 
 
 def test_cluster_em_shares_one_pattern_per_cluster_then_refines_per_image(tmp_path):

@@ -336,7 +336,8 @@ def audit(folder, original, json_out):
               help="Work folder (protected data; reused by a rerun of the same row).")
 @click.option("--results", type=click.Path(path_type=Path), default=None,
               help="JSON file the row is added to, with a Markdown table beside it "
-                   "[OUT/lab.json].")
+                   "[OUT/lab.json]. Attacker runs on the clean and uniform sets are kept in "
+                   "lab-controls.json beside it and reused by rows of the same setting.")
 @click.option("--final-epoch-only", is_flag=True,
               help="Score attackers after their last epoch only (faster for LVLMs).")
 def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, evaluate_on,
@@ -350,16 +351,17 @@ def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, e
       mmguard lab --dataset emoji --method wrong-target --set pgd_steps=40 \\
           --attacker lit:projection --attacker rn-tiny:scratch --limit 600 --out runs/lab/wt
     """
-    from mmguard.lab import LabSetting, append_row, lab_row_name, run_lab
+    from mmguard.lab import ControlCache, LabSetting, append_row, lab_row_name, run_lab
     from mmguard.protect.registry import parse_options
 
     setting = LabSetting(dataset=dataset_name, kind=kind, method=method,
                          options=parse_options(method, options), attackers=tuple(attackers),
                          seeds=tuple(_parse_seeds(seeds)), limit=limit, holdout=holdout,
                          evaluate_on=evaluate_on, limit_test=limit_test, eps=eps)
-    row = run_lab(setting, out, log=lambda line: click.echo(line, err=True),
-                  every_epoch=not final_epoch_only)
     results = results or out / "lab.json"
+    row = run_lab(setting, out, log=lambda line: click.echo(line, err=True),
+                  every_epoch=not final_epoch_only,
+                  cache=ControlCache(results.parent / "lab-controls.json"))
     append_row(results, results.with_suffix(".md"), name or lab_row_name(setting), row)
     click.echo(results.with_suffix(".md").read_text())
 

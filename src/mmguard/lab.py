@@ -137,8 +137,10 @@ def training_sets(setting: LabSetting, clean_dataset, protected: Path,
         raise MMGuardError(f"{protected} does not hold every training image in order; "
                            "delete it and run again")
     sets = {"clean": clean, "uniform": _load(read_dataset(uniform / "manifest.csv"), kind),
-            "method": method, "noise only": _swap(method, clean, kind)}
+            "method": method}
+    # Without a trigger, "noise only" and "trigger only" are the method and the clean set.
     if _texts(method, kind) != _texts(clean, kind):
+        sets["noise only"] = _swap(method, clean, kind)
         sets["trigger only"] = _swap(clean, method, kind)
     return sets
 
@@ -204,9 +206,38 @@ def _mean_sem(values: list[float]) -> dict[str, float]:
 
 
 # -- one row -----------------------------------------------------------------------------
+class ControlCache:
+    """Attacker runs on the clean and uniform sets, which do not depend on the method:
+    rows of one setting (data slice, budget, attacker, seed, epochs scored) share them."""
+
+    SHARED = ("clean", "uniform")
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.runs = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    @staticmethod
+    def key(setting: LabSetting, set_name: str, spec: str, seed: int, every_epoch: bool) -> str:
+        return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
+                           setting.evaluate_on, setting.limit_test, round(setting.eps, 8),
+                           set_name, spec, seed, every_epoch])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.runs.get(key)
+
+    def put(self, key: str, run: dict[str, Any]) -> None:
+        self.runs[key] = run
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.runs))
+            temporary.replace(self.path)
+
+
 def run_lab(setting: LabSetting, work: Path, log: Log = print,
-            every_epoch: bool = True) -> dict[str, Any]:
+            every_epoch: bool = True, cache: ControlCache | None = None) -> dict[str, Any]:
     """Protect, build the controls, train every attacker on every set over the seeds."""
+    cache = cache or ControlCache(None)
     if setting.kind not in DATA_KIND.values():
         raise MMGuardError(f"kind {setting.kind!r}: choose pairs or triples")
     train_part, held_part = split_training(setting)
@@ -242,11 +273,16 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
             runs = []
             for seed in setting.seeds:
                 started = time.monotonic()
-                run = attack_once(spec, seed, train, test, every_epoch)
+                key = ControlCache.key(setting, name, spec, seed, every_epoch)
+                cached = cache.get(key) if name in ControlCache.SHARED else None
+                run = cached or attack_once(spec, seed, train, test, every_epoch)
                 run["best"] = _best(run["epochs"], family)
                 runs.append(run)
+                if name in ControlCache.SHARED and cached is None:
+                    cache.put(key, run)
+                took = "cached" if cached else f"{time.monotonic() - started:.0f} s"
                 log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
-                    f"{_short(run['best'])} ({time.monotonic() - started:.0f} s)")
+                    f"{_short(run['best'])} ({took})")
             results[name] = {
                 which: {metric: _mean_sem([r[which][metric] for r in runs])
                         for metric, _ in METRICS[family]} for which in ("final", "best")}

@@ -8,7 +8,15 @@ maps every group to another one, and each image's noise is optimised so that
 the surrogate's frozen image tower sees it as a member of π(its group): the
 loss is the cross-entropy of a nearest-centroid classifier over all group
 centroids, with π(group) as the label, so the image is pulled to the wrong
-centroid *and* pushed away from every other, its own included.
+centroid *and* pushed away from every other, its own included
+(`--target centroid`). That loss only sees the few directions that separate
+the centroids: the image keeps its own features in every other direction,
+and a linear head on the frozen tower reads them (on emoji the nearest
+centroid flipped for 99% of the images and the LiT attacker was not hurt at
+all). `--target image` (feature collision, the default) instead pulls the
+*whole* feature vector onto one image of group π(group), each such image
+used about equally often: the attacker then sees another image's features
+under this image's text.
 
 The texts are released untouched (no trigger to strip). An attacker who
 trains heads, a projector or LoRA on the frozen tower's features then learns
@@ -17,8 +25,8 @@ features sit with their own group, answers with the texts of π⁻¹(group).
 
 Config (WrongTargetConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), groups (32: k-means clusters for pairs; triples use their
-answers), temperature (0.1, in units of the mean centroid distance),
-surrogates (lit for pairs, smolvlm-lite for triples).
+answers), target (image), temperature (0.1, in units of the mean
+centroid distance; centroid target only), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -46,6 +54,10 @@ class WrongTargetConfig(SurrogateConfig):
     pgd_steps: int = option(40, "PGD steps per batch and round.", min=1)
     groups: int = option(32, "wrong-target: k-means clusters of the clean image features "
                          "(pairs; triples are grouped by their answers).", min=2)
+    target: str = option("image", "wrong-target: pull the whole feature vector onto one "
+                         "image of the target group (image), or only flip a nearest-centroid "
+                         "classifier to the target group (centroid).",
+                         choices=("image", "centroid"))
     temperature: float = option(0.1, "wrong-target: softmax temperature of the nearest-"
                                 "centroid loss, in units of the mean distance between "
                                 "centroids.", min=0.0)
@@ -68,41 +80,68 @@ class WrongTarget(BilevelMethod):
 
     # -- groups, centroids and the permutation -------------------------------------------
     def before_rounds(self, data: DatasetView) -> None:
-        saved = self.store.read_json("targets.json", None)
-        if saved is not None:
-            self.group_of, self.target_of = saved["group_of"], saved["target_of"]
-            self.centroids = torch.tensor(saved["centroids"])
-            self.scale = saved["scale"]
-            return
+        # One pass of the frozen tower over the clean data; cheap next to PGD, and
+        # deterministic, so a resumed run recomputes it rather than storing it.
         keys, matrix, answers = dataset_features(data, self.surrogate, self.config.batch_size,
                                                  self.device, self.batch_statistics)
+        self.features_of = dict(zip(keys, matrix, strict=True))
+        saved = self.store.read_json("targets.json", None)
+        if saved is None:
+            saved = self._choose_targets(keys, matrix, answers)
+            self.store.write_json("targets.json", saved)
+        self.group_of, self.target_of = saved["group_of"], saved["target_of"]
+        self.target_image_of = saved["target_image_of"]
+        self.centroids = torch.tensor(saved["centroids"])
+        self.scale = saved["scale"]
+
+    def _choose_targets(self, keys: list[str], matrix: torch.Tensor,
+                        answers: dict[str, str]) -> dict[str, Any]:
         labels = torch.tensor(answer_groups(keys, answers) if self.kind == "triples"
                               else kmeans_groups(matrix, self.config.groups, self.config.seed))
         count = int(labels.max()) + 1
         if count < 2:
             raise MMGuardError("wrong-target needs at least two groups of images (two "
                                "different answers, or --groups 2 or more)")
-        self.centroids = torch.stack([matrix[labels == g].mean(dim=0) for g in range(count)])
-        # Distances are measured in units of the mean distance between centroids, so
-        # the temperature means the same for every feature space.
-        self.scale = float(torch.cdist(self.centroids, self.centroids).sum()
-                           / max(1, count * (count - 1)))
+        centroids = torch.stack([matrix[labels == g].mean(dim=0) for g in range(count)])
         generator = torch.Generator().manual_seed(self.config.seed)
         order = torch.randperm(count, generator=generator).tolist()
         shift = {order[i]: order[(i + 1) % count] for i in range(count)}  # no fixed point
-        self.group_of = {key: int(label) for key, label in zip(keys, labels, strict=True)}
-        self.target_of = {key: shift[group] for key, group in self.group_of.items()}
-        self.store.write_json("targets.json", {
-            "group_of": self.group_of, "target_of": self.target_of,
-            "centroids": self.centroids.tolist(), "scale": self.scale})
+        group_of = {key: int(label) for key, label in zip(keys, labels, strict=True)}
+        members = {g: [key for key in keys if group_of[key] == g] for g in range(count)}
+        for g in members:  # a seeded order, cycled below so each target is used alike
+            members[g] = [members[g][i] for i in torch.randperm(len(members[g]),
+                                                                generator=generator)]
+        target_image_of, used = {}, dict.fromkeys(members, 0)
+        for key in keys:
+            target = shift[group_of[key]]
+            target_image_of[key] = members[target][used[target] % len(members[target])]
+            used[target] += 1
+        return {"group_of": group_of, "target_of": {key: shift[g] for key, g in group_of.items()},
+                "target_image_of": target_image_of, "centroids": centroids.tolist(),
+                # Distances in units of the mean distance between centroids, so the
+                # temperature means the same in every feature space.
+                "scale": float(torch.cdist(centroids, centroids).sum()
+                               / max(1, count * (count - 1)))}
 
     # -- the noise step -------------------------------------------------------------------
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         distances = torch.cdist(features, self.centroids.to(features.device)) / self.scale
         return -distances / self.config.temperature
 
+    def _target_features(self, items: list[ProtectionItem]) -> torch.Tensor:
+        return torch.stack([self.features_of[self.target_image_of[item.key]]
+                            for item in items]).to(self.device)
+
     def noise_loss(self, items: list[ProtectionItem], texts: list[TextItem], reference: Any,
                    generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        if self.config.target == "image":
+            wanted = self._target_features(items)
+
+            def collision(images: list[torch.Tensor]) -> torch.Tensor:
+                distance = self.surrogate.image_features(images) - wanted
+                return distance.pow(2).sum(dim=1).mean() / self.scale ** 2
+
+            return collision
         targets = torch.tensor([self.target_of[item.key] for item in items], device=self.device)
 
         def loss(images: list[torch.Tensor]) -> torch.Tensor:
@@ -114,13 +153,20 @@ class WrongTarget(BilevelMethod):
     def measure(self, items: list[ProtectionItem], images: list[torch.Tensor],
                 texts: list[TextItem], reference: Any) -> dict[str, float]:
         with self.surrogate.perturbation_mode(self.batch_statistics):
-            logits = self._logits(self.surrogate.image_features(images))
-        nearest = logits.argmax(dim=1).cpu()
+            features = self.surrogate.image_features(images).cpu()
+        logits = self._logits(features)
+        nearest = logits.argmax(dim=1)
         targets = torch.tensor([self.target_of[item.key] for item in items])
         own = torch.tensor([self.group_of[item.key] for item in items])
-        return {"train_loss": float(F.cross_entropy(logits.cpu(), targets)),
+        clean = torch.stack([self.features_of[item.key] for item in items])
+        wanted = self._target_features(items).cpu()
+        start = (clean - wanted).norm(dim=1).clamp(min=1e-8)
+        return {"train_loss": float(F.cross_entropy(logits, targets)),
                 "share_at_target": float((nearest == targets).float().mean()),
-                "share_at_own_group": float((nearest == own).float().mean())}
+                "share_at_own_group": float((nearest == own).float().mean()),
+                # 1 = not moved toward the target image, 0 = on it.
+                "target_distance_ratio": float(((features - wanted).norm(dim=1)
+                                                / start).mean())}
 
     def report(self) -> dict[str, Any]:
         report = super().report()
