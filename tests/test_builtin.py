@@ -1,9 +1,14 @@
-"""Built-in datasets (emoji, digits, fashion-mnist) and exporting datasets to files."""
+"""Built-in datasets (emoji, emoji-scenes, digits, fashion-mnist) and exporting them to files."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -11,17 +16,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from mmguard.cli import main
 from mmguard.data.builtin import BUILTINS, load_builtin
 from mmguard.data.builtin import digits as digits_module
 from mmguard.data.builtin import emoji as emoji_module
 from mmguard.data.builtin import emoji_captions as captions_module
+from mmguard.data.builtin import emoji_scenes as scenes_module
 from mmguard.data.builtin import fashion_mnist as fashion_module
 from mmguard.data.builtin.emoji import EmojiEntry, parse_emoji_test
 from mmguard.data.builtin.emoji_captions import Annotation, captions_of, parse_cldr_annotations
 from mmguard.data.export import export_dataset
-from mmguard.data.images import load_image_uint8, open_pil
+from mmguard.data.images import load_image_uint8, open_pil, to_float
 from mmguard.data.records import PairRecord, TripleRecord
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
@@ -36,7 +43,8 @@ needs_fashion = pytest.mark.skipif(
     not (fashion_module.ROOT / "t10k-images-idx3-ubyte.gz").exists(),
     reason="dataset-fashion-mnist not installed")
 
-SMALL = [pytest.param("emoji", marks=needs_emoji), "digits"]
+SMALL = [pytest.param("emoji", marks=needs_emoji), pytest.param("emoji-scenes", marks=needs_emoji),
+         "digits"]
 
 
 def keys(dataset) -> list[str]:
@@ -83,6 +91,7 @@ def test_pairs_and_triples_share_images(name: str):
 
 def test_prompts_are_the_module_prompts():
     assert BUILTINS["emoji"].prompt == emoji_module.PROMPT
+    assert BUILTINS["emoji-scenes"].prompt == scenes_module.PROMPT
     assert BUILTINS["digits"].prompt == digits_module.PROMPT
     assert BUILTINS["fashion-mnist"].prompt == fashion_module.PROMPT
 
@@ -307,6 +316,141 @@ def test_emoji_captions_without_cldr_names_the_package(monkeypatch, tmp_path: Pa
         assert "unicode-cldr-core" in result.output and "Traceback" not in result.output
     finally:
         captions_module._cldr.cache_clear()
+
+
+# --- emoji-scenes -------------------------------------------------------------------------
+
+
+def _entries_by_code() -> dict[str, EmojiEntry]:
+    return {emoji_module.image_key(entry.symbol).removesuffix(".png"): entry
+            for entry in emoji_module.all_emoji()}
+
+
+def _scene_codes(split: str) -> list[list[str]]:
+    return [record.raw["emoji"].split() for record in load_builtin("emoji-scenes", split).records]
+
+
+@needs_emoji
+def test_emoji_scenes_sizes_and_no_glyph_shared_between_splits():
+    train, test = _scene_codes("train"), _scene_codes("test")
+    assert (len(train), len(test)) == (1500, 400)
+    for codes in train + test:
+        assert 2 <= len(codes) <= 4 and len(set(codes)) == len(codes)
+    train_glyphs = {code for codes in train for code in codes}
+    test_glyphs = {code for codes in test for code in codes}
+    assert not train_glyphs & test_glyphs
+    # Each side uses only its own split of the `emoji` dataset, and most of it.
+    emoji_train = {key.removesuffix(".png") for key in keys(load_builtin("emoji", "train"))}
+    emoji_test = {key.removesuffix(".png") for key in keys(load_builtin("emoji", "test"))}
+    assert train_glyphs <= emoji_train and len(train_glyphs) > 0.9 * len(emoji_train)
+    assert test_glyphs <= emoji_test and len(test_glyphs) > 0.9 * len(emoji_test)
+    captions = [r.captions[0] for r in load_builtin("emoji-scenes", "train").records]
+    assert len(set(captions)) == len(captions)
+
+
+@needs_emoji
+def test_emoji_scenes_captions_name_exactly_the_glyphs_drawn():
+    by_code = _entries_by_code()
+    for split, indices in (("train", (0, 1, 2, 3)), ("test", (0, 399))):
+        pairs = load_builtin("emoji-scenes", split, "pairs").records
+        triples = load_builtin("emoji-scenes", split, "triples").records
+        for index in indices:
+            record = pairs[index]
+            named = [by_code[code] for code in record.raw["emoji"].split()]
+            assert record.captions[0] == " and ".join(entry.name for entry in named)
+            assert triples[index].response == record.captions[0]
+            assert triples[index].raw["emoji"] == record.raw["emoji"]
+
+            scene = scenes_module.scenes(split)[index]
+            assert scene.key == record.image.key
+            assert [glyph.entry for glyph in scene.left_to_right()] == named
+            centres = [2 * glyph.left + glyph.side for glyph in scene.left_to_right()]
+            assert centres == sorted(centres)
+            # Each named glyph is on the canvas at its place: wherever it is opaque
+            # and no later glyph covers it, the scene shows the glyph's own pixels.
+            pixels = np.asarray(open_pil(record.image, record.where))
+            covered = np.zeros(pixels.shape[:2], dtype=bool)
+            for glyph in reversed(scene.glyphs):
+                image, (left, top) = scenes_module.placed_glyph(glyph)
+                rgba = np.asarray(image)
+                region = (slice(top, top + rgba.shape[0]), slice(left, left + rgba.shape[1]))
+                visible = (rgba[..., 3] == 255) & ~covered[region]
+                assert visible.sum() > 0.5 * (rgba[..., 3] == 255).sum(), glyph.entry.name
+                assert np.array_equal(pixels[region][visible], rgba[..., :3][visible])
+                covered[region] |= rgba[..., 3] > 0
+
+
+def _scene_digests(split: str, indices) -> list[str]:
+    records = load_builtin("emoji-scenes", split).records
+    digests = []
+    for index in indices:
+        buffer = io.BytesIO()
+        open_pil(records[index].image, "x").save(buffer, format="PNG")
+        digests.append(f"{records[index].captions[0]}|{hashlib.sha256(buffer.getvalue()).hexdigest()}")
+    return digests
+
+
+@needs_emoji
+def test_emoji_scenes_identical_in_every_build():
+    chosen = (("train", (0, 7, 1499)), ("test", (0, 123)))
+    here = [digest for split, indices in chosen for digest in _scene_digests(split, indices)]
+    assert len(set(here)) == len(here)
+    # A fresh interpreter with another hash seed rebuilds the same bytes.
+    script = ("from tests.test_builtin import _scene_digests\n"
+              f"for split, indices in {chosen!r}:\n"
+              "    print('\\n'.join(_scene_digests(split, indices)))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": "12345"}, timeout=300,
+                            cwd=Path(__file__).parent.parent, check=True)
+    assert result.stdout.splitlines() == here
+
+
+def test_emoji_scenes_backgrounds():
+    plain = scenes_module.Background((200, 210, 220), (200, 210, 220), (1, 0))
+    assert (scenes_module.background_pixels(plain) == [200, 210, 220]).all()
+    diagonal = scenes_module.Background((170, 255, 200), (255, 170, 180), (1, -1))
+    pixels = scenes_module.background_pixels(diagonal).astype(int)
+    size = scenes_module.SIZE
+    assert pixels[size - 1, 0].tolist() == [170, 255, 200]  # bottom left: the start
+    assert pixels[0, size - 1].tolist() == [255, 170, 180]  # top right: the end
+    assert np.abs(np.diff(pixels, axis=1)).max() <= 1  # soft: one level per pixel at most
+
+
+@needs_emoji
+def test_emoji_scenes_are_512_px_and_attackers_see_them_at_64(tmp_path: Path):
+    from mmguard.attack.contrastive import model_input_pixels
+    from mmguard.models.registry import create_contrastive_model
+
+    dataset = load_builtin("emoji-scenes", "test", "pairs")
+    for record in dataset.records[:3]:
+        pil = open_pil(record.image, record.where)
+        assert (pil.mode, pil.size) == ("RGB", (512, 512))
+    manifest = export_dataset(dataset, tmp_path / "export", "csv", limit=2)
+    back = read_dataset(manifest)
+    assert [r.raw["emoji"] for r in back.records] == [r.raw["emoji"] for r in dataset.records[:2]]
+    model = create_contrastive_model("rn-tiny")
+    for original, exported in zip(dataset.records[:2], back.records, strict=True):
+        stored = image(exported)
+        assert tuple(stored.shape) == (3, 512, 512)
+        assert torch.equal(stored, image(original))
+        seen = model_input_pixels(model, [to_float(stored)])
+        assert tuple(seen.shape) == (1, 3, 64, 64)
+        # What the attacker trains on is Pillow's bicubic resize of the stored file.
+        pillow = open_pil(exported.image, exported.where).resize((64, 64), Image.BICUBIC)
+        expected = to_float(torch.from_numpy(np.asarray(pillow).copy()).permute(2, 0, 1))
+        assert (seen[0] - expected).abs().max() <= 1.01 / 255
+
+
+def test_emoji_scenes_without_the_font_names_the_package(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(emoji_module, "FONT", tmp_path / "NotoColorEmoji.ttf")
+    with pytest.raises(MMGuardError, match="install the Debian package fonts-noto-color-emoji"):
+        load_builtin("emoji-scenes", "test")
+    # On the command line: one error line and exit code 1, no traceback.
+    result = CliRunner().invoke(main, ["datasets", "export", "emoji-scenes",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "error: the emoji-scenes dataset needs" in result.output
+    assert "fonts-noto-color-emoji" in result.output and "Traceback" not in result.output
 
 
 # --- digits ----------------------------------------------------------------------------

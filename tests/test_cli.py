@@ -63,6 +63,27 @@ def test_export_then_protect_writes_every_item_within_budget(tmp_path):
     assert record["history"][0]["command"][-4:] == ["8/255", "--out", str(out), "--quiet"]
 
 
+def test_protect_emoji_scenes_keeps_512_px_within_budget(tmp_path):
+    from mmguard.data.builtin import emoji, load_builtin
+
+    if not (emoji.FONT.exists() and emoji.EMOJI_TEST.exists()):
+        pytest.skip("emoji font or emoji-test.txt not installed")
+    out = tmp_path / "p"
+    result = mmguard("protect", "--dataset", "emoji-scenes", "--split", "test", "--limit", "4",
+                     "--method", "random", "--eps", "8/255", "--out", str(out), "--quiet")
+    assert "protected 4 image(s)" in result.stdout
+    originals = {r.image.key: r for r in load_builtin("emoji-scenes", "test").records[:4]}
+    with (out / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["caption"], r["emoji"]) for r in rows] == [
+        (r.captions[0], r.raw["emoji"]) for r in originals.values()]
+    for row, (key, record) in zip(rows, originals.items(), strict=True):
+        saved = read_png_uint8(out / row["image"])
+        assert row["image"] == f"images/{key}"
+        assert saved.shape == (3, 512, 512)
+        assert 0 < linf_levels(load_image_uint8(record.image, key), saved) <= 8
+
+
 @pytest.mark.parametrize("eps", ["0", "2", "-1/255", "eight"])
 def test_budget_out_of_range_is_a_clear_error(tmp_path, eps):
     result = mmguard("protect", "--dataset", "digits", "--method", "random", "--eps", eps,

@@ -19,6 +19,8 @@ class BuiltinItem:
     opener: Callable[[], Image.Image]
     captions: tuple[str, ...]  # pairs form: one row per caption, the image repeated
     answer: str  # triples form: the response to the dataset's prompt
+    # More manifest columns as (name, value), the same names for every item of a dataset.
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 def split_of(name: str) -> str:
@@ -37,14 +39,16 @@ def build_dataset(name: str, split: str, kind: Kind, items: list[BuiltinItem],
     for item in items:
         image = ImageRef(key=item.key, opener=item.opener)
         where = f"{name}/{split} {item.key}"
+        extra = dict(item.columns)
         if kind == "pairs":
             records.extend(PairRecord(image=image, captions=(caption,), where=where,
-                                      raw={"image": item.key, "caption": caption})
+                                      raw={"image": item.key, "caption": caption, **extra})
                            for caption in item.captions)
         else:
             records.append(TripleRecord(image=image, prompt=prompt, response=item.answer,
                                         where=where, raw={"image": item.key, "prompt": prompt,
-                                                          "response": item.answer}))
+                                                          "response": item.answer, **extra}))
     columns = ["image", "caption"] if kind == "pairs" else ["image", "prompt", "response"]
+    columns += [name for name, _ in items[0].columns] if items else []
     return Dataset(kind=kind, records=records, source=f"builtin:{name}/{split}", fmt="builtin",
                    meta={"columns": columns, "name": "manifest.csv"})

@@ -61,22 +61,32 @@ def _font() -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONT), _FONT_SIZE)
 
 
-def render(symbol: str) -> Image.Image:
-    canvas = Image.new("RGB", (_CANVAS, _CANVAS), "white")
+def draw(symbol: str, background: str = "white") -> Image.Image:
+    """The glyph at the font's own size, centred on a square RGB canvas."""
+    canvas = Image.new("RGB", (_CANVAS, _CANVAS), background)
     font = _font()
     left, top, right, bottom = font.getbbox(symbol)
     origin = ((_CANVAS - (right - left)) // 2 - left, (_CANVAS - (bottom - top)) // 2 - top)
     ImageDraw.Draw(canvas).text(origin, symbol, font=font, embedded_color=True)
-    return canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return canvas
+
+
+def render(symbol: str) -> Image.Image:
+    return draw(symbol).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
+def check_sources(dataset: str = "emoji") -> None:
+    """A clear error naming the Debian package when the font or the emoji list is missing."""
+    for needed, package in ((FONT, "fonts-noto-color-emoji"), (EMOJI_TEST, "unicode-data")):
+        if not needed.exists():
+            raise MMGuardError(f"the {dataset} dataset needs {needed}: install the Debian "
+                               f"package {package} (`make install` does)")
 
 
 @functools.lru_cache(maxsize=1)
 def all_emoji() -> tuple[EmojiEntry, ...]:
     """Every listed emoji the font draws as one glyph, in emoji-test.txt's order."""
-    for needed, package in ((FONT, "fonts-noto-color-emoji"), (EMOJI_TEST, "unicode-data")):
-        if not needed.exists():
-            raise MMGuardError(f"the emoji dataset needs {needed}: install the Debian package "
-                               f"{package} (`make install` does)")
+    check_sources()
     font = _font()
     usable = []
     for entry in parse_emoji_test(EMOJI_TEST.read_text(encoding="utf-8")):
