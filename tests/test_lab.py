@@ -1,21 +1,37 @@
-"""The efficacy lab: every control is built from the right images and texts, and scored."""
+"""The efficacy lab: every control is built from the right images and texts, and scored;
+releases made per caption row (MEM noise_per=caption) in the lab and in --mix-clean."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
+from mmguard.attack.contrastive import load_pairs
+from mmguard.data.builtin import emoji as emoji_module
+from mmguard.data.builtin import emoji_captions as captions_module
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
+from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
+from mmguard.evaluate.attacker import AttackerEvaluation, evaluate_attacker
+from mmguard.evaluate.protocol import mix_clean
 from mmguard.lab import (
     ControlCache,
     LabSetting,
     append_row,
+    hold_out,
     parse_attacker,
+    protect_once,
     run_lab,
+    split_training,
     training_sets,
 )
 from mmguard.protect.registry import parse_options
+from tests.conftest import write_manifest
 
 TINY = dict(surrogates=("rn-test",), rounds=1, pgd_steps=2, batch_size=8, top_k=4)
 
@@ -44,8 +60,6 @@ def test_controls_swap_images_and_texts_of_the_protected_and_clean_sets(tmp_path
     setting = LabSetting(dataset="digits", kind="pairs", method="mem", options=TINY,
                          attackers=(), seeds=(0,), limit=12)
     run_lab(setting, tmp_path / "work", log=lambda line: None)
-    from mmguard.lab import split_training
-
     train_part, _ = split_training(setting)
     sets = training_sets(setting, train_part, tmp_path / "work/protected",
                          tmp_path / "work/uniform")
@@ -96,3 +110,138 @@ def test_lab_options_and_attackers_are_parsed_and_checked():
                                                                  {"epochs": 5, "lr": 1e-3})
     with pytest.raises(MMGuardError, match="MODEL:RECIPE"):
         parse_attacker("lit")
+
+
+# -- releases made per caption row ------------------------------------------------------------
+needs_emoji_captions = pytest.mark.skipif(
+    not (emoji_module.FONT.exists() and emoji_module.EMOJI_TEST.exists()
+         and all(path.exists() for path in captions_module.CLDR_ANNOTATIONS)),
+    reason="emoji font, emoji-test.txt or unicode-cldr-core not installed")
+CAPTIONS_PER_IMAGE = (3, 2, 3, 1, 2)
+PHRASINGS = ("{}", "the number {}", "{} written by hand")
+
+
+def multi_caption_manifest(root: Path) -> Path:
+    """Five real digit images with 3, 2, 3, 1 and 2 captions, rows interleaved (COCO-like)."""
+    root.mkdir()
+    records = load_builtin("digits", "train").records[:len(CAPTIONS_PER_IMAGE)]
+    for record in records:
+        Image.fromarray(load_image_uint8(record.image, "o").permute(1, 2, 0).numpy()).save(
+            root / record.image.key)
+    rows = [{"image": record.image.key,
+             "caption": PHRASINGS[k].format(record.captions[0]) + f", image {index}"}
+            for k in range(len(PHRASINGS))
+            for index, (record, count) in enumerate(zip(records, CAPTIONS_PER_IMAGE,
+                                                        strict=True)) if k < count]
+    return write_manifest(root, rows)
+
+
+@pytest.fixture(scope="module")
+def caption_release(tmp_path_factory):
+    """The manifest, its MEM release per caption row and its uniform-noise release."""
+    root = tmp_path_factory.mktemp("captions")
+    dataset = read_dataset(multi_caption_manifest(root / "photos"))
+    protect_once(dataset, "mem", {**TINY, "noise_per": "caption", "trigger_init": "random"},
+                 root / "protected", 8 / 255, log=lambda line: None)
+    protect_once(dataset, "random", {"seed": 0}, root / "uniform", 8 / 255,
+                 log=lambda line: None)
+    return dataset, root
+
+
+def _rows(dataset, root: Path):
+    """Per manifest row, worked out from the files: (original pixels, clean caption, the
+    row's protected copy, its released caption, the image's uniform-noise copy)."""
+    released = read_dataset(root / "protected" / "manifest.csv").records
+    seen: dict[str, int] = {}
+    rows = []
+    for record, published in zip(dataset.records, released, strict=True):
+        stem = Path(record.image.key).stem
+        k = seen[stem] = seen.get(stem, -1) + 1
+        rows.append((to_float(load_image_uint8(record.image, "o")), record.captions[0],
+                     to_float(read_png_uint8(root / f"protected/images/{stem}__c{k}.png")),
+                     published.captions[0],
+                     to_float(read_png_uint8(root / f"uniform/images/{stem}.png"))))
+    return rows
+
+
+def test_caption_mode_controls_are_aligned_row_by_row(caption_release):
+    dataset, root = caption_release
+    setting = LabSetting(dataset="digits", kind="pairs", method="mem", attackers=())
+    sets = training_sets(setting, dataset, root / "protected", root / "uniform")
+    rows = _rows(dataset, root)
+    assert len(rows) == sum(CAPTIONS_PER_IMAGE) == 11
+    assert set(sets) == {"clean", "uniform", "method", "noise only", "trigger only"}
+    for name, data in sets.items():
+        assert len(data.images) == len(data.captions) == len(rows), name
+    for r, (original, caption, copy, triggered, uniform) in enumerate(rows):
+        assert triggered.endswith(" " + caption) and triggered != caption
+        expected = {"clean": (original, caption), "uniform": (uniform, caption),
+                    "method": (copy, triggered), "noise only": (copy, caption),
+                    "trigger only": (original, triggered)}
+        for name, (image, text) in expected.items():
+            assert torch.equal(sets[name].images[r], image), (name, r)
+            assert sets[name].captions[r] == [text], (name, r)
+    # every row has its own noise; the uniform noise is drawn once per image
+    assert len({tuple(copy.flatten().tolist()) for *_, copy, _, _ in rows}) == len(rows)
+    assert len({tuple(u.flatten().tolist()) for *_, u in rows}) == len(CAPTIONS_PER_IMAGE)
+
+
+def test_hold_out_never_puts_one_image_on_both_sides(caption_release):
+    dataset, _ = caption_release
+    keys = list(dataset.records_by_image())
+    train, held = hold_out(dataset, 4, 0.5)
+    assert list(train.records_by_image()) == keys[:2]
+    assert list(held.records_by_image()) == keys[2:4]
+    for part in (train, held):  # every caption row of its images, in manifest order
+        wanted = set(part.records_by_image())
+        assert part.records == [r for r in dataset.records if r.image.key in wanted]
+    # held out, each image is scored with all of its captions together
+    assert [len(c) for c in load_pairs(held).captions] == list(CAPTIONS_PER_IMAGE[2:4])
+
+
+def test_mix_clean_swaps_whole_images_of_a_caption_mode_release(caption_release):
+    dataset, root = caption_release
+    protected_dataset = read_dataset(root / "protected" / "manifest.csv")
+    protected = load_pairs(protected_dataset)
+    rows = _rows(dataset, root)
+    for r, (_, _, copy, triggered, _) in enumerate(rows):
+        assert torch.equal(protected.images[r], copy) and protected.captions[r] == [triggered]
+
+    everything = mix_clean(protected, protected_dataset, dataset, 1.0, seed=0)
+    for r, (original, caption, *_) in enumerate(rows):
+        assert torch.equal(everything.images[r], original) and everything.captions[r] == [caption]
+
+    part = mix_clean(protected, protected_dataset, dataset, 0.4, seed=0)
+    swapped = {dataset.records[r].image.key for r, (original, caption, *_) in enumerate(rows)
+               if part.captions[r] == [caption]}
+    assert len(swapped) == 2  # two of the five images, with every one of their rows
+    for r, (original, caption, copy, triggered, _) in enumerate(rows):
+        image, text = (original, caption) if dataset.records[r].image.key in swapped else \
+            (copy, triggered)
+        assert torch.equal(part.images[r], image) and part.captions[r] == [text]
+
+    report = evaluate_attacker(AttackerEvaluation(
+        train=str(root / "protected" / "manifest.csv"), test=str(root / "photos/manifest.csv"),
+        attacker="rn-test", epochs=1, batch_size=4,
+        mix_clean=f"{root / 'photos/manifest.csv'}:0.5"), log=lambda line: None)
+    assert report.report["protected"]["runs"]
+
+
+@needs_emoji_captions
+def test_lab_row_on_emoji_captions_released_per_caption(tmp_path):
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    setting = LabSetting(dataset="emoji-captions", kind="pairs", method="mem",
+                         options={**TINY, "noise_per": "caption"}, attackers=(attacker,),
+                         seeds=(0,), limit=5, holdout=0.4)
+    train_part, held_part = split_training(setting)
+    assert not set(train_part.records_by_image()) & set(held_part.records_by_image())
+    cache = ControlCache(tmp_path / "controls.json")
+    row = run_lab(setting, tmp_path / "work", log=lambda line: None, cache=cache)
+    assert row["release_per"] == "caption"
+    assert row["train_images"] == 3 and row["test_images"] == 2
+    assert row["train_items"] == len(train_part.records) > 2 * 3  # one item per caption row
+    assert set(row["attackers"][attacker]) == {"clean", "uniform", "method", "noise only",
+                                               "trigger only"}
+    # per-row clean and uniform runs are not the per-image ones of the same slice
+    stored = json.loads((tmp_path / "controls.json").read_text())
+    assert len(stored) == 2 and all("per caption row" in key for key in stored)

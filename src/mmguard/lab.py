@@ -13,6 +13,13 @@ than the same attacker trained on each control:
 - noise only: the method's images with the original texts;
 - trigger only: the original images with the method's texts (when it changes them).
 
+A method that releases one image per caption row (MEM `noise_per=caption`)
+gives the attacker one (image copy, caption) pair per row; every control is
+then laid out per row too, aligned with the release row by row (see
+`training_sets`), and its clean and uniform runs are cached apart from the
+per-image ones. The held-out slice is split by image, so no image has
+captions on both sides, and is scored with each image's captions grouped.
+
 The training images are the first `limit` of the training split minus a held-out
 slice (`holdout`, the last share in split order): choices are screened on that
 clean slice ("validation"), never on the test split, which `evaluate_on="test"`
@@ -33,11 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
+from mmguard.attack.contrastive import (
+    AttackerRecipe,
+    ImageCaptionSet,
+    caption_rows,
+    load_pairs,
+    train_attacker,
+)
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm
 from mmguard.attack.triples import TripleSet, load_triples
 from mmguard.data.builtin import load_builtin
-from mmguard.data.release import output_image_paths, read_run_record
+from mmguard.data.release import output_image_paths, per_caption_images, read_run_record
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.audit import audit_or_raise
@@ -96,11 +109,18 @@ def _recipe(spec: str, seed: int):
 def split_training(setting: LabSetting):
     """(training part, held-out part) of the training split, by image, in split order."""
     dataset = load_builtin(setting.dataset, "train", setting.kind)
+    return hold_out(dataset, setting.limit,
+                    setting.holdout if setting.evaluate_on == "validation" else 0.0)
+
+
+def hold_out(dataset, limit: int | None, share: float):
+    """(training part, held-out part) of the first `limit` images of `dataset`: the last
+    `share` of them (at least one when share > 0) held out. Each part has every record
+    of its images, in source order, so no image has captions on both sides."""
     keys = list(dataset.records_by_image())
-    if setting.limit is not None:
-        keys = keys[:setting.limit]
-    held = max(1, round(setting.holdout * len(keys))) if setting.evaluate_on == "validation" \
-        else 0
+    if limit is not None:
+        keys = keys[:limit]
+    held = max(1, round(share * len(keys))) if share > 0 else 0
     train_keys, held_keys = set(keys[:len(keys) - held]), set(keys[len(keys) - held:])
 
     def subset(wanted: set[str]):
@@ -128,21 +148,42 @@ def _texts(data, kind: str) -> list:
 
 def training_sets(setting: LabSetting, clean_dataset, protected: Path,
                   uniform: Path) -> dict[str, Any]:
-    """The attacker's training sets of one row, aligned image by image."""
+    """The attacker's training sets of one row, aligned item by item.
+
+    An item is an image, or a caption row when the method released one image
+    per row (MEM `noise_per=caption`): then every set holds one (image, caption)
+    pair per row, in row order, the clean and uniform images repeated for each
+    of their rows (the uniform noise is drawn once per image).
+    """
     kind = setting.kind
     clean = _load(clean_dataset, kind)
-    method = _load(read_dataset(protected / "manifest.csv"), kind)
-    paths = output_image_paths(clean_dataset)
-    if [paths[key] for key in clean.keys] != method.keys:
-        raise MMGuardError(f"{protected} does not hold every training image in order; "
-                           "delete it and run again")
-    sets = {"clean": clean, "uniform": _load(read_dataset(uniform / "manifest.csv"), kind),
-            "method": method}
+    uniform_set = _aligned(_load(read_dataset(uniform / "manifest.csv"), kind), clean_dataset,
+                           uniform)
+    per_caption = read_run_record(protected).per_caption
+    if per_caption:
+        if kind != "pairs":
+            raise MMGuardError(f"{protected} is released per caption row; the lab reads such "
+                               "releases of image-caption pairs only")
+        clean, uniform_set = (caption_rows(clean, clean_dataset),
+                              caption_rows(uniform_set, clean_dataset))
+    method = _aligned(_load(read_dataset(protected / "manifest.csv"), kind),
+                      per_caption_images(clean_dataset) if per_caption else clean_dataset,
+                      protected)
+    sets = {"clean": clean, "uniform": uniform_set, "method": method}
     # Without a trigger, "noise only" and "trigger only" are the method and the clean set.
     if _texts(method, kind) != _texts(clean, kind):
         sets["noise only"] = _swap(method, clean, kind)
         sets["trigger only"] = _swap(clean, method, kind)
     return sets
+
+
+def _aligned(released, clean_dataset, folder: Path):
+    """`released` (loaded from `folder`), checked to hold `clean_dataset`'s images in order."""
+    paths = output_image_paths(clean_dataset)
+    if [paths[key] for key in clean_dataset.records_by_image()] != released.keys:
+        raise MMGuardError(f"{folder} does not hold every training image in order; "
+                           "delete it and run again")
+    return released
 
 
 def protect_once(dataset, method: str, options: dict[str, Any], out: Path, eps: float,
@@ -217,10 +258,13 @@ class ControlCache:
         self.runs = json.loads(path.read_text()) if path is not None and path.exists() else {}
 
     @staticmethod
-    def key(setting: LabSetting, set_name: str, spec: str, seed: int, every_epoch: bool) -> str:
+    def key(setting: LabSetting, set_name: str, spec: str, seed: int, every_epoch: bool,
+            per_caption: bool = False) -> str:
+        # A per-caption release's controls hold one item per caption row, not per image.
         return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
                            setting.evaluate_on, setting.limit_test, round(setting.eps, 8),
-                           set_name, spec, seed, every_epoch])
+                           set_name, spec, seed, every_epoch]
+                          + (["per caption row"] if per_caption else []))
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.runs.get(key)
@@ -262,6 +306,9 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     row["uniform"] = protect_once(train_part, "random", {"seed": 0}, work / "uniform",
                                   setting.eps, log)
     sets = training_sets(setting, train_part, work / "protected", work / "uniform")
+    per_caption = read_run_record(work / "protected").per_caption
+    row["release_per"] = "caption" if per_caption else "image"
+    row["train_items"] = len(sets["method"].images)  # images, or caption rows
     row["attackers"] = {}
     for spec in setting.attackers:
         family = family_of(parse_attacker(spec)[0], "attacker")
@@ -273,7 +320,7 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
             runs = []
             for seed in setting.seeds:
                 started = time.monotonic()
-                key = ControlCache.key(setting, name, spec, seed, every_epoch)
+                key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
                 cached = cache.get(key) if name in ControlCache.SHARED else None
                 run = cached or attack_once(spec, seed, train, test, every_epoch)
                 run["best"] = _best(run["epochs"], family)

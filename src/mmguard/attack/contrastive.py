@@ -27,6 +27,7 @@ import torch
 from mmguard.attack.augment import AugmentPipeline
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.data.records import Dataset, Kind, PairRecord
+from mmguard.data.release import per_caption_images
 from mmguard.errors import MMGuardError
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model, pretrained_by_construction
@@ -72,6 +73,39 @@ def load_pairs(dataset: Dataset) -> ImageCaptionSet:
         images.append(to_float(load_image_uint8(records[0].image, records[0].where)))
         captions.append([c for r in records for c in r.captions])
     return ImageCaptionSet(images, captions, list(groups))
+
+
+def caption_rows(data: ImageCaptionSet, dataset: Dataset) -> ImageCaptionSet:
+    """`data` one caption row at a time, as a release made per caption holds it.
+
+    `data` is aligned with `dataset` image by image (`load_pairs` of it, or of a
+    per-image release of it). Entry r is the dataset's r-th caption row, in the
+    order and under the key `data.release.per_caption_images` gives it: the
+    image of its row (the same tensor for every row of an image, not a copy)
+    and the k-th caption `data` holds for that image, k counting the image's
+    rows. Several entries then show one image, each with one caption.
+    """
+    groups = dataset.records_by_image()
+    if len(groups) != len(data.images):
+        raise MMGuardError(f"{len(data.images)} images do not match the {len(groups)} images "
+                           f"of {dataset.source}")
+    position = {key: index for index, key in enumerate(groups)}
+    seen = [0] * len(groups)
+    images, captions = [], []
+    for record in dataset.records:
+        index = position[record.image.key]
+        for _ in record.texts():
+            k = seen[index]
+            if k >= len(data.captions[index]):
+                raise MMGuardError(f"image {index} of the set has {len(data.captions[index])} "
+                                   f"captions, {dataset.source} has more rows for it")
+            images.append(data.images[index])
+            captions.append([data.captions[index][k]])
+            seen[index] += 1
+    if seen != [len(c) for c in data.captions]:
+        raise MMGuardError(f"the set has more captions per image than {dataset.source} has rows")
+    keys = [record.image.key for record in per_caption_images(dataset).records]
+    return ImageCaptionSet(images, captions, keys)
 
 
 def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:

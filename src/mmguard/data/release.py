@@ -56,6 +56,13 @@ def per_caption_images(dataset: Dataset) -> Dataset:
     return replace(dataset, records=records)
 
 
+def released_per_caption(dataset: Dataset) -> bool:
+    """Whether `dataset` is a folder `mmguard protect` released one image per caption row
+    (its run record says so; a manifest without one is taken as released per image)."""
+    return (dataset.root is not None and has_run_record(dataset.root)
+            and read_run_record(dataset.root).per_caption)
+
+
 def output_image_paths(dataset: Dataset) -> dict[str, str]:
     """Image key -> protected file path relative to the output folder.
 

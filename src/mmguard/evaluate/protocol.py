@@ -21,9 +21,15 @@ from dataclasses import replace
 
 import torch
 
-from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs, train_attacker
+from mmguard.attack.contrastive import (
+    AttackerRecipe,
+    ImageCaptionSet,
+    caption_rows,
+    load_pairs,
+    train_attacker,
+)
 from mmguard.data.records import Dataset, Kind
-from mmguard.data.release import output_image_paths
+from mmguard.data.release import output_image_paths, per_caption_images, released_per_caption
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.retrieval import degradation, evaluate_retrieval
 
@@ -52,26 +58,46 @@ def clean_swaps(protected_dataset: Dataset, clean_dataset: Dataset, fraction: fl
     Indices follow `records_by_image` order; only the first `limit` protected
     images are candidates. Models an attacker holding only partly protected
     data (MEM's 100/50/20%).
+
+    A release made per caption row (`released_per_caption`) holds an image once
+    per row; its indices are then rows, the clean side's in the order of
+    `per_caption_images(clean_dataset)` (as `caption_rows` lays the clean set
+    out). `fraction` still counts original images: all the rows of a chosen
+    image go back to clean together, as an owner protecting part of a dataset
+    would release an image either clean or protected, never both.
     """
     if not 0.0 <= fraction <= 1.0:
         raise MMGuardError(f"--mix-clean fraction {fraction} is outside [0, 1]")
-    by_output = {path: index for index, path in
-                 enumerate(output_image_paths(clean_dataset).values())}
+    per_caption = released_per_caption(protected_dataset)
+    layout = per_caption_images(clean_dataset) if per_caption else clean_dataset
+    by_output = {path: index for index, path in enumerate(output_image_paths(layout).values())}
+    # The original image of every clean item, by index: rows share their image's key.
+    owner = ([record.image.key for record in clean_dataset.records for _ in record.texts()]
+             if per_caption else list(clean_dataset.records_by_image()))
     protected_paths = list(protected_dataset.records_by_image())[:limit]
     matches = [(i, by_output.get(key)) for i, key in enumerate(protected_paths)]
     matched = [(i, j) for i, j in matches if j is not None]
     if not matched:
-        raise MMGuardError("--mix-clean: no protected image matches an image of the clean set")
+        layout_name = "per caption row" if per_caption else "per image"
+        raise MMGuardError(f"--mix-clean: no protected image matches an image of the clean set "
+                           f"(released {layout_name})")
+    units: dict[str, list[tuple[int, int]]] = {}
+    for i, j in matched:
+        units.setdefault(owner[j], []).append((i, j))
+    groups = list(units.values())
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(matched), generator=generator).tolist()
-    return [matched[k] for k in order[: round(fraction * len(matched))]]
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    return [pair for k in order[: round(fraction * len(groups))] for pair in groups[k]]
 
 
 def mix_clean(protected: ImageCaptionSet, protected_dataset: Dataset, clean_dataset: Dataset,
               fraction: float, seed: int) -> ImageCaptionSet:
-    """Replace `fraction` of the protected images (and captions) by their clean originals."""
+    """Replace `fraction` of the protected images (and captions) by their clean originals
+    (every row of them, in a release made per caption row: see `clean_swaps`)."""
     swaps = clean_swaps(protected_dataset, clean_dataset, fraction, seed)
     clean = load_pairs(clean_dataset)
+    if released_per_caption(protected_dataset):
+        clean = caption_rows(clean, clean_dataset)
     images, captions = list(protected.images), list(protected.captions)
     for i, j in swaps:
         images[i], captions[i] = clean.images[j], clean.captions[j]
