@@ -31,6 +31,7 @@ early is an attacker too).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -114,14 +115,20 @@ def split_training(setting: LabSetting):
 
 
 def hold_out(dataset, limit: int | None, share: float):
-    """(training part, held-out part) of the first `limit` images of `dataset`: the last
-    `share` of them (at least one when share > 0) held out. Each part has every record
-    of its images, in source order, so no image has captions on both sides."""
+    """(training part, held-out part) of the first `limit` images of `dataset`: a `share`
+    of them (at least one when share > 0) held out. Each part has every record of its
+    images, in source order, so no image has captions on both sides.
+
+    The held-out images are those whose keys hash lowest, not the last ones: sources are
+    often ordered by category (the emoji end with ~250 flags), and a tail slice would
+    validate on a category the attacker never trained on."""
     keys = list(dataset.records_by_image())
     if limit is not None:
         keys = keys[:limit]
     held = max(1, round(share * len(keys))) if share > 0 else 0
-    train_keys, held_keys = set(keys[:len(keys) - held]), set(keys[len(keys) - held:])
+    by_hash = sorted(keys, key=lambda key: hashlib.sha1(key.encode()).hexdigest())
+    held_keys = set(by_hash[:held])
+    train_keys = set(keys) - held_keys
 
     def subset(wanted: set[str]):
         return dataclasses.replace(dataset, records=[r for r in dataset.records
