@@ -249,3 +249,17 @@ def test_lab_row_on_emoji_captions_released_per_caption(tmp_path):
     # per-row clean and uniform runs are not the per-image ones of the same slice
     stored = json.loads((tmp_path / "controls.json").read_text())
     assert len(stored) == 2 and all("per caption row" in key for key in stored)
+
+
+def test_lab_scores_an_lvlm_attacker_on_triples_after_every_epoch(tmp_path):
+    attacker = "lvlm-test:lora:epochs=2,batch_size=4"
+    setting = LabSetting(dataset="fashion-mnist", kind="triples", method="random",
+                         attackers=(attacker,), seeds=(0,), limit=12, holdout=0.25)
+    row = run_lab(setting, tmp_path / "work", log=lambda line: None)
+    assert row["train_images"] == 9 and row["test_images"] == 3
+    results = row["attackers"][attacker]
+    assert set(results) == {"clean", "uniform", "method"}
+    for control in results.values():
+        epochs = control["epochs"][0]
+        assert len(epochs) == 2 and all(0 <= e["exact_match"] <= 100 for e in epochs)
+        assert control["best"]["exact_match"]["mean"] == max(e["exact_match"] for e in epochs)
