@@ -37,6 +37,31 @@ def test_help_explains_every_protect_option():
     assert "8/255" in text
 
 
+def test_protect_without_a_method_uses_the_recommended_one_and_says_why(tmp_path):
+    out = tmp_path / "o"
+    result = mmguard("protect", "--dataset", "digits", "--limit", "6", "--surrogate", "rn-test",
+                     "--groups", "2", "--pgd-steps", "2", "--out", str(out), "--quiet")
+    assert "using wrong-target" in result.stderr and "Caveat" in result.stderr  # pairs: weak
+    record = json.loads((out / "mmguard-run.json").read_text())
+    assert record["config"]["method"] == "wrong-target"
+
+
+def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
+    from mmguard.protect.recommend import apply_strength
+
+    assert apply_strength("wrong-target", "low", None, {}) == (4 / 255, {"pgd_steps": 20})
+    assert apply_strength("wrong-target", "high", None, {"pgd_steps": 7}) == (
+        16 / 255, {"pgd_steps": 7})
+    assert apply_strength("random", "high", 2 / 255, {}) == (2 / 255, {})
+    assert apply_strength("random", None, None, {}) == (8 / 255, {})
+    high = mmguard("protect", "--dataset", "digits", "--method", "random", "--strength",
+                   "high", "--limit", "4", "--out", str(tmp_path / "h"), "--quiet")
+    assert "budget 16/255" in high.stdout
+    record = json.loads((tmp_path / "h" / "mmguard-run.json").read_text())
+    assert record["budgets"]["eps_levels"] == 16
+    assert 8 < record["summary"]["max_linf_levels"] <= 16
+
+
 def test_datasets_list_names_each_builtin():
     text = mmguard("datasets", "list").stdout
     assert all(name in text for name in ("emoji", "fashion-mnist", "digits"))

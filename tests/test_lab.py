@@ -3,6 +3,7 @@ releases made per caption row (MEM noise_per=caption) in the lab and in --mix-cl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -23,8 +24,10 @@ from mmguard.evaluate.protocol import mix_clean
 from mmguard.lab import (
     ControlCache,
     LabSetting,
+    _recipe,
     append_row,
     hold_out,
+    lab_row_name,
     parse_attacker,
     protect_once,
     run_lab,
@@ -99,6 +102,30 @@ def test_controls_are_reused_across_rows_and_trigger_free_rows_skip_the_swaps(tm
     run_lab(LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
                        seeds=(0,), limit=20), tmp_path / "c", log=lines.append, cache=cache)
     assert not any("cached" in line for line in lines)
+
+
+def test_robustness_rows_transform_every_set_and_keep_their_own_controls(tmp_path):
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    recipe = _recipe(attacker, 3, "jpeg:75,grayscale")
+    assert recipe.augment.spec == "jpeg:75,grayscale" and recipe.seed == 3
+    assert _recipe("smolvlm-lite:lora:epochs=2", 0, "blur:1").augment.spec == "blur:1"
+    assert _recipe(attacker, 0).augment is None
+    cache = ControlCache(tmp_path / "controls.json")
+    plain = LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
+                       seeds=(0,), limit=16)
+    run_lab(plain, tmp_path / "a", log=lambda line: None, cache=cache)
+    lines: list[str] = []
+    row = run_lab(dataclasses.replace(plain, augment="resize:0.5"), tmp_path / "a",
+                  log=lines.append, cache=cache)
+    # the clean and uniform runs of an un-transformed attacker are not this row's controls
+    assert not any("cached" in line for line in lines)
+    assert row["setting"]["augment"] == "resize:0.5"
+    assert len(json.loads((tmp_path / "controls.json").read_text())) == 4
+    assert lab_row_name(dataclasses.replace(plain, augment="resize:0.5")).endswith(
+        "vs attacker resize:0.5")
+    with pytest.raises(MMGuardError, match="sharpen"):
+        run_lab(dataclasses.replace(plain, augment="sharpen"), tmp_path / "b",
+                log=lambda line: None)
 
 
 def test_lab_options_and_attackers_are_parsed_and_checked():

@@ -21,6 +21,7 @@ from mmguard.data.resolve import resolve_dataset
 from mmguard.data.sources import fingerprint
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodConfig
+from mmguard.protect.recommend import RECOMMENDED, STRENGTHS, apply_strength, recommended_method
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
 
@@ -138,12 +139,18 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
 @click.option("--kind", type=click.Choice(("auto",) + KINDS), default="auto", show_default=True,
               help="Pairs (image, caption) or triples (image, prompt, response); built-in "
                    "datasets give either, manifests say which they hold.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), required=True,
-              help="Protection method: " + "; ".join(f"{n}: {c.summary}"
-                                                    for n, c in sorted(METHODS.items())))
-@click.option("--eps", type=EpsParam(), default="8/255", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=None,
+              help="Protection method [the best measured one for the data kind: "
+                   + "; ".join(f"{kind} {r.method}" for kind, r in RECOMMENDED.items())
+                   + "]: " + "; ".join(f"{n}: {c.summary}" for n, c in sorted(METHODS.items())))
+@click.option("--strength", type=click.Choice(tuple(STRENGTHS)), default=None,
+              help="Preset of budget and effort: "
+                   + "; ".join(f"{name} {levels(s.eps)}/255 with {s.effort:g}x the method's "
+                               "PGD steps" for name, s in STRENGTHS.items())
+                   + " [mid]. --eps and --pgd-steps given explicitly win.")
+@click.option("--eps", type=EpsParam(), default=None,
               help="L-infinity budget on pixels in [0,1], as 8/255 or 0.0314; it holds on the "
-                   "saved 8-bit files.")
+                   "saved 8-bit files [8/255, or the --strength preset's].")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output folder: new or empty, or one an earlier run wrote (with --resume). "
                    "Never the input's folder or inside it.")
@@ -158,23 +165,33 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
                    "stopping at the first one.")
 @method_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def protect(data, dataset_name, split, kind, method, eps, out, limit, seed, resume, skip_bad,
-            quiet, **method_options):
+def protect(data, dataset_name, split, kind, method, strength, eps, out, limit, seed, resume,
+            skip_bad, quiet, **method_options):
     """Protect a dataset: perturb its images (and add a text trigger if the method uses
     one) and write the protected copy, with a run record, to --out.
 
     Method options left out take the method's defaults (in brackets).
 
+    Without --method, the best measured method for the data kind is used, and named.
+
     \b
     Examples:
+      mmguard protect --data vqa/manifest.jsonl --out protected/
       mmguard protect --dataset emoji --method mem --trigger-len 5 --out protected/
       mmguard protect --data photos/manifest.csv --method random --eps 8/255 --out out/
     """
     if dataset_name and kind == "auto":
-        kind = METHODS[method].kinds[0]
+        kind = METHODS[method].kinds[0] if method else "pairs"
     dataset = load_input(data, dataset_name, split, kind)
+    if method is None:
+        chosen = recommended_method(dataset.kind)
+        method = chosen.method
+        click.echo(f"no --method given: using {method}, the best measured method for "
+                   f"{dataset.kind}: {chosen.evidence}"
+                   + (f". Caveat: {chosen.caveat}" if chosen.caveat else ""), err=True)
     given = {option: tuple(value) if isinstance(value, tuple | list) else value
              for option, value in method_options.items() if value not in (None, ())}
+    eps, given = apply_strength(method, strength, eps, given)
     protection = create_method(method, dataset.kind, eps=eps, seed=seed, **given)
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))
     started = time.monotonic()
@@ -340,8 +357,12 @@ def audit(folder, original, json_out):
                    "lab-controls.json beside it and reused by rows of the same setting.")
 @click.option("--final-epoch-only", is_flag=True,
               help="Score attackers after their last epoch only (faster for LVLMs).")
+@click.option("--augment", default=None,
+              help="Robustness row: the attackers transform every training set, clean "
+                   "included, each epoch, e.g. jpeg:75, resize:0.5, grayscale, blur:1 (see "
+                   "`mmguard evaluate --augment`).")
 def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, evaluate_on,
-        limit_test, eps, name, out, results, final_epoch_only):
+        limit_test, eps, name, out, results, final_epoch_only, augment):
     """Efficacy lab: protect a slice with a method and test it against every control
     (clean, uniform noise in the same ball, noise only, trigger only) and attacker, over
     seeds; appends a row to a JSON file and a Markdown table.
@@ -357,7 +378,8 @@ def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, e
     setting = LabSetting(dataset=dataset_name, kind=kind, method=method,
                          options=parse_options(method, options), attackers=tuple(attackers),
                          seeds=tuple(_parse_seeds(seeds)), limit=limit, holdout=holdout,
-                         evaluate_on=evaluate_on, limit_test=limit_test, eps=eps)
+                         evaluate_on=evaluate_on, limit_test=limit_test, eps=eps,
+                         augment=augment)
     results = results or out / "lab.json"
     row = run_lab(setting, out, log=lambda line: click.echo(line, err=True),
                   every_epoch=not final_epoch_only,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmguard.attack.augment import parse_augment
 from mmguard.attack.contrastive import (
     AttackerRecipe,
     ImageCaptionSet,
@@ -84,6 +85,10 @@ class LabSetting:
     evaluate_on: str = "validation"  # or "test"
     limit_test: int | None = None
     eps: float = 8 / 255
+    # Attacker-side transformations of every training set, clean included (the
+    # robustness rows: a protection is scored against the same attacker on
+    # transformed clean data), e.g. "jpeg:75"; see attack/augment.py.
+    augment: str | None = None
 
 
 def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -98,12 +103,13 @@ def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
     return parts[0], parts[1], overrides
 
 
-def _recipe(spec: str, seed: int):
+def _recipe(spec: str, seed: int, augment: str | None = None):
     model, recipe, overrides = parse_attacker(spec)
+    pipeline = parse_augment(augment) if augment else None
     if family_of(model, "attacker") == "contrastive":
         base = {**CONTRASTIVE_DEFAULTS.get(recipe, {}), **overrides}
-        return AttackerRecipe(model=model, recipe=recipe, seed=seed, **base)
-    return LVLMRecipe(model=model, recipe=recipe, seed=seed, **overrides)
+        return AttackerRecipe(model=model, recipe=recipe, seed=seed, augment=pipeline, **base)
+    return LVLMRecipe(model=model, recipe=recipe, seed=seed, augment=pipeline, **overrides)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -219,9 +225,11 @@ def _contrastive_scores(metrics: dict) -> dict[str, float]:
             "t2i R@10": metrics["t2i"]["R@10"], "t2i MedR": metrics["t2i"]["MedR"]}
 
 
-def attack_once(spec: str, seed: int, train, test, every_epoch: bool) -> dict[str, Any]:
-    """Train one attacker on `train`; its clean-test scores after every epoch (or the last)."""
-    recipe = _recipe(spec, seed)
+def attack_once(spec: str, seed: int, train, test, every_epoch: bool,
+                augment: str | None = None) -> dict[str, Any]:
+    """Train one attacker on `train` (transformed by `augment`, if given); its clean-test
+    scores after every epoch (or the last)."""
+    recipe = _recipe(spec, seed, augment)
     epochs: list[dict[str, float]] = []
     if isinstance(recipe, AttackerRecipe):
         def after_epoch(model, epoch):
@@ -271,7 +279,8 @@ class ControlCache:
         return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
                            setting.evaluate_on, setting.limit_test, round(setting.eps, 8),
                            set_name, spec, seed, every_epoch]
-                          + (["per caption row"] if per_caption else []))
+                          + (["per caption row"] if per_caption else [])
+                          + ([f"augment {setting.augment}"] if setting.augment else []))
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.runs.get(key)
@@ -308,6 +317,8 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     from mmguard.protect.registry import create_method
 
     create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)  # fail early
+    if setting.augment:
+        parse_augment(setting.augment)  # fail early too
     row["protect"] = protect_once(train_part, setting.method, setting.options,
                                   work / "protected", setting.eps, log)
     row["uniform"] = protect_once(train_part, "random", {"seed": 0}, work / "uniform",
@@ -329,7 +340,8 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
                 started = time.monotonic()
                 key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
                 cached = cache.get(key) if name in ControlCache.SHARED else None
-                run = cached or attack_once(spec, seed, train, test, every_epoch)
+                run = cached or attack_once(spec, seed, train, test, every_epoch,
+                                            setting.augment)
                 run["best"] = _best(run["epochs"], family)
                 runs.append(run)
                 if name in ControlCache.SHARED and cached is None:
@@ -393,4 +405,5 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
 
 def lab_row_name(setting: LabSetting) -> str:
     options = ",".join(f"{k}={v}" for k, v in sorted(setting.options.items()))
-    return f"{setting.dataset}/{setting.method}" + (f" [{options}]" if options else "")
+    return (f"{setting.dataset}/{setting.method}" + (f" [{options}]" if options else "")
+            + (f" vs attacker {setting.augment}" if setting.augment else ""))

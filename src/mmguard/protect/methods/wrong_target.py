@@ -65,7 +65,8 @@ class WrongTargetConfig(SurrogateConfig):
 
 class WrongTarget(BilevelMethod):
     name = "wrong-target"
-    summary = "features moved to another group's centroid on a frozen pretrained tower (TAP)"
+    summary = ("features collided with an image of another group on a frozen pretrained "
+               "tower (TAP); no trigger")
     Config = WrongTargetConfig
     config: WrongTargetConfig
     default_surrogates = {"pairs": ("lit",)}

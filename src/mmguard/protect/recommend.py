@@ -1,0 +1,77 @@
+"""What `mmguard protect` runs when no method is named, and its `--strength` presets.
+
+A data owner who does not know the methods should get the one that protected best
+in our measurements, told which it is and on what evidence, not the first name in a
+list. Each recommendation cites the benchmark row it rests on; change it only with a
+new row (`mmguard lab ... --on test` over 3 seeds with every control).
+
+Strength presets trade visibility for effect, as Fawkes' low/mid/high do: each sets
+the L-infinity budget and scales the method's default PGD steps (more budget needs
+more steps to be used). An explicit `--eps` or `--pgd-steps` wins over the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mmguard.errors import MMGuardError
+from mmguard.protect.registry import method_class
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    method: str
+    evidence: str  # one line for the user: what was measured
+    caveat: str = ""  # what the evidence does not cover
+
+
+RECOMMENDED: dict[str, Recommendation] = {
+    "triples": Recommendation(
+        "wrong-target",
+        "on Fashion-MNIST VQA a LoRA-fine-tuned smolvlm-lite answered 22.2% right after "
+        "training on it, against 76.7% on clean data and 78.5% on uniform noise of the same "
+        "budget (3 seeds; benchmarks/results/lab-bench.md)",
+        "measured with the attacker's own vision tower as the surrogate (white box)"),
+    "pairs": Recommendation(
+        "wrong-target",
+        "it is trigger-free, so rare-word stripping cannot undo it",
+        "on image-caption pairs no method has yet hurt a pretrained attacker more than "
+        "uniform noise of the same budget (docs/findings.md); treat this as weak protection"),
+}
+
+
+@dataclass(frozen=True)
+class Strength:
+    eps: float  # L-infinity budget on pixels in [0, 1]
+    effort: float  # multiplies the method's default PGD steps
+
+
+STRENGTHS: dict[str, Strength] = {
+    "low": Strength(eps=4 / 255, effort=0.5),
+    "mid": Strength(eps=8 / 255, effort=1.0),
+    "high": Strength(eps=16 / 255, effort=2.0),
+}
+DEFAULT_EPS = STRENGTHS["mid"].eps
+
+
+def recommended_method(kind: str) -> Recommendation:
+    if kind not in RECOMMENDED:
+        raise MMGuardError(f"no recommended method for {kind!r} data; choose pairs or triples")
+    return RECOMMENDED[kind]
+
+
+def apply_strength(method: str, strength: str | None, eps: float | None,
+                   options: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(budget, method options) after the preset; what the user gave explicitly stays."""
+    if strength is None:
+        return (DEFAULT_EPS if eps is None else eps), options
+    if strength not in STRENGTHS:
+        raise MMGuardError(f"unknown strength {strength!r}; choose {', '.join(STRENGTHS)}")
+    preset = STRENGTHS[strength]
+    options = dict(options)
+    steps = {f.name: f.default for f in dataclasses.fields(method_class(method).Config)}
+    if "pgd_steps" in steps and "pgd_steps" not in options:
+        options["pgd_steps"] = max(1, round(steps["pgd_steps"] * preset.effort))
+    return (preset.eps if eps is None else eps), options
