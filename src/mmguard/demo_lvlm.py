@@ -2,14 +2,17 @@
 
 1. Export the first images of Fashion-MNIST's training split as VQA triples
    ("What kind of clothing is this?" -> class name), as a data owner's folder.
-2. Protect them with MMGuard (image noise + a 3-token trigger inserted at the
-   end of the prompt, Bridge Path Hijack binding) against the embedded
-   `smolvlm-lite` LVLM, and audit the result (budget re-measured on the saved
-   8-bit files, sizes, texts).
+2. Protect them with the method `mmguard protect` recommends for triples
+   (wrong-target: each image's features collide with those of an image with
+   another answer on the embedded `smolvlm-lite`'s frozen vision tower; the
+   texts stay untouched), and, as the control, with uniform random noise in
+   the same budget. Audit both (budget re-measured on the saved 8-bit files,
+   sizes, texts).
 3. Fine-tune `smolvlm-lite` (LoRA + projector) on the clean copy, on the
-   protected copy and on the clean images with the protected prompts (the
-   trigger-only control), and ask each the clean test questions.
-4. Print exact-match accuracy, the degradation, and the attention TV distance.
+   uniform-noise copy and on the protected copy, and ask each the clean test
+   questions. The method has no trigger, so its noise-only control is the
+   method itself and its trigger-only control is the clean copy.
+4. Print exact-match accuracy and the degradation.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import click
 
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker
-from mmguard.attack.triples import TripleSet, load_triples
+from mmguard.attack.triples import load_triples
 from mmguard.data.budget import levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
@@ -35,6 +38,7 @@ from mmguard.evaluate.lvlm_protocol import (
     run_lvlm_seeds,
 )
 from mmguard.evaluate.vqa import reference_levels
+from mmguard.protect.recommend import recommended_method
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 
@@ -42,10 +46,9 @@ EPS = 8 / 255
 DEFAULT_IMAGES = 64
 TEST_IMAGES = 100
 SURROGATE = "smolvlm-lite"
-MMGUARD_SETTINGS = dict(eps=EPS, seed=0, surrogates=(SURROGATE,), binding="bph", rounds=2,
-                        pgd_steps=6, top_k=4, batch_size=8)
+METHOD = recommended_method("triples").method
 ATTACKER = LVLMRecipe(model=SURROGATE, recipe="lora", epochs=8, lr=1e-3, batch_size=8)
-EVALUATION = AnswerEvaluation(max_new_tokens=6, attention_examples=32)
+EVALUATION = AnswerEvaluation(max_new_tokens=6, attention_examples=0, samples=0)
 
 
 def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
@@ -54,48 +57,47 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     limit = limit or DEFAULT_IMAGES
     started = time.monotonic()
     click.echo(f"mmguard demo --lvlm: protect {limit} Fashion-MNIST question/answer triples "
-               f"with MMGuard against {SURROGATE} (EfficientNet-Lite0 -> SmolLM2-135M), then "
-               "fine-tune it on clean and on protected copies and ask the clean test "
-               "questions. About 15 minutes on 2 CPU cores.")
+               f"with {METHOD} (the recommended method) and, as the control, with uniform "
+               f"noise, against {SURROGATE} (EfficientNet-Lite0 -> SmolLM2-135M); then "
+               "fine-tune it on each copy and ask the clean test questions. About 10 minutes "
+               "on 2 CPU cores.")
     originals = out / "fashion-train"
     manifest = export_dataset(load_builtin("fashion-mnist", "train", "triples"), originals,
                               "csv", limit)
     click.echo(f"1. exported {limit} training triples to {manifest}")
 
     dataset = read_dataset(manifest)
-    method = create_method("mmguard", "triples", **MMGUARD_SETTINGS)
-    protected_dir = out / "protected"
-    summary = protect_dataset(dataset, method, protected_dir, command=["mmguard", "demo",
-                                                                       "--lvlm"],
-                              input_fingerprint=fingerprint(dataset))
-    worst = audit_or_raise(protected_dir).max_linf_levels
-    click.echo(f"2. protected them into {protected_dir}: max |change| "
-               f"{worst}/255 on the saved files (budget {levels(EPS)}/255), "
-               f"mean PSNR {summary.mean_psnr_db:.1f} dB, {time.monotonic() - started:.0f} s "
-               "so far")
-    protected_data = read_dataset(protected_dir / "manifest.csv")
-    click.echo(f"   e.g. the prompt now reads: {protected_data.records[0].prompt!r}")
+    copies = {}
+    for name, method in ((METHOD, create_method(METHOD, "triples", eps=EPS, seed=0,
+                                                surrogates=(SURROGATE,))),
+                         ("uniform", create_method("random", "triples", eps=EPS, seed=0))):
+        folder = out / ("protected" if name == METHOD else "uniform")
+        summary = protect_dataset(dataset, method, folder, command=["mmguard", "demo", "--lvlm"],
+                                  input_fingerprint=fingerprint(dataset), progress=False)
+        worst = audit_or_raise(folder).max_linf_levels
+        click.echo(f"2. {name}: wrote {folder}: max |change| {worst}/255 on the saved files "
+                   f"(budget {levels(EPS)}/255), mean PSNR {summary.mean_psnr_db:.1f} dB, "
+                   f"{time.monotonic() - started:.0f} s so far")
+        copies[name] = load_triples(read_dataset(folder / "manifest.csv"))
 
     clean = load_triples(dataset)
-    protected = load_triples(protected_data)
     test = load_triples(load_builtin("fashion-mnist", "test", "triples"), TEST_IMAGES)
     rows = {"untouched (zero-shot)": evaluate_answers(build_attacker(ATTACKER), test, clean,
                                                       EVALUATION)}
     for label, train in (("fine-tuned on clean", clean),
-                         ("fine-tuned on protected (MMGuard)", protected),
-                         ("control: triggers only", TripleSet(clean.images, protected.turns,
-                                                              clean.keys))):
+                         ("control: uniform noise, same budget", copies["uniform"]),
+                         (f"fine-tuned on protected ({METHOD})", copies[METHOD])):
         result = run_lvlm_seeds(train, test, ATTACKER, [0], label, EVALUATION,
                                 log=lambda line: click.echo(f"3. attacker {line}"))
         rows[label] = result["runs"][0]
     _, examples = test.inputs()
     table = answer_table(rows, reference_levels([e.response or "" for e in examples]),
-                         ("exact_match", "tv_distance"), "attacker (smolvlm-lite, LoRA)",
+                         ("exact_match",), "attacker (smolvlm-lite, LoRA)",
                          clean="fine-tuned on clean")
     click.echo("\n" + table)
     click.echo("\nHow to read it: protection works when the protected row is far below the "
-               "clean row, near the zero-shot row, and below the triggers-only control. "
-               "Full results: docs/benchmarks/lvlm.md.")
+               "clean row and below the uniform-noise control (which shows what any noise of "
+               "this size costs). Full results: benchmarks/results/lab-bench.md.")
     (out / "report.md").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     click.echo(f"done in {time.monotonic() - started:.0f} s; report in {out / 'report.md'}")
