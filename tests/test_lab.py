@@ -102,6 +102,12 @@ def test_controls_are_reused_across_rows_and_trigger_free_rows_skip_the_swaps(tm
     run_lab(LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
                        seeds=(0,), limit=20), tmp_path / "c", log=lines.append, cache=cache)
     assert not any("cached" in line for line in lines)
+    # another budget: the clean run is shared, the uniform one is not
+    lines.clear()
+    run_lab(dataclasses.replace(first, eps=4 / 255), tmp_path / "d", log=lines.append,
+            cache=cache)
+    assert [line.split(", seed")[0] for line in lines if "cached" in line] == [
+        f"{attacker} on clean"]
 
 
 def test_robustness_rows_transform_every_set_and_keep_their_own_controls(tmp_path):

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -275,9 +276,11 @@ class ControlCache:
     @staticmethod
     def key(setting: LabSetting, set_name: str, spec: str, seed: int, every_epoch: bool,
             per_caption: bool = False) -> str:
-        # A per-caption release's controls hold one item per caption row, not per image.
+        # A per-caption release's controls hold one item per caption row, not per image;
+        # the clean set does not depend on the budget.
+        budget = "any" if set_name == "clean" else round(setting.eps, 8)
         return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
-                           setting.evaluate_on, setting.limit_test, round(setting.eps, 8),
+                           setting.evaluate_on, setting.limit_test, budget,
                            set_name, spec, seed, every_epoch]
                           + (["per caption row"] if per_caption else [])
                           + ([f"augment {setting.augment}"] if setting.augment else []))
@@ -288,8 +291,11 @@ class ControlCache:
     def put(self, key: str, run: dict[str, Any]) -> None:
         self.runs[key] = run
         if self.path is not None:
+            # Re-read first: several lab runs may share one file.
+            if self.path.exists():
+                self.runs = {**json.loads(self.path.read_text()), key: run}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(".tmp")
+            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(self.runs))
             temporary.replace(self.path)
 
