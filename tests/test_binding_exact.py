@@ -192,6 +192,26 @@ def test_mmguard_protects_with_the_exact_losses_and_max_objective(tmp_path, bind
     assert max(item["linf_levels"] for item in record["items"]) <= 8
 
 
+@pytest.mark.parametrize("surrogate", ["llava-tiny", "qwen2-vl-tiny", "idefics3-tiny"])
+def test_mmguard_bph_exact_runs_on_hugging_face_surrogates(tmp_path, surrogate):
+    """The exact BPH ranks each surrogate's image tokens by the change of the pixels they
+    cover; every Hugging Face family (a whole image, flattened patches, tiles) says which."""
+    import json
+
+    from mmguard.protect.registry import create_method
+    from mmguard.protect.run import protect_dataset
+
+    method = create_method("mmguard", "triples", surrogates=(surrogate,), rounds=1,
+                           pgd_steps=2, top_k=3, batch_size=4, binding="bph-exact",
+                           binding_layers=1)
+    protect_dataset(load_builtin("digits", "train", "triples"), method, tmp_path / "out",
+                    limit=4, progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["config"]["surrogates"] == [surrogate]
+    assert math.isfinite(record["optimisation"]["rounds"][0]["binding_loss"])
+    assert max(item["linf_levels"] for item in record["items"]) <= 8
+
+
 def test_inner_lora_adaptation_changes_the_loss_and_is_discarded_each_round(real_images):
     torch.manual_seed(0)
     surrogate = LVLMSurrogate(["lvlm-test"], binding="none", inner_steps=3, inner_lr=1e-2)

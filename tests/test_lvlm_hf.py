@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmguard.data.builtin import load_builtin
+from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import (
     ANSWER,
     IMAGE,
@@ -243,6 +244,141 @@ def test_idefics3_processor_without_image_splitting(pil_images):
     adapter = Idefics3Adapter("idefics3-nosplit", tiny.model, tiny.tokenizer, processor)
     assert_matches_processor(adapter, processor, pil_images)
     assert adapter.pixel_inputs([as_tensor(pil_images[0])]).tokens_per_image == [4]
+    # One 32 px tile of 2x2 tokens, 16 px each: token 2 is its lower-left square.
+    clean = adapter.pixel_inputs([as_tensor(pil_images[0])])
+    protected = adapter.pixel_inputs([as_tensor(pil_images[0])])
+    protected.tensors["pixel_values"][0, 0, :, 16:32, 0:16] += 0.3
+    rho = adapter.image_token_change(clean, protected)[0]
+    assert rho.tolist() == pytest.approx([0.0, 0.0, 0.3, 0.0], abs=1e-6)
+
+
+# -- which pixels each image token covers (MMGuard's ρ, Eqs 21-23) ---------------------------
+# Per family: an image size the processor leaves as it is (raw and processed pixels coincide),
+# one image token, the square of pixels (top, bottom, left, right) it covers, and the tokens
+# that see that square only through a downscaled copy (Idefics3's global image).
+# llava-tiny: 7 px patches of 28 px, token 6 = row 1, col 2. qwen: 56x84 px -> 2x3 tokens of
+# 28 px, token 4 = row 1, col 1. idefics3: 64 px -> 2x2 tiles of 32 px, each 2x2 tokens of
+# 16 px, then the global image; token 10 = tile (1, 0), square (1, 0), which the global
+# image's own square (1, 0), token 16 + 2, shows downscaled.
+REGION_CASES = {
+    "llava-tiny": ((28, 28), 6, (7, 14, 14, 21), ()),
+    "qwen2-vl-tiny": ((56, 84), 4, (28, 56, 28, 56), ()),
+    "qwen2.5-vl-tiny": ((56, 84), 4, (28, 56, 28, 56), ()),
+    "idefics3-tiny": ((64, 64), 10, (48, 64, 0, 16), (18,)),
+}
+STEP = 0.2  # 51 of 255 levels: exact on the 8-bit grid
+
+
+def changed_in(image: torch.Tensor, square: tuple[int, int, int, int]) -> torch.Tensor:
+    top, bottom, left, right = square
+    changed = image.clone()
+    changed[:, top:bottom, left:right] += STEP
+    return changed
+
+
+def test_token_change_by_construction(adapter):
+    """Changing exactly one token's square of the image gives that token the whole
+    change (STEP in normalised units) and every other token none (in Idefics3, the
+    global image's token over the same square gets a smaller share)."""
+    size, token, square, downscaled = REGION_CASES[adapter.name]
+    image = torch.full((3, *size), 0.4)
+    clean = adapter.pixel_inputs([image])
+    rho = adapter.image_token_change(clean, adapter.pixel_inputs([changed_in(image, square)]))[0]
+    assert len(rho) == clean.tokens_per_image[0]
+    assert int(rho.argmax()) == token
+    std = torch.tensor(adapter.image_processor.image_std)
+    assert float(rho[token]) == pytest.approx(float((STEP / std).mean()), rel=1e-4)
+    others = [t for t in range(len(rho)) if t != token and t not in downscaled]
+    assert (rho[others] == 0).all()
+    for seen in downscaled:
+        assert 0 < float(rho[seen]) < float(rho[token])
+
+
+def test_block_labels_and_region_means_by_hand():
+    from mmguard.models.lvlm.hf_common import TokenRegions, block_labels, region_means
+
+    labels = block_labels(5, 7, 2, first=1)  # 2x3 blocks; row 4 and column 6 unread
+    assert labels[0].tolist() == [1, 1, 2, 2, 3, 3, -1]
+    assert labels[3].tolist() == [4, 4, 5, 5, 6, 6, -1]
+    assert (labels[4] == -1).all()
+    change = torch.zeros(3, 5, 7)
+    change[0, 2:4, 2:4] = 3.0  # block 5, one channel of three: mean 1
+    change[:, 4, :] = 9.0  # unread pixels count for nobody
+    means = region_means(change, TokenRegions(0, labels[None], 7, whole=(0,)))
+    assert means.tolist() == pytest.approx([1 / 6, 0, 0, 0, 0, 1, 0])
+
+
+def first_stage_tokens(adapter, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(image tokens, D) of the first image: the model's own patch embedding and its
+    grouping of patches into language-model tokens (CLS dropped, merger, pixel shuffle),
+    before any attention mixes the patches."""
+    model = adapter.model.model
+    if "llava" in adapter.name:
+        tokens = model.vision_tower.embeddings(pixel_values[:1])[0]
+        strategy = adapter.model.config.vision_feature_select_strategy
+        return tokens[1:] if strategy == "default" else tokens
+    if "qwen" in adapter.name:
+        return model.visual.merger(model.visual.patch_embed(pixel_values))
+    tiles = pixel_values[0]
+    mask = torch.ones(len(tiles), *tiles.shape[-2:], dtype=torch.bool)
+    patch = adapter.model.config.vision_config.patch_size
+    patches = model.vision_model.embeddings(tiles, mask[:, ::patch, ::patch].contiguous())
+    shuffled = model.connector.pixel_shuffle(patches.contiguous(),
+                                             adapter.model.config.scale_factor)
+    return shuffled.flatten(0, 1)
+
+
+def test_token_regions_follow_the_models_own_patch_order(adapter, pil_images):
+    """Perturbing the processed pixels of region k moves exactly the k-th token of the
+    model's patch embedding + token grouping: the regions are in sequence order."""
+    pixels = adapter.pixel_inputs([as_tensor(pil_images[7])])  # 90x40: a non-square grid
+    regions = adapter.token_regions(pixels)[0]
+    values = pixels.tensors["pixel_values"]
+    count = pixels.tokens_per_image[0]
+    with torch.no_grad():
+        clean = first_stage_tokens(adapter, values)
+        assert len(clean) == count
+        for token in sorted({0, 1, count // 2 + 1, count - 1}):
+            changed = values.clone()
+            part = changed[regions.rows]
+            part[regions.labels.expand_as(part) == token] += 0.5
+            moved = (first_stage_tokens(adapter, changed) - clean).abs().amax(dim=-1) > 1e-5
+            assert moved.nonzero()[:, 0].tolist() == [token]
+
+
+def test_token_change_of_a_mixed_batch_is_per_image(adapter, pil_images):
+    """Two images of different sizes (other grids, tile counts): one entry per image
+    token of each, and a change to the second image is not seen in the first."""
+    images = [as_tensor(pil_images[6]), as_tensor(pil_images[7])]
+    clean = adapter.pixel_inputs(images)
+    assert [len(r) for r in adapter.image_token_change(clean, clean)] == clean.tokens_per_image
+    noisy = images[1] + 0.05 * torch.randn(images[1].shape, generator=torch.Generator()
+                                           .manual_seed(0))
+    rho = adapter.image_token_change(clean, adapter.pixel_inputs([images[0], noisy.clamp(0, 1)]))
+    assert [len(r) for r in rho] == clean.tokens_per_image
+    assert (rho[0] == 0).all() and (rho[1] > 0).all()
+    if "llava" not in adapter.name:  # LLaVA processes every image to one size
+        with pytest.raises(MMGuardError, match="different layouts"):
+            adapter.image_token_change(clean, adapter.pixel_inputs(images[::-1]))
+
+
+def test_llava_cls_token_kept_by_the_full_strategy_sees_the_whole_image():
+    from mmguard.models.lvlm.llava import tiny_llava
+
+    adapter = tiny_llava()
+    adapter.model.config.vision_feature_select_strategy = "full"
+    size, token, square, _ = REGION_CASES["llava-tiny"]
+    image = torch.full((3, *size), 0.4)
+    clean = adapter.pixel_inputs([image])
+    protected = adapter.pixel_inputs([changed_in(image, square)])
+    rho = adapter.image_token_change(clean, protected)[0]
+    assert len(rho) == clean.tokens_per_image[0] == 17
+    assert int(rho[1:].argmax()) == token  # the patches come after CLS
+    whole = (protected.tensors["pixel_values"] - clean.tensors["pixel_values"]).abs().mean()
+    assert float(rho[0]) == pytest.approx(float(whole), rel=1e-5)
+    assert 0 < float(rho[0]) < float(rho[1 + token])
+    with torch.no_grad():  # and the model indeed gives 17 image tokens
+        assert torch.isfinite(adapter.loss([image], [example()]).loss).all()
 
 
 # -- generation, recipes, registry ---------------------------------------------------------

@@ -20,6 +20,14 @@ returns the language model's attention maps (eager attention), generates with
 `model.generate` on left-padded prompts, and prepends the tokenizer's own
 special prefix (Llama's `<s>`) exactly as a data loader calling the tokenizer
 would.
+
+Token regions. MMGuard's perturbation tokens (Eqs 21-23) rank image tokens by
+the mean |change| of the processed pixels each one covers. Every family says
+which pixels of its own `pixel_values` each image token covers
+(`token_regions`, a `TokenRegions` per image: a label map of the pixels, in
+the layout of that tensor); the base measures the change there, so the
+measurement is in the pixels the vision tower reads, whatever the layout
+(LLaVA's images, Qwen2-VL's flattened patches, Idefics3's tiles).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import functools
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -141,6 +150,58 @@ def resample_filter(image_processor) -> str:
     return name
 
 
+# -- which processed pixels each image token covers ---------------------------------------------
+@dataclass(frozen=True)
+class TokenRegions:
+    """Which of one image's processed pixels each of its `count` image tokens covers.
+
+    `rows` selects the image's part of `pixel_values` (an index or a slice of its
+    first dimension). `labels` has the shape of that part, except that it is 1
+    along the dimensions every token sees whole (the colour channels, Qwen2-VL's
+    temporal copies), which are averaged; each entry is the image token whose
+    patch holds the pixel, -1 for none (a padding tile, a margin no patch
+    reaches). `whole` lists the tokens that see every pixel (LLaVA's CLS). Token
+    indices are in the order of the image tokens in the sequence.
+    """
+
+    rows: int | slice
+    labels: torch.Tensor
+    count: int
+    whole: tuple[int, ...] = ()
+
+
+def block_labels(height: int, width: int, block: int, first: int = 0) -> torch.Tensor:
+    """(H, W) long: the index of the block x block square holding each pixel, row-major
+    from `first`, as a ViT's patch grid is flattened; -1 past the last whole block
+    (a stride-`block` convolution never reads those pixels)."""
+    rows, cols = height // block, width // block
+    row = torch.arange(height) // block
+    col = torch.arange(width) // block
+    labels = first + row[:, None] * cols + col[None, :]
+    inside = (row < rows)[:, None] & (col < cols)[None, :]
+    return torch.where(inside, labels, -1)
+
+
+def region_means(change: torch.Tensor, regions: TokenRegions) -> torch.Tensor:
+    """(count,) the mean of `change` (one image's part of |Δ pixel_values|) over each
+    token's pixels; a token in `whole` gets the mean over every covered pixel."""
+    labels = regions.labels.to(change.device)
+    seen_whole = [d for d in range(change.dim())
+                  if labels.shape[d] == 1 and change.shape[d] > 1]
+    per_pixel = change.mean(dim=seen_whole, keepdim=True) if seen_whole else change
+    if per_pixel.shape != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not fit pixels {tuple(change.shape)}")
+    flat, tokens = per_pixel.reshape(-1), labels.reshape(-1)
+    covered = tokens >= 0
+    flat, tokens = flat[covered], tokens[covered]
+    sums = torch.zeros(regions.count, dtype=flat.dtype, device=flat.device)
+    sums.index_add_(0, tokens, flat)
+    means = sums / torch.bincount(tokens, minlength=regions.count).clamp(min=1)
+    for token in regions.whole:
+        means[token] = flat.mean()
+    return means
+
+
 # -- the adapter base ----------------------------------------------------------------------------
 class HFAdapter(LVLMAdapter):
     """A Hugging Face `...ForConditionalGeneration` behind the LVLM contract.
@@ -176,6 +237,11 @@ class HFAdapter(LVLMAdapter):
     def language_model(self) -> nn.Module:
         """The decoder whose attention projections LoRA adapts."""
 
+    @abstractmethod
+    def token_regions(self, pixels: PixelInputs) -> list[TokenRegions]:
+        """Per image, which parts of `pixels.tensors["pixel_values"]` its image tokens cover,
+        as the family's vision tower and projector turn pixels into tokens."""
+
     def model_inputs(self, batch: EncodedBatch, pixels: PixelInputs) -> dict[str, torch.Tensor]:
         """Keyword arguments of the Hugging Face model's `forward` / `generate` for a batch
         (Qwen2-VL adds its modality types for M-RoPE)."""
@@ -191,6 +257,26 @@ class HFAdapter(LVLMAdapter):
         if not processor.do_normalize:
             return resample_filter(processor), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         return resample_filter(processor), processor.image_mean, processor.image_std
+
+    def image_token_change(self, clean: PixelInputs,
+                           protected: PixelInputs) -> list[torch.Tensor]:
+        """The mean |change| of `pixel_values` over each token's region (`token_regions`).
+
+        Both inputs must be the same images processed alike (same sizes, grids and
+        tiles), as clean and protected versions of one batch are.
+        """
+        if not same_layout(clean, protected):
+            raise MMGuardError(f"{self.name}: the clean and protected images were processed "
+                               "to different layouts; their pixels cannot be compared")
+        change = (protected.tensors["pixel_values"].detach().float()
+                  - clean.tensors["pixel_values"].detach().float()).abs()
+        rho = [region_means(change[regions.rows], regions)
+               for regions in self.token_regions(protected)]
+        counts = [len(values) for values in rho]
+        if counts != list(protected.tokens_per_image):
+            raise MMGuardError(f"{self.name}: regions for {counts} image tokens, the sequence has "
+                               f"{list(protected.tokens_per_image)}")
+        return rho
 
     def _encode_one(self, example: TextExample,
                     image_tokens: int) -> tuple[list[int], list[int], str]:
@@ -240,6 +326,22 @@ class HFAdapter(LVLMAdapter):
     def pixels_to_device(self, tensors: dict[str, torch.Tensor],
                          tokens_per_image: list[int]) -> PixelInputs:
         return PixelInputs({k: v.to(self.device) for k, v in tensors.items()}, tokens_per_image)
+
+
+def same_layout(first: PixelInputs, second: PixelInputs) -> bool:
+    """True when two processed batches have the same tensors, shapes, integer
+    contents (grids, masks) and image-token counts."""
+    if list(first.tokens_per_image) != list(second.tokens_per_image):
+        return False
+    if first.tensors.keys() != second.tensors.keys():
+        return False
+    for key, value in first.tensors.items():
+        other = second.tensors[key]
+        if value.shape != other.shape:
+            return False
+        if not value.is_floating_point() and not torch.equal(value, other.to(value.device)):
+            return False
+    return True
 
 
 def special_prefix_ids(tokenizer) -> list[int]:

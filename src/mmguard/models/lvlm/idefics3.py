@@ -13,7 +13,11 @@ rounded up to even), then with `do_image_splitting` resized up to multiples of
 resized to one tile (the global image, last); without splitting, resized to one
 square tile. Rescale, normalise (mean = std = 0.5), zero-pad every sample to the
 batch's largest number of tiles (`pixel_values` (B, tiles, 3, S, S) and
-`pixel_attention_mask`). Each tile gives `image_seq_len` tokens.
+`pixel_attention_mask`). Each tile gives `image_seq_len` tokens: the pixel
+shuffle joins each scale_factor x scale_factor block of patches into one, in
+row-major order, so a token covers a (patch_size * scale_factor)**2 square of
+its tile, and the global image's tokens a square of that downscaled copy (its
+change is measured in those pixels, the ones the token sees).
 
 Prompt format: `<|im_start|>User:{image}{prompt}<end_of_utterance>\\nAssistant: {response}
 <end_of_utterance>` where an unsplit image is
@@ -35,6 +39,8 @@ from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import IMAGE, TEMPLATE, PixelInputs, Segment
 from mmguard.models.lvlm.hf_common import (
     HFAdapter,
+    TokenRegions,
+    block_labels,
     build_tiny,
     normalize,
     response_segment,
@@ -124,6 +130,25 @@ class Idefics3Adapter(HFAdapter):
             samples.append([normalize(frame[0], mean, std) for frame in frames])
             counts.append(ImageTokens(self.image_seq_len * len(frames), rows, cols))
         return self.pixels_to_device(_pad_tiles(samples), counts)
+
+    def token_regions(self, pixels: PixelInputs) -> list[TokenRegions]:
+        """Each sample's real tiles in sequence order (row-major, the global image last),
+        `image_seq_len` tokens each: the connector's pixel shuffle joins each
+        scale_factor x scale_factor block of the tile's patches, row-major. The zero
+        tiles that pad a sample to the batch's most tiles (the model drops them) cover
+        nothing."""
+        values = pixels.tensors["pixel_values"]  # (B, tiles, 3, S, S)
+        block = self.model.config.vision_config.patch_size * self.model.config.scale_factor
+        tile = block_labels(values.shape[-2], values.shape[-1], block)
+        per_tile = int(tile.max()) + 1
+        regions = []
+        for sample, count in enumerate(pixels.tokens_per_image):
+            tiles = count // self.image_seq_len
+            labels = torch.full((values.shape[1], 1, *tile.shape), -1, dtype=torch.long)
+            for index in range(tiles):
+                labels[index, 0] = torch.where(tile >= 0, tile + index * per_tile, -1)
+            regions.append(TokenRegions(sample, labels, tiles * per_tile))
+        return regions
 
     # -- text ------------------------------------------------------------------
     def template(self, prompt: list[Segment], image_tokens: int,

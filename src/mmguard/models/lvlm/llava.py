@@ -5,7 +5,10 @@ torchvision backend (the one `AutoProcessor` loads): the shortest edge resized
 to `size` (bicubic), a centre crop to `crop_size`, rescale, OpenAI CLIP
 normalisation; `LlavaImageProcessor`'s optional pad-to-square comes first.
 There is one image token per vision patch (the CLS token is dropped by the
-"default" feature strategy, kept by "full").
+"default" feature strategy, kept by "full"), in the row-major order of CLIP's
+patch grid, so each covers one patch_size x patch_size square of the processed
+image, and a kept CLS token, first, sees all of it. LLaVA-NeXT's anyres tiling
+(`LlavaNextForConditionalGeneration`) is another family, not supported here.
 
 Chat template (llava-hf/llava-1.5): `USER: <image>\\n{prompt} ASSISTANT: {response}</s>`,
 the end of turn being the tokenizer's eos token.
@@ -23,6 +26,8 @@ from mmguard.errors import MMGuardError
 from mmguard.models.lvlm.base import IMAGE, TEMPLATE, PixelInputs, Segment
 from mmguard.models.lvlm.hf_common import (
     HFAdapter,
+    TokenRegions,
+    block_labels,
     build_tiny,
     normalize,
     response_segment,
@@ -76,6 +81,22 @@ class LlavaAdapter(HFAdapter):
             processed.append(normalize(x[0], mean, std))
         return self.pixels_to_device({"pixel_values": torch.stack(processed)},
                                      [self.tokens_per_image()] * len(images))
+
+    def token_regions(self, pixels: PixelInputs) -> list[TokenRegions]:
+        """One token per patch_size x patch_size square of the processed image, in the
+        order CLIP flattens its patch grid (row-major); with the "full" strategy the CLS
+        token comes first and attends to every patch, so it covers the whole image."""
+        values = pixels.tensors["pixel_values"]  # (B, 3, H, W)
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise MMGuardError(f"{self.name}: unknown vision_feature_select_strategy "
+                               f"{strategy!r}")
+        cls = int(strategy == "full")
+        patch = self.model.config.vision_config.patch_size
+        labels = block_labels(values.shape[-2], values.shape[-1], patch, first=cls)[None]
+        count = (values.shape[-2] // patch) * (values.shape[-1] // patch) + cls
+        whole = (0,) if cls else ()
+        return [TokenRegions(index, labels, count, whole) for index in range(len(values))]
 
     # -- text ------------------------------------------------------------------
     def template(self, prompt: list[Segment], image_tokens: int,

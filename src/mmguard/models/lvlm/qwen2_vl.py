@@ -9,7 +9,13 @@ patch_size * merge_size with min_pixels <= H * W <= max_pixels, bicubic,
 rescale, OpenAI CLIP normalisation, then each patch repeated over the
 temporal_patch_size frames of a still image and flattened into
 `pixel_values` (patches, 3 * T * P * P) with `image_grid_thw` = (1, H / P, W / P).
-An image gives (H / P) * (W / P) / merge_size**2 tokens.
+An image gives (H / P) * (W / P) / merge_size**2 tokens: the merger views each
+run of merge_size**2 consecutive patches (one merge block, as `patchify` orders
+them) as one token, so token t covers rows t * merge_size**2 to
+(t + 1) * merge_size**2 - 1 of the image's `pixel_values`, a (merge_size * P)**2
+square of the resized image
+(Qwen2.5-VL's windowed attention reorders the blocks and restores their order
+after the merger).
 
 Chat template (Qwen2-VL-Instruct, default system prompt included):
 `<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
@@ -27,6 +33,7 @@ from torch import nn
 from mmguard.models.lvlm.base import IMAGE, TEMPLATE, EncodedBatch, PixelInputs, Segment
 from mmguard.models.lvlm.hf_common import (
     HFAdapter,
+    TokenRegions,
     build_tiny,
     normalize,
     response_segment,
@@ -90,6 +97,20 @@ class Qwen2VLAdapter(HFAdapter):
         tensors = {"pixel_values": torch.cat(patches),
                    "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
         return self.pixels_to_device(tensors, tokens)
+
+    def token_regions(self, pixels: PixelInputs) -> list[TokenRegions]:
+        """Each image's rows of the flattened `pixel_values`, merge**2 consecutive rows
+        (one merge block of patches, all channels and temporal copies) per token: the
+        merger's `view(-1, hidden * merge**2)` joins exactly these."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        regions, start = [], 0
+        for frames, rows, cols in pixels.tensors["image_grid_thw"].tolist():
+            patches = frames * rows * cols
+            labels = (torch.arange(patches) // merge ** 2)[:, None]
+            regions.append(TokenRegions(slice(start, start + patches), labels,
+                                        patches // merge ** 2))
+            start += patches
+        return regions
 
     # -- text ------------------------------------------------------------------
     def template(self, prompt: list[Segment], image_tokens: int,
