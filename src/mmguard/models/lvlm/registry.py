@@ -1,6 +1,8 @@
 """LVLM surrogates and attackers by name (the same name on both sides is white box).
 
 - smolvlm-lite, smolvlm-lite-b: the embedded pretrained LVLMs (offline weights);
+- smolvlm-lite-c: the same recipe on a DINOv2 ViT-S/14 tower, the black box whose
+  vision tower shares neither architecture nor training with the other two;
 - lvlm-test: a tiny random embedded LVLM for tests;
 - llava-tiny, qwen2-vl-tiny, idefics3-tiny: tiny random configs of the real
   Hugging Face classes (tests, CPU checks);
