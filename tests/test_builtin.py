@@ -7,9 +7,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from mmguard.data.builtin import BUILTINS, load_builtin
 from mmguard.data.builtin import digits as digits_module
 from mmguard.data.builtin import emoji as emoji_module
 from mmguard.data.builtin import emoji_captions as captions_module
+from mmguard.data.builtin import emoji_categories as categories_module
 from mmguard.data.builtin import emoji_scenes as scenes_module
 from mmguard.data.builtin import fashion_mnist as fashion_module
 from mmguard.data.builtin.emoji import EmojiEntry, parse_emoji_test
@@ -44,7 +47,7 @@ needs_fashion = pytest.mark.skipif(
     reason="dataset-fashion-mnist not installed")
 
 SMALL = [pytest.param("emoji", marks=needs_emoji), pytest.param("emoji-scenes", marks=needs_emoji),
-         "digits"]
+         pytest.param("emoji-categories", marks=needs_emoji), "digits"]
 
 
 def keys(dataset) -> list[str]:
@@ -92,6 +95,7 @@ def test_pairs_and_triples_share_images(name: str):
 def test_prompts_are_the_module_prompts():
     assert BUILTINS["emoji"].prompt == emoji_module.PROMPT
     assert BUILTINS["emoji-scenes"].prompt == scenes_module.PROMPT
+    assert BUILTINS["emoji-categories"].prompt == categories_module.PROMPT
     assert BUILTINS["digits"].prompt == digits_module.PROMPT
     assert BUILTINS["fashion-mnist"].prompt == fashion_module.PROMPT
 
@@ -451,6 +455,143 @@ def test_emoji_scenes_without_the_font_names_the_package(monkeypatch, tmp_path: 
     assert result.exit_code == 1
     assert "error: the emoji-scenes dataset needs" in result.output
     assert "fonts-noto-color-emoji" in result.output and "Traceback" not in result.output
+
+
+# --- emoji-categories ------------------------------------------------------------------
+
+
+def test_emoji_categories_phrase_rule():
+    phrase = categories_module.phrase
+    # The default: the subgroup's words, a leading head noun moved to the end.
+    assert phrase("face-smiling") == "smiling face"
+    assert phrase("food-prepared") == "prepared food"
+    assert phrase("transport-air") == "air transport"
+    assert phrase("place-other") == "other place"
+    assert phrase("cat-face") == "cat face"  # "cat" is no head noun
+    assert phrase("sky & weather") == "sky and weather"
+    assert phrase("musical-instrument") == "musical instrument"
+    assert phrase("heart") == "heart"
+    # The table: readability, no answer inside another, merges into a sibling.
+    assert phrase("animal-mammal") == "mammal"
+    assert phrase("transport-sign") == "transport sign"
+    assert phrase("flag") == "other flag"
+    assert phrase("country-flag") == phrase("subdivision-flag") == "country flag"
+    assert phrase("plant-flower") == phrase("plant-other") == "plant"
+    assert phrase("a-brand-new-subgroup") == "a brand new subgroup"
+
+
+def _categories(split: str, kind: str = "triples"):
+    return load_builtin("emoji-categories", split, kind)
+
+
+@needs_emoji
+def test_emoji_categories_answers_come_from_the_subgroups():
+    by_key = {emoji_module.image_key(entry.symbol): entry for entry in emoji_module.all_emoji()}
+    for split in ("train", "test"):
+        emoji_keys = set(keys(load_builtin("emoji", split)))
+        for record in _categories(split).records:
+            entry = by_key[record.image.key]
+            assert record.image.key in emoji_keys  # the `emoji` split, unchanged
+            assert record.raw["emoji_name"] == entry.name
+            assert record.raw["subgroup"] == entry.subgroup
+            assert record.response == categories_module.phrase(entry.subgroup)
+            if entry.subgroup not in categories_module.PHRASES:
+                assert record.response == categories_module.default_phrase(entry.subgroup)
+    answers = {record.image.key: record.response
+               for split in ("train", "test") for record in _categories(split).records}
+    assert answers["1f600.png"] == "smiling face"  # grinning face
+    assert answers["1f1eb-1f1f7.png"] == "country flag"  # flag: France
+    assert answers["1f9a7.png"] == "mammal"  # orangutan
+
+
+@needs_emoji
+def test_emoji_categories_classes_sizes_and_split():
+    train, test = _categories("train"), _categories("test")
+    train_counts = Counter(record.response for record in train.records)
+    test_counts = Counter(record.response for record in test.records)
+    classes = categories_module.kept_classes()
+
+    assert not set(keys(train)) & set(keys(test))  # no glyph on both sides
+    assert set(test_counts) <= set(train_counts)  # every test answer is trained on
+    assert set(train_counts) == set(test_counts) == set(classes)
+    assert min(train_counts.values()) >= categories_module.MIN_TRAIN
+    assert min(test_counts.values()) >= categories_module.MIN_TEST
+    assert len(classes) == 73
+    assert (len(train.records), len(test.records)) == (1409, 382)
+    # A class is dropped only for lack of emoji on one side.
+    every = Counter((categories_module.phrase(entry.subgroup), emoji_module.in_split(entry, "test"))
+                    for entry in emoji_module.all_emoji())
+    for answer, _ in every:
+        enough = (every[answer, False] >= categories_module.MIN_TRAIN
+                  and every[answer, True] >= categories_module.MIN_TEST)
+        assert (answer in classes) == enough, answer
+
+
+@needs_emoji
+def test_emoji_categories_triples_are_closed_vqa_answers():
+    from mmguard.evaluate.vqa import contains_match, exact_match, normalize_answer
+
+    classes = categories_module.kept_classes()
+    for answer in classes:
+        # Short lower-case phrases like fashion-mnist's "ankle boot": letters and spaces,
+        # which the VQA normalisation keeps (it only drops articles: "person in role").
+        assert re.fullmatch(r"[a-z]+( [a-z]+){0,3}", answer), answer
+        assert normalize_answer(answer) == " ".join(
+            word for word in answer.split() if word not in ("a", "an", "the"))
+    for answer in classes:
+        for other in classes:
+            if answer != other:
+                assert not exact_match(other, answer)
+                assert not contains_match(other, answer), (other, answer)
+    test = _categories("test")
+    pairs = _categories("test", "pairs")
+    for triple, pair in zip(test.records, pairs.records, strict=True):
+        assert triple.prompt == "Which category is this emoji from?"
+        assert triple.response in classes
+        assert pair.captions == (f"an emoji of the category: {triple.response}",)
+
+
+@needs_emoji
+def test_emoji_categories_any_prefix_holds_every_class():
+    from mmguard.lab import hold_out
+
+    train = _categories("train")
+    classes = categories_module.kept_classes()
+    answers = [record.response for record in train.records]
+    assert answers[:len(classes)] == list(classes)  # round-robin over the classes
+    # The lab's screening slice (first 600, a fifth held out) trains on every class
+    # and its held-out answers are spread: always giving the most common one scores little.
+    fit, held = hold_out(train, 600, 0.2)
+    held_counts = Counter(record.response for record in held.records)
+    assert set(held_counts) <= {record.response for record in fit.records}
+    assert len({record.response for record in fit.records}) == len(classes)
+    assert max(held_counts.values()) / len(held.records) < 0.06
+    assert keys(_categories("train")) == keys(train)  # the same order in every build
+
+
+@needs_emoji
+def test_emoji_categories_export_triples_keeps_the_columns(tmp_path: Path):
+    result = CliRunner().invoke(main, ["datasets", "export", "emoji-categories", "--kind",
+                                       "triples", "--split", "test", "--limit", "4",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    back = read_dataset(tmp_path / "out" / "manifest.csv")
+    original = _categories("test").records[:4]
+    assert [(r.prompt, r.response, r.raw["emoji_name"], r.raw["subgroup"]) for r in back.records] \
+        == [(r.prompt, r.response, r.raw["emoji_name"], r.raw["subgroup"]) for r in original]
+    for exported, record in zip(back.records, original, strict=True):
+        assert torch.equal(image(exported), image(record))
+
+
+def test_emoji_categories_without_the_emoji_list_names_the_package(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(emoji_module, "EMOJI_TEST", tmp_path / "emoji-test.txt")
+    with pytest.raises(MMGuardError, match="install the Debian package unicode-data"):
+        load_builtin("emoji-categories", "test")
+    result = CliRunner().invoke(main, ["datasets", "export", "emoji-categories", "--kind",
+                                       "triples", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "error: the emoji-categories dataset needs" in result.output
+    assert "unicode-data" in result.output and "Traceback" not in result.output
 
 
 # --- digits ----------------------------------------------------------------------------

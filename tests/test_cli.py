@@ -63,8 +63,14 @@ def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
 
 
 def test_datasets_list_names_each_builtin():
-    text = mmguard("datasets", "list").stdout
-    assert all(name in text for name in ("emoji", "fashion-mnist", "digits"))
+    from mmguard.data.builtin import BUILTINS
+
+    lines = mmguard("datasets", "list").stdout.splitlines()
+    assert [line.split()[0] for line in lines[::2]] == list(BUILTINS)
+    # Descriptions and sources line up, however long the names.
+    width = max(map(len, BUILTINS))
+    assert all(line[width] == " " != line[width + 1] for line in lines[::2])
+    assert all(line.startswith(" " * (width + 1) + "source: ") for line in lines[1::2])
 
 
 def test_export_then_protect_writes_every_item_within_budget(tmp_path):

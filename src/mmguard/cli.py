@@ -409,9 +409,10 @@ def datasets():
 @datasets.command("list")
 def datasets_list():
     """Show the built-in datasets, their sizes and where they come from."""
+    width = max(map(len, BUILTINS))
     for name, spec in BUILTINS.items():
-        click.echo(f"{name:14s} {spec.description}")
-        click.echo(f"{'':14s} source: {spec.source}; triples prompt: {spec.prompt!r}")
+        click.echo(f"{name:{width}s} {spec.description}")
+        click.echo(f"{'':{width}s} source: {spec.source}; triples prompt: {spec.prompt!r}")
 
 
 @datasets.command("export")

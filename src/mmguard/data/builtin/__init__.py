@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmguard.data.builtin import digits, emoji, emoji_captions, emoji_scenes, fashion_mnist
+from mmguard.data.builtin import (
+    digits,
+    emoji,
+    emoji_captions,
+    emoji_categories,
+    emoji_scenes,
+    fashion_mnist,
+)
 from mmguard.data.builtin.common import BuiltinItem, build_dataset
 from mmguard.data.records import Dataset, Kind
 from mmguard.errors import MMGuardError
@@ -34,6 +41,8 @@ BUILTINS: dict[str, BuiltinSpec] = {
         BuiltinSpec("emoji", emoji.DESCRIPTION, emoji.SOURCE, emoji.PROMPT, emoji.items),
         BuiltinSpec("emoji-captions", emoji_captions.DESCRIPTION, emoji_captions.SOURCE,
                     emoji_captions.PROMPT, emoji_captions.items),
+        BuiltinSpec("emoji-categories", emoji_categories.DESCRIPTION, emoji_categories.SOURCE,
+                    emoji_categories.PROMPT, emoji_categories.items),
         BuiltinSpec("emoji-scenes", emoji_scenes.DESCRIPTION, emoji_scenes.SOURCE,
                     emoji_scenes.PROMPT, emoji_scenes.items),
         BuiltinSpec("fashion-mnist", fashion_mnist.DESCRIPTION, fashion_mnist.SOURCE,
