@@ -59,8 +59,7 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
     click.echo(f"mmguard demo --lvlm: protect {limit} Fashion-MNIST question/answer triples "
                f"with {METHOD} (the recommended method) and, as the control, with uniform "
                f"noise, against {SURROGATE} (EfficientNet-Lite0 -> SmolLM2-135M); then "
-               "fine-tune it on each copy and ask the clean test questions. About 10 minutes "
-               "on 2 CPU cores.")
+               "fine-tune it on each copy and ask the clean test questions.")
     originals = out / "fashion-train"
     manifest = export_dataset(load_builtin("fashion-mnist", "train", "triples"), originals,
                               "csv", limit)
@@ -68,10 +67,10 @@ def run_lvlm_demo(out: Path, limit: int | None = None) -> None:
 
     dataset = read_dataset(manifest)
     copies = {}
-    for name, method in ((METHOD, create_method(METHOD, "triples", eps=EPS, seed=0,
-                                                surrogates=(SURROGATE,))),
-                         ("uniform", create_method("random", "triples", eps=EPS, seed=0))):
-        folder = out / ("protected" if name == METHOD else "uniform")
+    for name, folder, method in (
+            (METHOD, out / "protected", create_method(METHOD, "triples", eps=EPS, seed=0,
+                                                      surrogates=(SURROGATE,))),
+            ("uniform", out / "uniform", create_method("random", "triples", eps=EPS, seed=0))):
         summary = protect_dataset(dataset, method, folder, command=["mmguard", "demo", "--lvlm"],
                                   input_fingerprint=fingerprint(dataset), progress=False)
         worst = audit_or_raise(folder).max_linf_levels

@@ -289,11 +289,10 @@ class ControlCache:
         return self.runs.get(key)
 
     def put(self, key: str, run: dict[str, Any]) -> None:
+        if self.path is not None and self.path.exists():
+            self.runs = json.loads(self.path.read_text())  # several lab runs may share it
         self.runs[key] = run
         if self.path is not None:
-            # Re-read first: several lab runs may share one file.
-            if self.path.exists():
-                self.runs = {**json.loads(self.path.read_text()), key: run}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(self.runs))

@@ -33,7 +33,9 @@ RECOMMENDED: dict[str, Recommendation] = {
         "on Fashion-MNIST VQA a LoRA-fine-tuned smolvlm-lite answered 22.2% right after "
         "training on it, against 76.7% on clean data and 78.5% on uniform noise of the same "
         "budget (3 seeds; benchmarks/results/lab-bench.md)",
-        "measured with the attacker's own vision tower as the surrogate (white box)"),
+        "measured with the attacker's own vision tower as the surrogate (white box); against "
+        "an attacker on another tower family (DINOv2) it cost 7 points, and an attacker who "
+        "JPEG-compresses the images undid it (one seed each; docs/findings-lvlm.md)"),
     "pairs": Recommendation(
         "wrong-target",
         "it is trigger-free, so rare-word stripping cannot undo it",
@@ -71,7 +73,7 @@ def apply_strength(method: str, strength: str | None, eps: float | None,
         raise MMGuardError(f"unknown strength {strength!r}; choose {', '.join(STRENGTHS)}")
     preset = STRENGTHS[strength]
     options = dict(options)
-    steps = {f.name: f.default for f in dataclasses.fields(method_class(method).Config)}
-    if "pgd_steps" in steps and "pgd_steps" not in options:
-        options["pgd_steps"] = max(1, round(steps["pgd_steps"] * preset.effort))
+    defaults = {f.name: f.default for f in dataclasses.fields(method_class(method).Config)}
+    if "pgd_steps" in defaults and "pgd_steps" not in options:
+        options["pgd_steps"] = max(1, round(defaults["pgd_steps"] * preset.effort))
     return (preset.eps if eps is None else eps), options
