@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -97,6 +98,36 @@ def test_pgd_projects_an_out_of_budget_start():
     check_in_budget(originals, deltas, EPS)
     for x, d in zip(originals, deltas, strict=True):
         assert torch.allclose(d, (x + EPS).clamp(0, 1) - x, atol=1e-7)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_coarse_pgd_gives_smooth_noise_in_budget_that_still_descends(shared):
+    generator = torch.Generator().manual_seed(6)
+    # Mid-grey images, so no [0, 1] clamp cuts into the noise.
+    originals = [0.3 + 0.4 * torch.rand(shape, generator=generator) for shape in SHAPES[1:]]
+    targets = [torch.where(t > 0.5, 2.0, -1.0) for t in targets_for(originals, 7)]
+    loss_fn = squared_error(targets)
+    zeros = [torch.zeros_like(x) for x in originals]
+    shared_by = [0, 1] if shared else None
+    fine = pgd(originals, zeros, loss_fn, eps=EPS, step_size=2 / 255, steps=10,
+               shared_by=shared_by)
+    smooth = pgd(originals, zeros, loss_fn, eps=EPS, step_size=2 / 255, steps=10,
+                 shared_by=shared_by, coarse=4)
+    check_in_budget(originals, smooth, EPS)
+    before = float(loss_fn(originals))
+    assert float(loss_fn([x + d for x, d in zip(originals, smooth, strict=True)])) < before
+
+    def largest_step(delta: torch.Tensor) -> float:
+        return max(float(delta.diff(dim=1).abs().max()), float(delta.diff(dim=2).abs().max()))
+
+    # Bilinear upsampling of a grid in [-eps, eps] by a factor f (4, or less where a side
+    # is not a multiple of 4): neighbours differ by at most 2 eps / f; per-pixel PGD on
+    # random targets jumps the whole 2 eps.
+    for d in smooth:
+        height, width = d.shape[1:]
+        factor = min(height / math.ceil(height / 4), width / math.ceil(width / 4))
+        assert largest_step(d) <= 2 * EPS / factor + 1e-6 < 1.9 * EPS
+    assert max(largest_step(d) for d in fine) > 1.9 * EPS
 
 
 def test_pgd_whole_level_steps_survive_8bit_quantisation():

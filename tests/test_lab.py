@@ -110,6 +110,22 @@ def test_controls_are_reused_across_rows_and_trigger_free_rows_skip_the_swaps(tm
         f"{attacker} on clean"]
 
 
+def test_a_coarse_method_row_gets_a_uniform_control_on_the_same_grid(tmp_path):
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    cache = ControlCache(tmp_path / "controls.json")
+    plain = LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
+                       seeds=(0,), limit=16)
+    run_lab(plain, tmp_path / "a", log=lambda line: None, cache=cache)
+    lines: list[str] = []
+    coarse = dataclasses.replace(plain, options={"coarse": 4})
+    run_lab(coarse, tmp_path / "b", log=lines.append, cache=cache)
+    # the clean run is shared; per-pixel uniform noise is not this row's control
+    assert [line.split(", seed")[0] for line in lines if "cached" in line] == [
+        f"{attacker} on clean"]
+    record = json.loads((tmp_path / "b" / "uniform" / "mmguard-run.json").read_text())
+    assert record["config"]["coarse"] == 4
+
+
 def test_robustness_rows_transform_every_set_and_keep_their_own_controls(tmp_path):
     attacker = "rn-test:scratch:epochs=1,batch_size=8"
     recipe = _recipe(attacker, 3, "jpeg:75,grayscale")

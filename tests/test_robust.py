@@ -9,7 +9,7 @@ import torch
 
 from mmguard.attack import augment
 from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, to_float
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.errors import MMGuardError
 from mmguard.protect.registry import create_method
 from mmguard.protect.robust import TRANSFORMS, expectation_over, jpeg, parse_robust
@@ -62,3 +62,32 @@ def test_robust_option_runs_through_the_engine(tmp_path):
     record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
     assert record["config"]["robust"] == "jpeg,grayscale,crop"
     assert 0 < max(item["linf_levels"] for item in record["items"]) <= 8
+
+
+@pytest.mark.parametrize("name", ["em", "random"])
+def test_coarse_option_makes_the_saved_noise_low_frequency(tmp_path, name):
+    options = {"surrogates": ("rn-test",), "rounds": 1, "pgd_steps": 4,
+               "batch_size": 8} if name == "em" else {}
+
+    def roughness(coarse: int) -> float:
+        out = tmp_path / f"coarse{coarse}"
+        method = create_method(name, "pairs", coarse=coarse, **options)
+        data = load_builtin("emoji", "train", "pairs")
+        protect_dataset(data, method, out, limit=8, progress=False)
+        record = json.loads((out / "mmguard-run.json").read_text())
+        assert record["config"]["coarse"] == coarse
+        rough, size = 0.0, 0.0
+        refs = {ref.key: ref for ref in data.images()}
+        for item in record["items"]:
+            original = to_float(load_image_uint8(refs[item["key"]], item["key"]))
+            saved = torch.as_tensor(read_png_uint8(out / item["file"])[:3])
+            delta = to_float(saved) - original
+            laplacian = (4 * delta[:, 1:-1, 1:-1] - delta[:, :-2, 1:-1] - delta[:, 2:, 1:-1]
+                         - delta[:, 1:-1, :-2] - delta[:, 1:-1, 2:])
+            rough += float(laplacian.abs().sum())
+            size += float(delta[:, 1:-1, 1:-1].abs().sum())
+        assert size > 0
+        return rough / size
+
+    # High-frequency share of the saved noise: per-pixel noise is mostly edges.
+    assert roughness(8) < 0.5 * roughness(1)

@@ -8,7 +8,8 @@ A protection works when an attacker trained on it does worse on clean data
 than the same attacker trained on each control:
 
 - clean: the original training data;
-- uniform: i.i.d. uniform noise in the same eps-ball (the strongest naive control
+- uniform: i.i.d. uniform noise in the same eps-ball, on the method's grid when it runs
+  with `coarse` (the strongest naive control
   against frozen pretrained towers, calibration.md);
 - noise only: the method's images with the original texts;
 - trigger only: the original images with the method's texts (when it changes them).
@@ -263,6 +264,13 @@ def _mean_sem(values: list[float]) -> dict[str, float]:
 
 
 # -- one row -----------------------------------------------------------------------------
+def uniform_options(setting: LabSetting) -> dict[str, Any]:
+    """The uniform control of a method run with low-frequency noise (`coarse`) is drawn
+    on the same grid, so the row compares optimised and random noise of one kind."""
+    coarse = int(setting.options.get("coarse", 1))
+    return {"seed": 0, **({"coarse": coarse} if coarse > 1 else {})}
+
+
 class ControlCache:
     """Attacker runs on the clean and uniform sets, which do not depend on the method:
     rows of one setting (data slice, budget, attacker, seed, epochs scored) share them."""
@@ -279,10 +287,12 @@ class ControlCache:
         # A per-caption release's controls hold one item per caption row, not per image;
         # the clean set does not depend on the budget.
         budget = "any" if set_name == "clean" else round(setting.eps, 8)
+        coarse = uniform_options(setting).get("coarse") if set_name == "uniform" else None
         return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
                            setting.evaluate_on, setting.limit_test, budget,
                            set_name, spec, seed, every_epoch]
                           + (["per caption row"] if per_caption else [])
+                          + ([f"coarse {coarse}"] if coarse else [])
                           + ([f"augment {setting.augment}"] if setting.augment else []))
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -326,8 +336,8 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
         parse_augment(setting.augment)  # fail early too
     row["protect"] = protect_once(train_part, setting.method, setting.options,
                                   work / "protected", setting.eps, log)
-    row["uniform"] = protect_once(train_part, "random", {"seed": 0}, work / "uniform",
-                                  setting.eps, log)
+    row["uniform"] = protect_once(train_part, "random", uniform_options(setting),
+                                  work / "uniform", setting.eps, log)
     sets = training_sets(setting, train_part, work / "protected", work / "uniform")
     per_caption = read_run_record(work / "protected").per_caption
     row["release_per"] = "caption" if per_caption else "image"

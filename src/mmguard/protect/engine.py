@@ -70,6 +70,9 @@ class SurrogateConfig(MethodConfig):
     robust: str = option("", "Optimise the noise to survive these attacker transformations "
                          "(expectation over them in every PGD step): any of jpeg, grayscale, "
                          "resize, crop, blur, comma-separated.", type=str)
+    coarse: int = option(1, "Optimise the noise on a grid this many times coarser than each "
+                         "image and upsample it (bilinear): low-frequency noise, which JPEG, "
+                         "resizing and blur remove less (1: per pixel).", min=1, max=64)
 
 
 @dataclass
@@ -351,7 +354,8 @@ class BilevelMethod(ProtectionMethod):
                     loss_fn = expectation_over(self.robust, loss_fn, generator)
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
-                             maximize=self.maximize, shared_by=shared_by if shared else None)
+                             maximize=self.maximize, shared_by=shared_by if shared else None,
+                             coarse=config.coarse)
                 for key, noise in zip(noise_keys, noises, strict=True):
                     self.store.save_delta(key, noise)
                 deltas = _member_deltas(items, originals, noises, shared_by)

@@ -3,13 +3,22 @@
 Works on lists of images of different sizes. Gradients are taken with
 `torch.autograd.grad` w.r.t. the perturbations only, so nothing accumulates in
 the model's parameters between steps.
+
+With `coarse=k > 1` the variable is a grid k times coarser than the image, and
+the perturbation is its bilinear upsampling: low-frequency noise, which JPEG
+keeps (its quantisation removes the high DCT frequencies first), which resizing
+and blur average away less, and which transfers better between models (Guo et
+al., "Low Frequency Adversarial Perturbation", UAI 2019). Bilinear weights are
+convex, so the upsampled noise stays inside the same L-infinity ball.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mmguard.data.budget import project_to_ball
 
@@ -19,10 +28,22 @@ def project_delta(original: torch.Tensor, delta: torch.Tensor, eps: float) -> to
     return project_to_ball(original + delta, original, eps) - original
 
 
+def _grid_size(image: torch.Tensor, coarse: int) -> tuple[int, int]:
+    return (max(1, math.ceil(image.shape[-2] / coarse)),
+            max(1, math.ceil(image.shape[-1] / coarse)))
+
+
+def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (3, h, w) noise grid, bilinearly upsampled to (3, *size)."""
+    if tuple(grid.shape[-2:]) == tuple(size):
+        return grid
+    return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
 def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
         step_size: float, steps: int, maximize: bool = False,
-        shared_by: Sequence[int] | None = None) -> list[torch.Tensor]:
+        shared_by: Sequence[int] | None = None, coarse: int = 1) -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
     Arguments:
@@ -35,7 +56,13 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             one must have its shape); its gradient sums over them. As no single
             [0, 1] projection fits every sharer, the perturbed images are clamped to
             [0, 1] in the forward pass instead, and the caller clamps the output.
+        coarse: optimise a grid this many times coarser than each delta and upsample
+            it (low-frequency noise, see the module note). A given delta starts the
+            grid as its area average; the returned deltas are full size.
     """
+    if coarse > 1:
+        return _coarse_pgd(originals, deltas, loss_fn, eps=eps, step_size=step_size,
+                           steps=steps, maximize=maximize, shared_by=shared_by, coarse=coarse)
     sign = 1.0 if maximize else -1.0
     if shared_by is None:
         current = [project_delta(x, d.detach(), eps)
@@ -57,6 +84,31 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             current = [(d + sign * step_size * g.sign()).clamp(-eps, eps)
                        for d, g in zip(current, grads, strict=True)]
     return current
+
+
+def _coarse_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
+                loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
+                step_size: float, steps: int, maximize: bool,
+                shared_by: Sequence[int] | None, coarse: int) -> list[torch.Tensor]:
+    sign = 1.0 if maximize else -1.0
+    owner = list(range(len(originals))) if shared_by is None else list(shared_by)
+    sizes = [tuple(d.shape[-2:]) for d in deltas]
+    grids = [F.adaptive_avg_pool2d(d.detach()[None], _grid_size(d, coarse))[0].clamp(-eps, eps)
+             for d in deltas]
+    for _ in range(steps):
+        variables = [g.clone().requires_grad_(True) for g in grids]
+        noise = [upsample_noise(v, size) for v, size in zip(variables, sizes, strict=True)]
+        # [0, 1] is kept by clamping in the forward pass, as for shared noise: the
+        # grid cannot be projected pixel by pixel.
+        images = [(x + noise[j]).clamp(0.0, 1.0)
+                  for x, j in zip(originals, owner, strict=True)]
+        grads = torch.autograd.grad(loss_fn(images), variables)
+        grids = [(g + sign * step_size * d.sign()).clamp(-eps, eps)
+                 for g, d in zip(grids, grads, strict=True)]
+    full = [upsample_noise(g, size) for g, size in zip(grids, sizes, strict=True)]
+    if shared_by is not None:
+        return full
+    return [project_delta(x, d, eps) for x, d in zip(originals, full, strict=True)]
 
 
 def random_start(originals: Sequence[torch.Tensor], eps: float,

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mmguard.data.budget import project_to_ball
-from mmguard.protect.base import MethodConfig, ProtectedItem, ProtectionItem, ProtectionMethod
+from mmguard.protect.base import (
+    MethodConfig,
+    ProtectedItem,
+    ProtectionItem,
+    ProtectionMethod,
+    option,
+)
+from mmguard.protect.pgd import upsample_noise
 from mmguard.protect.seeding import item_generator
+
+
+@dataclass
+class RandomConfig(MethodConfig):
+    coarse: int = option(1, "Draw the noise on a grid this many times coarser than each image "
+                         "and upsample it (bilinear): the control of a method run with the "
+                         "same --coarse (1: per pixel).", min=1, max=64)
 
 
 class RandomNoise(ProtectionMethod):
@@ -15,7 +31,7 @@ class RandomNoise(ProtectionMethod):
     No model, no trigger. Unlearnable-examples papers (Huang et al. 2021; MEM,
     Liu et al. 2023) report it as the baseline that does not protect.
 
-    Config: eps (8/255), seed (0).
+    Config: eps (8/255), seed (0), coarse (1).
 
     Example:
         method = RandomNoise(MethodConfig(eps=8 / 255, seed=0))
@@ -24,13 +40,17 @@ class RandomNoise(ProtectionMethod):
 
     name = "random"
     summary = "uniform noise in the eps-ball (control, protects nothing)"
-    Config = MethodConfig
+    Config = RandomConfig
+    config: RandomConfig
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
-        eps = self.config.eps
+        eps, coarse = self.config.eps, self.config.coarse
         protected = []
         for item in batch:
             generator = item_generator(self.config.seed, item.key)
-            noise = torch.rand(item.image.shape, generator=generator) * (2 * eps) - eps
+            channels, height, width = item.image.shape
+            grid = (channels, -(-height // coarse), -(-width // coarse))
+            noise = upsample_noise(torch.rand(grid, generator=generator) * (2 * eps) - eps,
+                                   (height, width))
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected
