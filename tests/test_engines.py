@@ -130,6 +130,23 @@ def test_coarse_pgd_gives_smooth_noise_in_budget_that_still_descends(shared):
     assert max(largest_step(d) for d in fine) > 1.9 * EPS
 
 
+@pytest.mark.parametrize("coarse", [1, 2])
+def test_gray_pgd_puts_one_noise_in_every_channel(coarse):
+    generator = torch.Generator().manual_seed(8)
+    originals = [0.3 + 0.4 * torch.rand(shape, generator=generator) for shape in SHAPES]
+    # Channel targets that disagree: per-channel noise would split them apart.
+    targets = [torch.where(t > 0.5, 2.0, -1.0) for t in targets_for(originals, 9)]
+    loss_fn = squared_error(targets)
+    deltas = pgd(originals, [torch.zeros_like(x) for x in originals], loss_fn, eps=EPS,
+                 step_size=2 / 255, steps=6, gray=True, coarse=coarse)
+    check_in_budget(originals, deltas, EPS)
+    for d in deltas:
+        assert torch.allclose(d[0], d[1], atol=1e-6) and torch.allclose(d[1], d[2], atol=1e-6)
+        assert float(d.abs().max()) > EPS / 2
+    before = float(loss_fn(originals))
+    assert float(loss_fn([x + d for x, d in zip(originals, deltas, strict=True)])) < before
+
+
 def test_pgd_whole_level_steps_survive_8bit_quantisation():
     generator = torch.Generator().manual_seed(6)
     originals_u8 = [torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)

@@ -11,6 +11,7 @@ from mmguard.attack import augment
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.errors import MMGuardError
+from mmguard.protect.base import ProtectionItem
 from mmguard.protect.registry import create_method
 from mmguard.protect.robust import TRANSFORMS, expectation_over, jpeg, parse_robust
 from mmguard.protect.run import protect_dataset
@@ -97,3 +98,15 @@ def test_coarse_option_makes_the_saved_noise_low_frequency(tmp_path, name):
 
     # High-frequency share of the saved noise: per-pixel noise is mostly edges.
     assert roughness(8) < 0.5 * roughness(1)
+
+
+def test_gray_uniform_control_is_luma_only_and_in_budget():
+    image = 0.25 + 0.5 * torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(1))
+    item = ProtectionItem("a.png", image, ["a cat"])
+    gray = create_method("random", "pairs", gray_noise=True, coarse=2).protect_batch([item])
+    plain = create_method("random", "pairs").protect_batch([item])
+    delta = gray[0].image - image
+    assert float(delta.abs().max()) <= 8 / 255 + 1e-7
+    for channel in (1, 2):
+        assert torch.allclose(delta[0], delta[channel], atol=1e-6)
+    assert not torch.allclose((plain[0].image - image)[0], (plain[0].image - image)[1])

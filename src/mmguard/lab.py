@@ -265,10 +265,13 @@ def _mean_sem(values: list[float]) -> dict[str, float]:
 
 # -- one row -----------------------------------------------------------------------------
 def uniform_options(setting: LabSetting) -> dict[str, Any]:
-    """The uniform control of a method run with low-frequency noise (`coarse`) is drawn
-    on the same grid, so the row compares optimised and random noise of one kind."""
+    """The uniform control of a method run with low-frequency (`coarse`) or luma-only
+    (`gray_noise`) noise is drawn alike, so the row compares optimised and random noise
+    of one kind."""
     coarse = int(setting.options.get("coarse", 1))
-    return {"seed": 0, **({"coarse": coarse} if coarse > 1 else {})}
+    gray = bool(setting.options.get("gray_noise", False))
+    return {"seed": 0, **({"coarse": coarse} if coarse > 1 else {}),
+            **({"gray_noise": True} if gray else {})}
 
 
 class ControlCache:
@@ -287,12 +290,13 @@ class ControlCache:
         # A per-caption release's controls hold one item per caption row, not per image;
         # the clean set does not depend on the budget.
         budget = "any" if set_name == "clean" else round(setting.eps, 8)
-        coarse = uniform_options(setting).get("coarse") if set_name == "uniform" else None
+        kind_of_noise = ({k: v for k, v in uniform_options(setting).items() if k != "seed"}
+                         if set_name == "uniform" else {})
         return json.dumps([setting.dataset, setting.kind, setting.limit, setting.holdout,
                            setting.evaluate_on, setting.limit_test, budget,
                            set_name, spec, seed, every_epoch]
                           + (["per caption row"] if per_caption else [])
-                          + ([f"coarse {coarse}"] if coarse else [])
+                          + ([f"{k} {v}" for k, v in sorted(kind_of_noise.items())])
                           + ([f"augment {setting.augment}"] if setting.augment else []))
 
     def get(self, key: str) -> dict[str, Any] | None:

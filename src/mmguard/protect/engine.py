@@ -73,6 +73,8 @@ class SurrogateConfig(MethodConfig):
     coarse: int = option(1, "Optimise the noise on a grid this many times coarser than each "
                          "image and upsample it (bilinear): low-frequency noise, which JPEG, "
                          "resizing and blur remove less (1: per pixel).", min=1, max=64)
+    gray_noise: bool = option(False, "The same noise in R, G and B (luma only): grayscale "
+                              "conversion keeps it and JPEG quantises it finely.", flag=True)
 
 
 @dataclass
@@ -355,7 +357,7 @@ class BilevelMethod(ProtectionMethod):
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None,
-                             coarse=config.coarse)
+                             coarse=config.coarse, gray=config.gray_noise)
                 for key, noise in zip(noise_keys, noises, strict=True):
                     self.store.save_delta(key, noise)
                 deltas = _member_deltas(items, originals, noises, shared_by)

@@ -10,6 +10,10 @@ keeps (its quantisation removes the high DCT frequencies first), which resizing
 and blur average away less, and which transfers better between models (Guo et
 al., "Low Frequency Adversarial Perturbation", UAI 2019). Bilinear weights are
 convex, so the upsampled noise stays inside the same L-infinity ball.
+
+With `gray=True` one noise channel is added to R, G and B alike: luma-only noise,
+which grayscale conversion keeps whole and JPEG codes with its fine luma tables
+rather than its coarse, subsampled chroma ones.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
         step_size: float, steps: int, maximize: bool = False,
-        shared_by: Sequence[int] | None = None, coarse: int = 1) -> list[torch.Tensor]:
+        shared_by: Sequence[int] | None = None, coarse: int = 1,
+        gray: bool = False) -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
     Arguments:
@@ -59,10 +64,13 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         coarse: optimise a grid this many times coarser than each delta and upsample
             it (low-frequency noise, see the module note). A given delta starts the
             grid as its area average; the returned deltas are full size.
+        gray: one noise channel for R, G and B (luma only); a given delta starts it as
+            its channel mean.
     """
-    if coarse > 1:
-        return _coarse_pgd(originals, deltas, loss_fn, eps=eps, step_size=step_size,
-                           steps=steps, maximize=maximize, shared_by=shared_by, coarse=coarse)
+    if coarse > 1 or gray:
+        return _grid_pgd(originals, deltas, loss_fn, eps=eps, step_size=step_size,
+                         steps=steps, maximize=maximize, shared_by=shared_by, coarse=coarse,
+                         gray=gray)
     sign = 1.0 if maximize else -1.0
     if shared_by is None:
         current = [project_delta(x, d.detach(), eps)
@@ -86,18 +94,23 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
     return current
 
 
-def _coarse_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
-                loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
-                step_size: float, steps: int, maximize: bool,
-                shared_by: Sequence[int] | None, coarse: int) -> list[torch.Tensor]:
+def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
+              loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
+              step_size: float, steps: int, maximize: bool,
+              shared_by: Sequence[int] | None, coarse: int, gray: bool) -> list[torch.Tensor]:
     sign = 1.0 if maximize else -1.0
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
-    sizes = [tuple(d.shape[-2:]) for d in deltas]
-    grids = [F.adaptive_avg_pool2d(d.detach()[None], _grid_size(d, coarse))[0].clamp(-eps, eps)
-             for d in deltas]
+    shapes = [tuple(d.shape) for d in deltas]
+    starts = [d.detach().mean(dim=0, keepdim=True) if gray else d.detach() for d in deltas]
+    grids = [F.adaptive_avg_pool2d(d[None], _grid_size(d, coarse))[0].clamp(-eps, eps)
+             for d in starts]
+
+    def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return upsample_noise(grid, shape[-2:]).expand(shape)
+
     for _ in range(steps):
         variables = [g.clone().requires_grad_(True) for g in grids]
-        noise = [upsample_noise(v, size) for v, size in zip(variables, sizes, strict=True)]
+        noise = [full_size(v, shape) for v, shape in zip(variables, shapes, strict=True)]
         # [0, 1] is kept by clamping in the forward pass, as for shared noise: the
         # grid cannot be projected pixel by pixel.
         images = [(x + noise[j]).clamp(0.0, 1.0)
@@ -105,7 +118,7 @@ def _coarse_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor
         grads = torch.autograd.grad(loss_fn(images), variables)
         grids = [(g + sign * step_size * d.sign()).clamp(-eps, eps)
                  for g, d in zip(grids, grads, strict=True)]
-    full = [upsample_noise(g, size) for g, size in zip(grids, sizes, strict=True)]
+    full = [full_size(g, shape).contiguous() for g, shape in zip(grids, shapes, strict=True)]
     if shared_by is not None:
         return full
     return [project_delta(x, d, eps) for x, d in zip(originals, full, strict=True)]

@@ -23,6 +23,8 @@ class RandomConfig(MethodConfig):
     coarse: int = option(1, "Draw the noise on a grid this many times coarser than each image "
                          "and upsample it (bilinear): the control of a method run with the "
                          "same --coarse (1: per pixel).", min=1, max=64)
+    gray_noise: bool = option(False, "The same noise in R, G and B: the control of a method "
+                              "run with --gray-noise.", flag=True)
 
 
 class RandomNoise(ProtectionMethod):
@@ -31,7 +33,7 @@ class RandomNoise(ProtectionMethod):
     No model, no trigger. Unlearnable-examples papers (Huang et al. 2021; MEM,
     Liu et al. 2023) report it as the baseline that does not protect.
 
-    Config: eps (8/255), seed (0), coarse (1).
+    Config: eps (8/255), seed (0), coarse (1), gray_noise (off).
 
     Example:
         method = RandomNoise(MethodConfig(eps=8 / 255, seed=0))
@@ -49,8 +51,9 @@ class RandomNoise(ProtectionMethod):
         for item in batch:
             generator = item_generator(self.config.seed, item.key)
             channels, height, width = item.image.shape
-            grid = (channels, -(-height // coarse), -(-width // coarse))
+            grid = (1 if self.config.gray_noise else channels, -(-height // coarse),
+                    -(-width // coarse))
             noise = upsample_noise(torch.rand(grid, generator=generator) * (2 * eps) - eps,
-                                   (height, width))
+                                   (height, width)).expand(channels, height, width)
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected
