@@ -51,6 +51,21 @@ def option(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+def coarse_option() -> Any:
+    """The noise grid of `pgd(coarse=...)`, shared by the optimised methods and the
+    uniform control (which must draw the same kind of noise)."""
+    return option(1, "Noise on a grid this many times coarser than each image, upsampled "
+                  "(bilinear): low-frequency noise, which JPEG, resizing and blur remove "
+                  "less; give the uniform control the same value (1: per pixel).",
+                  min=1, max=64)
+
+
+def gray_noise_option() -> Any:
+    return option(False, "The same noise in R, G and B (luma only): grayscale conversion "
+                  "keeps it and JPEG quantises it finely; give the uniform control the same.",
+                  flag=True)
+
+
 @dataclass
 class MethodConfig:
     """Options every method has."""

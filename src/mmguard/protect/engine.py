@@ -37,6 +37,8 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
+    coarse_option,
+    gray_noise_option,
     option,
 )
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
@@ -70,11 +72,8 @@ class SurrogateConfig(MethodConfig):
     robust: str = option("", "Optimise the noise to survive these attacker transformations "
                          "(expectation over them in every PGD step): any of jpeg, grayscale, "
                          "resize, crop, blur, comma-separated.", type=str)
-    coarse: int = option(1, "Optimise the noise on a grid this many times coarser than each "
-                         "image and upsample it (bilinear): low-frequency noise, which JPEG, "
-                         "resizing and blur remove less (1: per pixel).", min=1, max=64)
-    gray_noise: bool = option(False, "The same noise in R, G and B (luma only): grayscale "
-                              "conversion keeps it and JPEG quantises it finely.", flag=True)
+    coarse: int = coarse_option()
+    gray_noise: bool = gray_noise_option()
 
 
 @dataclass

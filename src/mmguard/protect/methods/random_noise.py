@@ -12,7 +12,8 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
-    option,
+    coarse_option,
+    gray_noise_option,
 )
 from mmguard.protect.pgd import upsample_noise
 from mmguard.protect.seeding import item_generator
@@ -20,11 +21,8 @@ from mmguard.protect.seeding import item_generator
 
 @dataclass
 class RandomConfig(MethodConfig):
-    coarse: int = option(1, "Draw the noise on a grid this many times coarser than each image "
-                         "and upsample it (bilinear): the control of a method run with the "
-                         "same --coarse (1: per pixel).", min=1, max=64)
-    gray_noise: bool = option(False, "The same noise in R, G and B: the control of a method "
-                              "run with --gray-noise.", flag=True)
+    coarse: int = coarse_option()
+    gray_noise: bool = gray_noise_option()
 
 
 class RandomNoise(ProtectionMethod):
