@@ -35,7 +35,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         "budget (3 seeds; benchmarks/results/lab-bench.md)",
         "measured with the attacker's own vision tower as the surrogate (white box); against "
         "an attacker on another tower family (DINOv2) it cost 7 points, and an attacker who "
-        "JPEG-compresses the images undid it (one seed each; docs/findings-lvlm.md)"),
+        "JPEG-compresses the images undid it; optimising through JPEG (--robust jpeg) kept "
+        "6 of the 58 points (one seed each; docs/findings-lvlm.md)"),
     "pairs": Recommendation(
         "wrong-target",
         "it is trigger-free, so rare-word stripping cannot undo it",
