@@ -8,9 +8,9 @@ A protection works when an attacker trained on it does worse on clean data
 than the same attacker trained on each control:
 
 - clean: the original training data;
-- uniform: i.i.d. uniform noise in the same eps-ball, on the method's grid when it runs
-  with `coarse` (the strongest naive control
-  against frozen pretrained towers, calibration.md);
+- uniform: i.i.d. uniform noise in the same eps-ball, drawn like the method's noise
+  when it runs with `coarse` or `gray_noise` (the strongest naive control against
+  frozen pretrained towers, calibration.md);
 - noise only: the method's images with the original texts;
 - trigger only: the original images with the method's texts (when it changes them).
 

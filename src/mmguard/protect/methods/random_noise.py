@@ -26,7 +26,8 @@ class RandomConfig(MethodConfig):
 
 
 class RandomNoise(ProtectionMethod):
-    """delta ~ U(-eps, eps) per pixel and channel, then clipped to [0, 1].
+    """delta ~ U(-eps, eps) per pixel and channel, then clipped to [0, 1]; with `coarse`
+    or `gray_noise`, drawn on a coarser grid (bilinearly upsampled) or in one channel.
 
     No model, no trigger. Unlearnable-examples papers (Huang et al. 2021; MEM,
     Liu et al. 2023) report it as the baseline that does not protect.
@@ -34,7 +35,7 @@ class RandomNoise(ProtectionMethod):
     Config: eps (8/255), seed (0), coarse (1), gray_noise (off).
 
     Example:
-        method = RandomNoise(MethodConfig(eps=8 / 255, seed=0))
+        method = RandomNoise(RandomConfig(eps=8 / 255, seed=0))
         [out] = method.protect_batch([ProtectionItem("a.png", image, ["a cat"])])
     """
 
