@@ -9,7 +9,9 @@ the perturbation is its bilinear upsampling: low-frequency noise, which JPEG
 keeps (its quantisation removes the high DCT frequencies first), which resizing
 and blur average away less, and which transfers better between models (Guo et
 al., "Low Frequency Adversarial Perturbation", UAI 2019). Bilinear weights are
-convex, so the upsampled noise stays inside the same L-infinity ball.
+convex, so the upsampled noise stays inside the same L-infinity ball. (On
+Fashion-MNIST VQA neither helped wrong-target survive JPEG or transfer:
+docs/findings-lvlm.md.)
 
 With `gray=True` one noise channel is added to R, G and B alike: luma-only noise,
 which grayscale conversion keeps whole and JPEG codes with its fine luma tables
@@ -32,7 +34,8 @@ def project_delta(original: torch.Tensor, delta: torch.Tensor, eps: float) -> to
     return project_to_ball(original + delta, original, eps) - original
 
 
-def _grid_size(image: torch.Tensor, coarse: int) -> tuple[int, int]:
+def grid_size(image: torch.Tensor, coarse: int) -> tuple[int, int]:
+    """(h, w) of the noise grid `coarse` times coarser than the image (rounded up)."""
     return (max(1, math.ceil(image.shape[-2] / coarse)),
             max(1, math.ceil(image.shape[-1] / coarse)))
 
@@ -102,7 +105,7 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
     shapes = [tuple(d.shape) for d in deltas]
     starts = [d.detach().mean(dim=0, keepdim=True) if gray else d.detach() for d in deltas]
-    grids = [F.adaptive_avg_pool2d(d[None], _grid_size(d, coarse))[0].clamp(-eps, eps)
+    grids = [F.adaptive_avg_pool2d(d[None], grid_size(d, coarse))[0].clamp(-eps, eps)
              for d in starts]
 
     def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from mmguard.protect.base import (
     coarse_option,
     gray_noise_option,
 )
-from mmguard.protect.pgd import upsample_noise
+from mmguard.protect.pgd import grid_size, upsample_noise
 from mmguard.protect.seeding import item_generator
 
 
@@ -50,8 +50,8 @@ class RandomNoise(ProtectionMethod):
         for item in batch:
             generator = item_generator(self.config.seed, item.key)
             channels, height, width = item.image.shape
-            grid = (1 if self.config.gray_noise else channels, -(-height // coarse),
-                    -(-width // coarse))
+            grid = (1 if self.config.gray_noise else channels,
+                    *grid_size(item.image, coarse))
             noise = upsample_noise(torch.rand(grid, generator=generator) * (2 * eps) - eps,
                                    (height, width)).expand(channels, height, width)
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
