@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,24 @@ def test_controls_are_reused_across_rows_and_trigger_free_rows_skip_the_swaps(tm
             cache=cache)
     assert [line.split(", seed")[0] for line in lines if "cached" in line] == [
         f"{attacker} on clean"]
+
+
+def test_a_killed_row_resumes_its_method_runs_but_not_on_a_new_release(tmp_path):
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    setting = LabSetting(dataset="digits", kind="pairs", method="mem", options=TINY,
+                         attackers=(attacker,), seeds=(0, 1), limit=16)
+    first = run_lab(setting, tmp_path / "work", log=lambda line: None)
+    lines: list[str] = []
+    again = run_lab(setting, tmp_path / "work", log=lines.append)
+    resumed = [line.split(":")[0] for line in lines if line.endswith("(resumed)")]
+    assert len(resumed) == 6  # method, noise only, trigger only; two seeds each
+    assert again["attackers"][attacker]["method"]["final"] == \
+        first["attackers"][attacker]["method"]["final"]
+    # the protected folder made again is another release: its runs start afresh
+    shutil.rmtree(tmp_path / "work" / "protected")
+    lines.clear()
+    run_lab(setting, tmp_path / "work", log=lines.append)
+    assert not any(line.endswith("(resumed)") for line in lines)
 
 
 def test_a_coarse_method_row_gets_a_uniform_control_on_the_same_grid(tmp_path):

@@ -275,8 +275,10 @@ def uniform_options(setting: LabSetting) -> dict[str, Any]:
 
 
 class ControlCache:
-    """Attacker runs on the clean and uniform sets, which do not depend on the method:
-    rows of one setting (data slice, budget, attacker, seed, epochs scored) share them."""
+    """Attacker runs stored by setting key. As the lab's shared cache it holds the runs on
+    the clean and uniform sets, which do not depend on the method: rows of one setting
+    (data slice, budget, attacker, seed, epochs scored) share them. A row's work folder
+    keeps its other runs in one too, keyed also by its release, to resume."""
 
     SHARED = ("clean", "uniform")
 
@@ -347,6 +349,10 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     row["release_per"] = "caption" if per_caption else "image"
     row["train_items"] = len(sets["method"].images)  # images, or caption rows
     row["attackers"] = {}
+    # Runs on the sets made from this protected folder (method, noise only, trigger only)
+    # are kept beside it, so a killed row resumes after its last finished attacker run.
+    resumable = ControlCache(work / "attacker-runs.json")
+    release = hashlib.sha256((work / "protected" / "mmguard-run.json").read_bytes()).hexdigest()
     for spec in setting.attackers:
         family = family_of(parse_attacker(spec)[0], "attacker")
         if DATA_KIND[family] != setting.kind:
@@ -358,14 +364,18 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
             for seed in setting.seeds:
                 started = time.monotonic()
                 key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
-                cached = cache.get(key) if name in ControlCache.SHARED else None
+                store = cache if name in ControlCache.SHARED else resumable
+                if store is resumable:
+                    key = json.dumps([release, key])
+                cached = store.get(key)
                 run = cached or attack_once(spec, seed, train, test, every_epoch,
                                             setting.augment)
                 run["best"] = _best(run["epochs"], family)
                 runs.append(run)
-                if name in ControlCache.SHARED and cached is None:
-                    cache.put(key, run)
-                took = "cached" if cached else f"{time.monotonic() - started:.0f} s"
+                if cached is None:
+                    store.put(key, run)
+                took = (f"{time.monotonic() - started:.0f} s" if cached is None else
+                        "cached" if store is cache else "resumed")
                 log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
                     f"{_short(run['best'])} ({took})")
             results[name] = {
