@@ -205,8 +205,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "exported 24 training pairs" in result.stdout
     assert "max |change| 8/255" in result.stdout or "max |change| 7/255" in result.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
-    for row in ("| clean |", "| protected (MEM-3) |", "| control: triggers only |",
-                "| random guess |"):
+    for row in ("| clean |", "| control: uniform noise, same budget |", "| protected (MEM-3) |",
+                "| control: noise only |", "| control: triggers only |", "| random guess |"):
         assert row in report and row in result.stdout
     captions = (tmp_path / "demo" / "protected" / "manifest.csv").read_text().splitlines()
     assert len(captions) == 25 and all(len(line.split(",")[1].split()) > 3
