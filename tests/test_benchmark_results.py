@@ -32,3 +32,20 @@ def test_forget_results_starts_from_nothing(tmp_path):
     fresh["rows"]["new"] = {}
     results_file.save_results(path, fresh, lambda _: None)
     assert set(json.loads(path.read_text())["rows"]) == {"new"}
+
+
+def test_every_fidelity_row_is_a_valid_lab_setting_sharing_its_slice_controls():
+    from benchmarks.fidelity import ROWS
+    from mmguard.lab import ControlCache
+    from mmguard.protect.registry import create_method
+
+    for setting in ROWS.values():
+        create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)
+    # rows of one slice must share the clean and uniform attacker runs (same cache keys)
+    by_slice: dict[str, set[str]] = {}
+    for setting in ROWS.values():
+        spec = setting.attackers[0]
+        by_slice.setdefault(setting.dataset, set()).add(
+            ControlCache.key(setting, "clean", spec, 0, setting.kind == "pairs"))
+    assert {name: len(keys) for name, keys in by_slice.items()} == {
+        "fashion-mnist": 1, "emoji-captions": 1}

@@ -1,0 +1,123 @@
+"""The papers' methods as published, row by row, against every control (fidelity benchmark).
+
+    .venv/bin/python benchmarks/fidelity.py [ROW ...] [--seeds 0,1,2] [--list]
+
+Each row is one `mmguard lab` setting scored on the test split, reporting the
+method, its noise alone (original texts) and its trigger alone (clean images)
+beside the clean and uniform-noise controls, whose attacker runs all rows of a
+slice share (benchmarks/results/lab-controls.json).
+
+MMGuard rows (LVLM): the white-box Fashion-MNIST VQA slice of the wrong-target
+benchmark (first 240 training images protected, first 200 clean test images,
+attacker smolvlm-lite LoRA + projector, 8 epochs at lr 1e-3, scored after the
+last epoch). They answer the paper's qualitative claims:
+- paper: BPH (Eq 27) on the first 2 attention layers, -Max objective (Eq 32), one
+  inner LoRA step per round (Q = 1), 5-token triggers;
+- no-binding / crs: paper without a binding loss, or with CRS (Eq 29);
+- paper-min: min in place of -Max; q0: Q = 0; all-layers: |K| = all 30 layers;
+- image-only / text-only: paper optimised on one modality.
+Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
+6 PGD steps of 1/255, batch 8); the binding weight is 0.5, one of the paper's
+swept values (the sweep itself is not run here).
+
+MEM rows (pairs): the multi-caption emoji set (emoji-captions, 2-4 captions per
+image from real sources), first 600 training images, attacker rn-tiny CLIP from
+scratch (30 epochs), the whole clean test split:
+- mem-image: one noise and trigger per image, shared by its captions (MEM-3, the
+  demo's settings);
+- mem-caption: the same, one noise and trigger per caption row (the reference
+  code's release);
+- mem-reference: per caption row in the reference code's regime (200 surrogate
+  steps per round at lr 1e-4, captions re-shuffled every PGD step, random first
+  triggers, triggers updated in the first quarter of the rounds).
+
+A finished row is written to benchmarks/results/lab-fidelity.json (+ .md) and
+skipped on a rerun; a killed row resumes from its last finished attacker run
+(its work folder is benchmarks/work/fidelity-ROW). Rows run in the order below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from mmguard.lab import ControlCache, LabSetting, append_row, run_lab
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "lab-fidelity.json"
+CONTROLS = ROOT / "benchmarks" / "results" / "lab-controls.json"
+WORK = ROOT / "benchmarks" / "work"
+LVLM_ATTACKER = "smolvlm-lite:lora:epochs=8,lr=1e-3,batch_size=8"
+EFFORT = {"rounds": 2, "pgd_steps": 6, "top_k": 4, "batch_size": 8}
+PAPER = {**EFFORT, "binding": "bph-exact", "binding_layers": 2, "objective": "max",
+         "inner_steps": 1, "trigger_len": 5, "binding_weight": 0.5}
+MEM3 = {"trigger_len": 3, "surrogates": ("rn-tiny",), "batch_size": 64, "rounds": 8,
+        "train_steps": 5, "surrogate_lr": 5e-4}
+MEM_REFERENCE = {**MEM3, "noise_per": "caption", "round_train_steps": 200, "train_steps": 0,
+                 "surrogate_lr": 1e-4, "shuffle_every": "step", "trigger_init": "random",
+                 "trigger_rounds": 2}
+
+
+def lvlm_row(options: dict) -> LabSetting:
+    return LabSetting(dataset="fashion-mnist", kind="triples", method="mmguard",
+                      options=options, attackers=(LVLM_ATTACKER,), limit=240,
+                      evaluate_on="test", limit_test=200)
+
+
+def mem_row(options: dict) -> LabSetting:
+    return LabSetting(dataset="emoji-captions", kind="pairs", method="mem", options=options,
+                      attackers=("rn-tiny:scratch",), limit=600, evaluate_on="test")
+
+
+ROWS = {
+    "paper": lvlm_row(PAPER),
+    "paper-min": lvlm_row({**PAPER, "objective": "min"}),
+    "no-binding": lvlm_row({**PAPER, "binding": "none"}),
+    "crs": lvlm_row({**PAPER, "binding": "crs-kl"}),
+    "q0": lvlm_row({**PAPER, "inner_steps": 0}),
+    "all-layers": lvlm_row({**PAPER, "binding_layers": 30}),
+    "image-only": lvlm_row({**PAPER, "components": "image"}),
+    "text-only": lvlm_row({**PAPER, "components": "text"}),
+    "mem-image": mem_row(MEM3),
+    "mem-caption": mem_row({**MEM3, "noise_per": "caption"}),
+    "mem-reference": mem_row(MEM_REFERENCE),
+}
+
+
+def run(names: list[str], seeds: tuple[int, ...]) -> None:
+    done = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
+    for name in names:
+        label = f"fidelity/{name} seeds {','.join(map(str, seeds))}"
+        if label in done:
+            print(f"{label}: done", flush=True)
+            continue
+        setting = dataclasses.replace(ROWS[name], seeds=seeds)
+        row = run_lab(setting, WORK / f"fidelity-{name}",
+                      log=lambda line: print(line, flush=True),
+                      every_epoch=setting.kind == "pairs",  # LVLM runs: last epoch only (cost)
+                      cache=ControlCache(CONTROLS))
+        append_row(RESULTS, RESULTS.with_suffix(".md"), label, row)
+        print(f"{label}: written to {RESULTS.name}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("rows", nargs="*", help=f"rows to run [all]: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, setting in ROWS.items():
+            print(f"{name:14s} {setting.dataset} {setting.method} {setting.options}")
+        return
+    unknown = [name for name in args.rows if name not in ROWS]
+    if unknown:
+        sys.exit(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    run(args.rows or list(ROWS), tuple(int(s) for s in args.seeds.split(",")))
+
+
+if __name__ == "__main__":
+    main()
