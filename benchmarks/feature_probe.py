@@ -8,8 +8,9 @@ after each attacker transformation, and reports
 - moved: how far the features went from the image's own clean features toward
   its target image's clean features, the projection on that line as a share of
   the whole way (0 = not moved, 1 = at the target), mean over images;
-- at_target / at_own: the share of images whose nearest class centroid (centroids
-  of the transformed clean images) is the target class / their own class.
+- at_target / at_own: the share of images whose nearest group centroid (centroids
+  of the transformed clean images; groups are the answers of triples, the
+  release's k-means clusters of pairs) is the target group / their own group.
 
 The tower can be the surrogate's (white box) or another one (black box: does the
 move transfer?). The first-order prediction, which the attacker rows check, is
@@ -66,8 +67,10 @@ def probe(release: Path, dataset: str, tower: str, augment: str) -> dict[str, fl
     target_f = clean_f[[index[target_image_of[k]] for k in keys]]
     line = target_f - clean_f
     moved = ((protected_f - clean_f) * line).sum(1) / line.pow(2).sum(1).clamp(min=1e-12)
-    answers = {k: records[k].response for k in keys}
-    labels = torch.tensor(answer_groups(keys, answers))
+    # The release's own groups: its answers (triples) or its k-means clusters (pairs).
+    groups = targets.get("group_of") or dict(zip(keys, answer_groups(
+        keys, {k: records[k].response for k in keys}), strict=True))
+    labels = torch.tensor([groups[k] for k in keys])
     centroids = torch.stack([clean_f[labels == g].mean(0) for g in range(int(labels.max()) + 1)])
     nearest = torch.cdist(protected_f, centroids).argmin(1)
     target_labels = labels[[index[target_image_of[k]] for k in keys]]
