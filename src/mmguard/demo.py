@@ -46,7 +46,7 @@ def run_demo(out: Path, limit: int | None = None) -> None:
     started = time.monotonic()
     click.echo(f"mmguard demo: protect {limit} real emoji image-caption pairs with MEM-3 "
                "(eps 8/255) and test whether a CLIP trained on them still works on clean "
-               "data. About 4-5 minutes on 2 CPU cores.")
+               "data, against every control. Several minutes on 2 CPU cores.")
     originals = out / "emoji-train"
     manifest = export_dataset(load_builtin("emoji", "train", "pairs"), originals, "csv", limit)
     click.echo(f"1. exported {limit} training pairs to {manifest}")
