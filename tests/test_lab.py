@@ -27,6 +27,7 @@ from mmguard.lab import (
     LabSetting,
     _recipe,
     append_row,
+    audited_stealth,
     hold_out,
     lab_row_name,
     parse_attacker,
@@ -127,6 +128,28 @@ def test_a_killed_row_resumes_its_method_runs_but_not_on_a_new_release(tmp_path)
     lines.clear()
     run_lab(setting, tmp_path / "work", log=lines.append)
     assert not any(line.endswith("(resumed)") for line in lines)
+
+
+def test_a_release_is_audited_once_until_a_file_changes(tmp_path, monkeypatch):
+    import mmguard.lab as lab
+
+    dataset, _ = hold_out(load_builtin("digits", "train", "pairs"), 8, 0.0)
+    folder = tmp_path / "uniform"
+    protect_once(dataset, "random", {"seed": 0}, folder, 8 / 255, log=lambda line: None)
+    audits = []
+    real_audit = lab.audit_or_raise
+    monkeypatch.setattr(lab, "audit_or_raise", lambda f: audits.append(f) or real_audit(f))
+    first = audited_stealth(folder)
+    assert audited_stealth(folder) == first and len(audits) == 0  # kept by protect_once
+    assert first["max_linf_levels"] <= 8 and first["mean_psnr_db"] > 30
+    # a file pushed over the budget after the audit is caught, not served from the cache
+    png = sorted((folder / "images").rglob("*.png"))[0]
+    pixels = read_png_uint8(png)
+    pixels[:3] = 255 - pixels[:3]
+    Image.fromarray(pixels[:3].permute(1, 2, 0).numpy()).save(png)
+    with pytest.raises(MMGuardError, match="over the budget"):
+        audited_stealth(folder)
+    assert len(audits) == 1
 
 
 def test_a_coarse_method_row_gets_a_uniform_control_on_the_same_grid(tmp_path):
