@@ -443,3 +443,27 @@ def test_rgba_png_round_trip_keeps_alpha(tmp_path: Path):
     with Image.open(target) as written:
         assert written.mode == "RGBA"
     assert torch.equal(read_png_uint8(target), image)
+
+
+def test_loaded_pairs_keep_8_bit_images_and_hand_out_floats():
+    from mmguard.attack.contrastive import caption_rows, load_pairs
+    from mmguard.data.builtin import load_builtin
+    from mmguard.data.images import FloatImages, to_float
+    from mmguard.data.release import per_caption_images
+
+    dataset = load_builtin("digits", "train", "pairs")
+    pairs = load_pairs(dataset)
+    assert isinstance(pairs.images, FloatImages)
+    assert all(stored.dtype == torch.uint8 for stored in pairs.images.stored)
+    first = pairs.images[0]
+    assert first.dtype == torch.float32 and torch.equal(first, to_float(pairs.images.stored[0]))
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    head = pairs.images[:3]
+    assert isinstance(head, FloatImages) and len(head) == 3
+    assert torch.equal(head[2], pairs.images[2])
+    assert len(list(pairs.images)) == len(pairs.images) == len(dataset.records_by_image())
+    with pytest.raises(IndexError):
+        pairs.images[len(pairs.images)]
+    rows = caption_rows(pairs, dataset)  # one caption per row: each row shares its stored image
+    assert len(rows.images) == len(per_caption_images(dataset).records)
+    assert rows.images.stored[0] is pairs.images.stored[0]

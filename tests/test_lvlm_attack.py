@@ -30,7 +30,12 @@ from mmguard.data.release import (
 from mmguard.data.sources import read_dataset
 from mmguard.data.trigger_text import insert_trigger
 from mmguard.errors import MMGuardError
-from mmguard.evaluate.lvlm_protocol import answer_table, mix_clean_triples
+from mmguard.evaluate.lvlm_protocol import (
+    AnswerEvaluation,
+    answer_table,
+    mix_clean_triples,
+    run_lvlm_seeds,
+)
 from mmguard.evaluate.vqa import (
     answer_accuracy,
     answer_degradation,
@@ -235,6 +240,21 @@ def test_fine_tuning_is_deterministic_given_the_seed(pristine, digits_train):
     assert all(torch.equal(weights[n], weights_again[n]) for n in weights)
     other, _ = run(1)
     assert other != losses
+
+
+def test_seeds_scored_on_accuracy_alone_report_no_attention_shift(digits_train):
+    # `mmguard demo --lvlm` and the lab skip the attention measurement (attention_examples=0).
+    recipe = LVLMRecipe(model="lvlm-test", recipe="lora", lr=5e-3, epochs=1, batch_size=3)
+    lines: list[str] = []
+    for examples in (0, 2):
+        result = run_lvlm_seeds(digits_train, digits_train.first(4), recipe, [0, 1], "clean",
+                                AnswerEvaluation(max_new_tokens=2, attention_examples=examples,
+                                                 samples=0), log=lines.append)
+        assert ("tv_distance" in result["mean"]) == (examples > 0)
+        assert set(result["mean"]) >= {"exact_match", "contains_match", "final_train_loss"}
+        assert len(result["runs"]) == 2
+    assert len(lines) == 4 and all(line.startswith("clean seed ") for line in lines)
+    assert ["attention TV" in line for line in lines] == [False, False, True, True]
 
 
 def test_mix_clean_triples_swaps_images_and_prompts_back(tmp_path):

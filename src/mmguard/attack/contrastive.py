@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from mmguard.attack.augment import AugmentPipeline
-from mmguard.data.images import load_image_uint8, to_float
+from mmguard.data.images import FloatImages, load_image_uint8
 from mmguard.data.records import Dataset, Kind, PairRecord
 from mmguard.data.release import per_caption_images
 from mmguard.errors import MMGuardError
@@ -56,7 +56,7 @@ class ImageCaptionSet:
     """Decoded images (at stored size) with their captions, for training or testing."""
 
     kind: ClassVar[Kind] = "pairs"
-    images: list[torch.Tensor]
+    images: Sequence[torch.Tensor]  # float in [0, 1]; loaded sets keep them as FloatImages
     captions: list[list[str]]
     keys: list[str] = field(default_factory=list)
 
@@ -70,9 +70,9 @@ def load_pairs(dataset: Dataset) -> ImageCaptionSet:
     for indices in groups.values():
         records = [dataset.records[i] for i in indices]
         assert all(isinstance(r, PairRecord) for r in records)
-        images.append(to_float(load_image_uint8(records[0].image, records[0].where)))
+        images.append(load_image_uint8(records[0].image, records[0].where))
         captions.append([c for r in records for c in r.captions])
-    return ImageCaptionSet(images, captions, list(groups))
+    return ImageCaptionSet(FloatImages(images), captions, list(groups))
 
 
 def caption_rows(data: ImageCaptionSet, dataset: Dataset) -> ImageCaptionSet:
@@ -81,7 +81,7 @@ def caption_rows(data: ImageCaptionSet, dataset: Dataset) -> ImageCaptionSet:
     `data` is aligned with `dataset` image by image (`load_pairs` of it, or of a
     per-image release of it). Entry r is the dataset's r-th caption row, in the
     order and under the key `data.release.per_caption_images` gives it: the
-    image of its row (the same tensor for every row of an image, not a copy)
+    image of its row (the same stored tensor for every row of an image, not a copy)
     and the k-th caption `data` holds for that image, k counting the image's
     rows. Several entries then show one image, each with one caption.
     """
@@ -91,6 +91,8 @@ def caption_rows(data: ImageCaptionSet, dataset: Dataset) -> ImageCaptionSet:
                            f"of {dataset.source}")
     position = {key: index for index, key in enumerate(groups)}
     seen = [0] * len(groups)
+    compact = isinstance(data.images, FloatImages)
+    stored = data.images.stored if compact else data.images
     images, captions = [], []
     for record in dataset.records:
         index = position[record.image.key]
@@ -99,13 +101,13 @@ def caption_rows(data: ImageCaptionSet, dataset: Dataset) -> ImageCaptionSet:
             if k >= len(data.captions[index]):
                 raise MMGuardError(f"image {index} of the set has {len(data.captions[index])} "
                                    f"captions, {dataset.source} has more rows for it")
-            images.append(data.images[index])
+            images.append(stored[index])
             captions.append([data.captions[index][k]])
             seen[index] += 1
     if seen != [len(c) for c in data.captions]:
         raise MMGuardError(f"the set has more captions per image than {dataset.source} has rows")
     keys = [record.image.key for record in per_caption_images(dataset).records]
-    return ImageCaptionSet(images, captions, keys)
+    return ImageCaptionSet(FloatImages(images) if compact else images, captions, keys)
 
 
 def _build_model(recipe: AttackerRecipe) -> ContrastiveModel:

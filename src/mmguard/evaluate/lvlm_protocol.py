@@ -96,13 +96,16 @@ def run_lvlm_seeds(train: TripleSet, test: TripleSet, recipe: LVLMRecipe, seeds:
         return metrics
 
     def describe(m: dict) -> str:
+        # The attention shift is measured only when settings.attention_examples > 0.
+        attention = f"attention TV {m['tv_distance']:.3f}, " if "tv_distance" in m else ""
         return (f"exact {m['exact_match']:.1f}%, contains {m['contains_match']:.1f}%, "
-                f"attention TV {m['tv_distance']:.3f}, train loss {m['final_train_loss']:.3f}")
+                f"{attention}train loss {m['final_train_loss']:.3f}")
 
     runs = over_seeds(seeds, run_one, describe, label, log)
+    measured = [m for m in ROW_METRICS if all(m in r for r in runs)]
     return {"runs": runs,
-            "mean": {m: statistics.mean(r[m] for r in runs) for m in ROW_METRICS},
-            "std": {m: population_std([r[m] for r in runs]) for m in ROW_METRICS}}
+            "mean": {m: statistics.mean(r[m] for r in runs) for m in measured},
+            "std": {m: population_std([r[m] for r in runs]) for m in measured}}
 
 
 def evaluate_lvlm(train: TripleSet, test: TripleSet, recipe: LVLMRecipe, seeds: list[int],
