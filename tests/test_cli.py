@@ -213,6 +213,30 @@ def test_demo_runs_end_to_end(tmp_path):
                                        for line in captions[1:3])
 
 
+def test_lvlm_demo_runs_end_to_end_on_a_tiny_lvlm(tmp_path, monkeypatch, capsys):
+    # The demo's own code path with the tiny random-weight LVLM in place of smolvlm-lite
+    # (the real one takes minutes per fine-tune; its timing is in the README).
+    from mmguard import demo_lvlm
+    from mmguard.attack.lvlm import LVLMRecipe
+
+    monkeypatch.setattr(demo_lvlm, "SURROGATE", "lvlm-test")
+    monkeypatch.setattr(demo_lvlm, "ATTACKER", LVLMRecipe(model="lvlm-test", recipe="lora",
+                                                          epochs=1, lr=5e-3, batch_size=4))
+    monkeypatch.setattr(demo_lvlm, "TEST_IMAGES", 6)
+    demo_lvlm.run_lvlm_demo(tmp_path / "demo", limit=8)
+    printed = capsys.readouterr().out
+    assert "exported 8 training triples" in printed
+    assert printed.count("max |change| 8/255 on the saved files") + \
+        printed.count("max |change| 7/255 on the saved files") == 2
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for row in ("| untouched (zero-shot) |", "| fine-tuned on clean |",
+                "| control: uniform noise, same budget |",
+                f"| fine-tuned on protected ({demo_lvlm.METHOD}) |"):
+        assert row in report and row in printed
+    scores = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert all(0.0 <= row["exact_match"] <= 100.0 for row in scores.values())
+
+
 def test_evaluate_reports_clean_protected_random_and_degradation(tmp_path):
     clean, protected = tmp_path / "c", tmp_path / "p"
     mmguard("datasets", "export", "digits", "--out", str(clean), "--limit", "64")
