@@ -231,3 +231,68 @@ def test_cluster_em_shares_one_pattern_per_cluster_then_refines_per_image(tmp_pa
     record = json.loads((tmp_path / "refined" / "mmguard-run.json").read_text())
     assert [r["round"] for r in record["optimisation"]["rounds"]] == [1, 2]
     assert len(list((tmp_path / "refined/.mmguard/work/deltas").glob("*.npy"))) == 3 + 16
+
+
+def _saved_deltas(dataset, out: Path, count: int) -> tuple[dict, dict]:
+    saved = {r.image.key: read_png_uint8(out / r.image.key).float()
+             for r in read_dataset(out / "manifest.csv").records}
+    originals = {k: load_image_uint8(r.image, "o").float() for k, r in
+                 zip(saved, [dataset.records[i] for i in range(count)], strict=True)}
+    return {k: saved[k] - originals[k] for k in saved}, originals
+
+
+def test_class_pattern_gives_every_image_of_an_answer_the_same_fixed_pattern(tmp_path):
+    dataset = load_builtin("fashion-mnist", "train", "triples")
+    method = create_method("class-pattern", "triples", seed=3)
+    protect_dataset(dataset, method, tmp_path / "out", limit=24, progress=False)
+    deltas, originals = _saved_deltas(dataset, tmp_path / "out", 24)
+    answers = [dataset.records[i].response for i in range(24)]
+    keys = list(deltas)
+    inside = {k: (originals[k] >= 8) & (originals[k] <= 247) for k in keys}  # never clipped
+    pairs_same = pairs_other = 0
+    for i in range(24):
+        assert deltas[keys[i]].abs().max() <= 8
+        assert torch.equal(deltas[keys[i]][inside[keys[i]]].abs(),
+                           torch.full_like(deltas[keys[i]][inside[keys[i]]], 8.0))  # sign: +-eps
+        for j in range(i + 1, 24):
+            both = inside[keys[i]] & inside[keys[j]]
+            if both.sum() < 50:
+                continue
+            same = torch.equal(deltas[keys[i]][both], deltas[keys[j]][both])
+            assert same == (answers[i] == answers[j])
+            pairs_same += answers[i] == answers[j]
+            pairs_other += answers[i] != answers[j]
+    assert pairs_same > 5 and pairs_other > 50
+    # another seed draws other patterns; the same seed the same ones, batch by batch
+    again = create_method("class-pattern", "triples", seed=3)
+    other = create_method("class-pattern", "triples", seed=4)
+    item = ProtectionItem("x", torch.full((3, 28, 28), 0.5), ["q"], ["sneaker"])
+    assert torch.equal(again.pattern("answer sneaker", item.image),
+                       method.pattern("answer sneaker", item.image))
+    assert not torch.equal(other.pattern("answer sneaker", item.image),
+                           method.pattern("answer sneaker", item.image))
+
+
+def test_class_pattern_on_pairs_shares_per_cluster_and_keeps_large_images_low_frequency(tmp_path):
+    dataset = load_builtin("digits", "train", "pairs")
+    method = create_method("class-pattern", "pairs", clusters=3, cluster_features="rn-test")
+    protect_dataset(dataset, method, tmp_path / "out", limit=12, progress=False)
+    assert len(method.cluster_of) == 12 and set(method.cluster_of.values()) == {0, 1, 2}
+    deltas, originals = _saved_deltas(dataset, tmp_path / "out", 12)
+    keys = list(deltas)
+    groups = [method.cluster_of[k] for k in method.cluster_of]
+    for i in range(12):
+        for j in range(i + 1, 12):
+            both = (originals[keys[i]] >= 8) & (originals[keys[i]] <= 247) & \
+                   (originals[keys[j]] >= 8) & (originals[keys[j]] <= 247)
+            if both.sum() >= 20:
+                assert torch.equal(deltas[keys[i]][both], deltas[keys[j]][both]) == \
+                    (groups[i] == groups[j])
+    coarse = create_method("class-pattern", "pairs", coarse=64, gray_noise=True,
+                           values="uniform")
+    pattern = coarse.pattern("cluster 0", torch.zeros(3, 512, 512))
+    assert pattern.abs().max() <= 8 / 255 + 1e-7
+    assert torch.equal(pattern[0], pattern[1]) and torch.equal(pattern[1], pattern[2])
+    # an 8x8 grid upsampled: neighbouring pixels differ by at most 2 eps / 64
+    assert float(pattern.diff(dim=-1).abs().max()) <= 2 * (8 / 255) / 64 + 1e-6
+    assert not torch.equal(pattern, coarse.pattern("cluster 1", torch.zeros(3, 512, 512)))

@@ -8,6 +8,7 @@ from typing import Any
 
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import ProtectionMethod
+from mmguard.protect.methods.class_pattern import ClassPattern
 from mmguard.protect.methods.cluster_em import ClusterErrorMinimizing
 from mmguard.protect.methods.em import ErrorMinimizing
 from mmguard.protect.methods.mem import MultiStepErrorMinimizing
@@ -24,6 +25,7 @@ METHODS: dict[str, type[ProtectionMethod]] = {
     MMGuard.name: MMGuard,
     WrongTarget.name: WrongTarget,
     ClusterErrorMinimizing.name: ClusterErrorMinimizing,
+    ClassPattern.name: ClassPattern,
 }
 
 

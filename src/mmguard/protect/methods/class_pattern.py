@@ -1,0 +1,107 @@
+"""Class-wise synthetic shortcut: one fixed random pattern per group, no model in the loop.
+
+Why (issue 12, the black box): feature collision (`wrong-target`) moves the
+features of the tower it was made on and not those of another family (0.6% of
+the way on DINOv2, docs/findings.md §10). A shortcut does not have to fool the
+attacker's tower, only to be seen by it: when every image with answer `a`
+carries the pattern p_a, an attacker who fine-tunes on the data can fit the
+answers from the pattern, and on clean data, which has no pattern, it fails.
+Class-wise random noise is the classic strong shortcut for training from
+scratch (Huang et al. ICLR 2021, sample-wise vs class-wise noise); shortcuts
+that work are linearly separable (Yu et al. KDD 2022), and a pattern shared by
+a group is separable by construction. Whether a frozen pretrained tower
+passes it on to the attacker's trained heads is the open question this method
+measures.
+
+Groups: triples by their answer (the pattern is a function of the answer, so
+it needs no pass over the data); pairs by k-means on a frozen tower's features
+(`cluster_features`, like cluster-em). The pattern is drawn once per group
+from the run's seed, as signs (each cell ±eps, the largest change the budget
+allows) or uniform values, on a grid `coarse` times coarser than the image and
+bilinearly upsampled, so large images keep it through the model's resize.
+Images of one group and one size carry the same pattern; other sizes get the
+same group's pattern drawn for their grid.
+
+Config (ClassPatternConfig): eps (8/255), seed (0), coarse (1), gray_noise
+(off), values (sign), clusters (32), cluster_features (lit).
+
+Example:
+    mmguard protect --dataset fashion-mnist --kind triples --method class-pattern --out out/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmguard.data.budget import project_to_ball
+from mmguard.protect.base import (
+    DatasetView,
+    MethodConfig,
+    ProtectedItem,
+    ProtectionItem,
+    ProtectionMethod,
+    coarse_option,
+    gray_noise_option,
+    option,
+)
+from mmguard.protect.grouping import answer_of, dataset_features, kmeans_groups
+from mmguard.protect.pgd import grid_size, upsample_noise
+from mmguard.protect.seeding import item_generator
+from mmguard.protect.surrogates import create_surrogate
+
+
+@dataclass
+class ClassPatternConfig(MethodConfig):
+    coarse: int = coarse_option()
+    gray_noise: bool = gray_noise_option()
+    values: str = option("sign", "class-pattern: each cell of a group's pattern is +-eps "
+                         "(sign) or uniform in [-eps, eps].", choices=("sign", "uniform"))
+    clusters: int = option(32, "class-pattern: k-means clusters sharing one pattern (pairs; "
+                           "triples are grouped by their answers).", min=2)
+    cluster_features: str = option("lit", "class-pattern: the pretrained contrastive model "
+                                   "whose image tower's features are clustered (pairs).")
+
+
+class ClassPattern(ProtectionMethod):
+    name = "class-pattern"
+    summary = "one fixed random pattern per answer or k-means cluster (shortcut, model-free)"
+    Config = ClassPatternConfig
+    config: ClassPatternConfig
+
+    def prepare(self, data: DatasetView, workdir: Path) -> None:
+        self.cluster_of: dict[str, int] = {}
+        if self.kind == "triples":
+            return  # grouped by answer, item by item
+        # k-means of a frozen tower is deterministic, so a resumed run recomputes it.
+        tower = create_surrogate((self.config.cluster_features,), seed=self.config.seed)
+        keys, features, _ = dataset_features(data, tower, batch_size=32)
+        labels = kmeans_groups(features, self.config.clusters, self.config.seed)
+        self.cluster_of = dict(zip(keys, labels, strict=True))
+
+    def group_of(self, item: ProtectionItem) -> str:
+        if self.kind == "triples" or item.responses:
+            return f"answer {answer_of(item)}"
+        if item.key not in getattr(self, "cluster_of", {}):
+            raise RuntimeError("class-pattern protects pairs after prepare() has clustered them")
+        return f"cluster {self.cluster_of[item.key]}"
+
+    def pattern(self, group: str, image: torch.Tensor) -> torch.Tensor:
+        """The group's pattern for an image of this size, in [-eps, eps]."""
+        eps = self.config.eps
+        channels, height, width = image.shape
+        grid = (1 if self.config.gray_noise else channels, *grid_size(image, self.config.coarse))
+        generator = item_generator(self.config.seed, f"{group} {grid}")
+        if self.config.values == "sign":
+            cells = (torch.randint(0, 2, grid, generator=generator) * 2 - 1).float() * eps
+        else:
+            cells = torch.rand(grid, generator=generator) * (2 * eps) - eps
+        return upsample_noise(cells, (height, width)).expand(channels, height, width)
+
+    def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
+        return [ProtectedItem(project_to_ball(item.image + self.pattern(self.group_of(item),
+                                                                        item.image),
+                                              item.image, self.config.eps))
+                for item in batch]
