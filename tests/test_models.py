@@ -317,17 +317,16 @@ def test_a_random_init_model_builds_without_a_pretrained_weights_warning(caplog,
     assert "pretrained weights" not in capfd.readouterr().err
 
 
-def test_lit_dino_sees_through_the_pretrained_dinov2_tower(other_model):
+def test_lit_dino_sees_through_the_pretrained_dinov2_tower():
     from mmguard.models.lvlm.dinov2 import load_dinov2
     from mmguard.models.registry import pretrained_by_construction
 
-    if other_model.preprocess.size != 112:
-        pytest.skip("lit-dino only")
+    model = create_contrastive_model("lit-dino")
     assert pretrained_by_construction("lit-dino")
     image = torch.rand(3, 90, 130)
-    pixels = other_model.preprocess([image])
+    pixels = model.preprocess([image])
     assert pixels.shape == (1, 3, 112, 112)  # 8x8 patches of 14 px
     grid, cls = load_dinov2().features(pixels)
     with torch.no_grad():
-        assert torch.allclose(other_model.image_tower_features(pixels),
+        assert torch.allclose(model.image_tower_features(pixels),
                               torch.cat([cls, grid.mean(dim=(2, 3))], dim=-1), atol=1e-5)
