@@ -296,3 +296,22 @@ def test_class_pattern_on_pairs_shares_per_cluster_and_keeps_large_images_low_fr
     # an 8x8 grid upsampled: neighbouring pixels differ by at most 2 eps / 64
     assert float(pattern.diff(dim=-1).abs().max()) <= 2 * (8 / 255) / 64 + 1e-6
     assert not torch.equal(pattern, coarse.pattern("cluster 1", torch.zeros(3, 512, 512)))
+
+
+def test_sign_noise_is_the_per_image_control_of_class_pattern():
+    image = torch.full((3, 28, 28), 0.5)
+    items = [ProtectionItem(key, image, ["q"], ["sneaker"]) for key in ("a", "b")]
+    signs = [out.image - image for out in
+             create_method("random", "triples", values="sign").protect_batch(items)]
+    shared = [out.image - image for out in
+              create_method("class-pattern", "triples").protect_batch(items)]
+    for noise in signs + shared:
+        assert torch.allclose(noise.abs(), torch.full_like(noise, 8 / 255), atol=1e-6)
+    assert not torch.equal(signs[0], signs[1])  # drawn per image
+    assert torch.equal(shared[0], shared[1])  # one answer, one pattern
+    # the default uniform control is drawn as before (cached control runs stay valid)
+    from mmguard.protect.seeding import item_generator
+
+    uniform = create_method("random", "triples").protect_batch(items[:1])[0].image - image
+    drawn = torch.rand((3, 28, 28), generator=item_generator(0, "a")) * (16 / 255) - 8 / 255
+    assert torch.allclose(uniform, drawn, atol=1e-6)

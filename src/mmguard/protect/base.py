@@ -60,6 +60,21 @@ def coarse_option() -> Any:
                   min=1, max=64)
 
 
+def noise_values_option(default: str = "uniform") -> Any:
+    """How the random methods (the uniform control, class-pattern) draw each cell."""
+    return option(default, "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
+                  "(sign: the largest change the budget allows everywhere).",
+                  choices=("uniform", "sign"))
+
+
+def random_cells(shape: tuple[int, ...], eps: float, values: str,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Random noise cells of `shape` in [-eps, eps], drawn as `noise_values_option` says."""
+    if values == "sign":
+        return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
+    return torch.rand(shape, generator=generator) * (2 * eps) - eps
+
+
 def gray_noise_option() -> Any:
     return option(False, "The same noise in R, G and B (luma only): grayscale conversion "
                   "keeps it and JPEG quantises it finely; give the uniform control the same.",

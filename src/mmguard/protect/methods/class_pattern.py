@@ -45,7 +45,9 @@ from mmguard.protect.base import (
     ProtectionMethod,
     coarse_option,
     gray_noise_option,
+    noise_values_option,
     option,
+    random_cells,
 )
 from mmguard.protect.grouping import answer_of, dataset_features, kmeans_groups
 from mmguard.protect.pgd import grid_size, upsample_noise
@@ -57,8 +59,7 @@ from mmguard.protect.surrogates import create_surrogate
 class ClassPatternConfig(MethodConfig):
     coarse: int = coarse_option()
     gray_noise: bool = gray_noise_option()
-    values: str = option("sign", "class-pattern: each cell of a group's pattern is +-eps "
-                         "(sign) or uniform in [-eps, eps].", choices=("sign", "uniform"))
+    values: str = noise_values_option("sign")
     clusters: int = option(32, "class-pattern: k-means clusters sharing one pattern (pairs; "
                            "triples are grouped by their answers).", min=2)
     cluster_features: str = option("lit", "class-pattern: the pretrained contrastive model "
@@ -94,11 +95,8 @@ class ClassPattern(ProtectionMethod):
         channels, height, width = image.shape
         grid = (1 if self.config.gray_noise else channels, *grid_size(image, self.config.coarse))
         generator = item_generator(self.config.seed, f"{group} {grid}")
-        if self.config.values == "sign":
-            cells = (torch.randint(0, 2, grid, generator=generator) * 2 - 1).float() * eps
-        else:
-            cells = torch.rand(grid, generator=generator) * (2 * eps) - eps
-        return upsample_noise(cells, (height, width)).expand(channels, height, width)
+        return upsample_noise(random_cells(grid, eps, self.config.values, generator),
+                              (height, width)).expand(channels, height, width)
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         return [ProtectedItem(project_to_ball(item.image + self.pattern(self.group_of(item),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from mmguard.data.budget import project_to_ball
 from mmguard.protect.base import (
     MethodConfig,
@@ -14,6 +12,8 @@ from mmguard.protect.base import (
     ProtectionMethod,
     coarse_option,
     gray_noise_option,
+    noise_values_option,
+    random_cells,
 )
 from mmguard.protect.pgd import grid_size, upsample_noise
 from mmguard.protect.seeding import item_generator
@@ -23,16 +23,18 @@ from mmguard.protect.seeding import item_generator
 class RandomConfig(MethodConfig):
     coarse: int = coarse_option()
     gray_noise: bool = gray_noise_option()
+    values: str = noise_values_option()
 
 
 class RandomNoise(ProtectionMethod):
     """delta ~ U(-eps, eps) per pixel and channel, then clipped to [0, 1]; with `coarse`
-    or `gray_noise`, drawn on a coarser grid (bilinearly upsampled) or in one channel.
+    or `gray_noise`, drawn on a coarser grid (bilinearly upsampled) or in one channel;
+    with `values` sign, each cell is +-eps (the per-image control of class-pattern).
 
     No model, no trigger. Unlearnable-examples papers (Huang et al. 2021; MEM,
     Liu et al. 2023) report it as the baseline that does not protect.
 
-    Config: eps (8/255), seed (0), coarse (1), gray_noise (off).
+    Config: eps (8/255), seed (0), coarse (1), gray_noise (off), values (uniform).
 
     Example:
         method = RandomNoise(RandomConfig(eps=8 / 255, seed=0))
@@ -52,7 +54,7 @@ class RandomNoise(ProtectionMethod):
             channels, height, width = item.image.shape
             grid = (1 if self.config.gray_noise else channels,
                     *grid_size(item.image, coarse))
-            noise = upsample_noise(torch.rand(grid, generator=generator) * (2 * eps) - eps,
+            noise = upsample_noise(random_cells(grid, eps, self.config.values, generator),
                                    (height, width)).expand(channels, height, width)
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected
