@@ -33,7 +33,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         "on Fashion-MNIST VQA a LoRA-fine-tuned smolvlm-lite answered 22.2% right after "
         "training on it, against 76.7% on clean data and 78.5% on uniform noise of the same "
         "budget (3 seeds; benchmarks/results/lab-bench.md); on 73-answer emoji categories, "
-        "7.0% against 38.0% clean and 27.0% uniform (test split, one seed)",
+        "5.5% against 35.3% clean and 28.2% uniform (test split, 3 seeds)",
         "measured with the attacker's own vision tower as the surrogate (white box); against "
         "an attacker on another tower family (DINOv2) it cost 7 points, and an attacker who "
         "JPEG-compresses the images undid it; optimising through JPEG (--robust jpeg) kept "
