@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from mmguard.protect.pgd import grid_size, upsample_noise
+
 
 @dataclass
 class ProtectionItem:
@@ -67,12 +69,17 @@ def noise_values_option(default: str = "uniform") -> Any:
                   choices=("uniform", "sign"))
 
 
-def random_cells(shape: tuple[int, ...], eps: float, values: str,
+def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, values: str,
                  generator: torch.Generator) -> torch.Tensor:
-    """Random noise cells of `shape` in [-eps, eps], drawn as `noise_values_option` says."""
+    """Random noise for `image` in [-eps, eps]: cells drawn as `noise_values_option` says,
+    on a grid `coarse` times coarser (bilinearly upsampled), in one channel if `gray`."""
+    channels, height, width = image.shape
+    shape = (1 if gray else channels, *grid_size(image, coarse))
     if values == "sign":
-        return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
-    return torch.rand(shape, generator=generator) * (2 * eps) - eps
+        cells = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
+    else:
+        cells = torch.rand(shape, generator=generator) * (2 * eps) - eps
+    return upsample_noise(cells, (height, width)).expand(channels, height, width)
 
 
 def gray_noise_option() -> Any:

@@ -47,10 +47,10 @@ from mmguard.protect.base import (
     gray_noise_option,
     noise_values_option,
     option,
-    random_cells,
+    random_noise,
 )
 from mmguard.protect.grouping import answer_of, dataset_features, kmeans_groups
-from mmguard.protect.pgd import grid_size, upsample_noise
+from mmguard.protect.pgd import grid_size
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.surrogates import create_surrogate
 
@@ -91,12 +91,13 @@ class ClassPattern(ProtectionMethod):
 
     def pattern(self, group: str, image: torch.Tensor) -> torch.Tensor:
         """The group's pattern for an image of this size, in [-eps, eps]."""
-        eps = self.config.eps
-        channels, height, width = image.shape
-        grid = (1 if self.config.gray_noise else channels, *grid_size(image, self.config.coarse))
-        generator = item_generator(self.config.seed, f"{group} {grid}")
-        return upsample_noise(random_cells(grid, eps, self.config.values, generator),
-                              (height, width)).expand(channels, height, width)
+        # Seeded by the group and the noise grid, as before: one group's images of one
+        # size share the pattern.
+        grid = (1 if self.config.gray_noise else image.shape[0],
+                *grid_size(image, self.config.coarse))
+        return random_noise(image, self.config.eps, self.config.coarse, self.config.gray_noise,
+                            self.config.values, item_generator(self.config.seed,
+                                                               f"{group} {grid}"))
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         return [ProtectedItem(project_to_ball(item.image + self.pattern(self.group_of(item),

@@ -13,9 +13,8 @@ from mmguard.protect.base import (
     coarse_option,
     gray_noise_option,
     noise_values_option,
-    random_cells,
+    random_noise,
 )
-from mmguard.protect.pgd import grid_size, upsample_noise
 from mmguard.protect.seeding import item_generator
 
 
@@ -50,11 +49,7 @@ class RandomNoise(ProtectionMethod):
         eps, coarse = self.config.eps, self.config.coarse
         protected = []
         for item in batch:
-            generator = item_generator(self.config.seed, item.key)
-            channels, height, width = item.image.shape
-            grid = (1 if self.config.gray_noise else channels,
-                    *grid_size(item.image, coarse))
-            noise = upsample_noise(random_cells(grid, eps, self.config.values, generator),
-                                   (height, width)).expand(channels, height, width)
+            noise = random_noise(item.image, eps, coarse, self.config.gray_noise,
+                                 self.config.values, item_generator(self.config.seed, item.key))
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected
