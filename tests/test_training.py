@@ -67,3 +67,35 @@ def test_trainer_state_round_trips():
     other.load_state_dict(trainer.state_dict())
     assert other.learning_rate == trainer.learning_rate
     assert other.optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_frozen_parts_train_in_inference_mode():
+    """A frozen tower keeps its BatchNorm statistics and drops no units; the trained
+    head (and the parameter-free dropout beside it) trains in training mode."""
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    head_dropout = nn.Dropout(0.5)
+    model = nn.Sequential(tower, head_dropout, nn.Linear(4, 1))
+    tower.requires_grad_(False)
+    stats = tower[1].running_mean.clone()
+    inputs, targets = torch.randn(8, 3) * 5 + 3, torch.randn(8, 1)
+    modes = []
+
+    def batch_loss(batch):
+        modes.append((tower.training, tower[2].training, head_dropout.training,
+                      model[2].training))
+        return ((model(inputs[batch]) - targets[batch]) ** 2).mean()
+
+    trainer = Trainer(model[2].parameters(), lr=0.1)
+    train_epochs(trainer, model, batch_loss, items=8, batch_size=4, epochs=2,
+                 shuffle=random.Random(0))
+    assert set(modes) == {(False, False, True, True)}
+    assert torch.equal(tower[1].running_mean, stats)
+    # Everything trained: the loop leaves every module in training mode, as before.
+    everything = Trainer(model.parameters(), lr=0.1)
+    tower.requires_grad_(True)
+    modes.clear()
+    train_epochs(everything, model, batch_loss, items=8, batch_size=4, epochs=1,
+                 shuffle=random.Random(0))
+    assert set(modes) == {(True, True, True, True)}
+    assert not torch.equal(tower[1].running_mean, stats)

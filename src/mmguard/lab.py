@@ -297,6 +297,14 @@ def uniform_options(setting: LabSetting) -> dict[str, Any]:
             **({"gray_noise": True} if gray else {})}
 
 
+def _attacker_revision(spec: str) -> list[str]:
+    """A cache-key marker for attackers whose training changed since runs were cached:
+    runs of the old attacker are not reused (they stay in the file, under the old key)."""
+    _, recipe, _ = parse_attacker(spec)
+    # 2026-12-03: frozen towers run in inference mode (models/training.freeze_untrained).
+    return ["frozen towers in inference mode"] if recipe == "projection" else []
+
+
 class ControlCache:
     """Attacker runs stored by setting key. As the lab's shared cache it holds the runs on
     the clean and uniform sets, which do not depend on the method: rows of one setting
@@ -322,7 +330,8 @@ class ControlCache:
                            set_name, spec, seed, every_epoch]
                           + (["per caption row"] if per_caption else [])
                           + ([f"{k} {v}" for k, v in sorted(kind_of_noise.items())])
-                          + ([f"augment {setting.augment}"] if setting.augment else []))
+                          + ([f"augment {setting.augment}"] if setting.augment else [])
+                          + _attacker_revision(spec))
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.runs.get(key)
