@@ -6,9 +6,10 @@ Two pieces, usable apart:
   cosine-decay schedule and gradient-norm clipping; `trainer.step(loss)` is
   one optimisation step on one batch's loss.
 - `train_epochs`: the epoch loop around it: each epoch puts the model in
-  training mode (its frozen parts in inference mode), runs an optional hook (e.g. re-augment the images), orders
-  the items from a seeded source, asks `batch_loss(indices)` for each batch's
-  loss and steps on it, and logs step and epoch losses.
+  training mode (its frozen parts in inference mode), runs an optional hook
+  (e.g. re-augment the images), orders the items from a seeded source, asks
+  `batch_loss(indices)` for each batch's loss and steps on it, and logs step
+  and epoch losses.
 
 Example:
     trainer = Trainer(parameters, lr=5e-4, weight_decay=0.2,
