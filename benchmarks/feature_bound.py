@@ -4,7 +4,8 @@ The `lit:projection` attacker trains only linear heads on a frozen image tower,
 so everything it can learn from a release is in the tower's features of the
 released images. This screen trains those heads (the lab's recipe: 10 epochs,
 AdamW lr 1e-3, weight decay 0.2, batch 64, warmup-cosine) on cached features
-and scores them on the clean test split, for training features that are
+and scores them on the clean test split (or, to screen, on the lab's clean
+validation slice: `--validation-of N`), for training features that are
 
 - clean / release: the clean images' features, and a real release's;
 - toward target a: each image's features moved a share a of the way to its
@@ -35,8 +36,10 @@ import torch.nn.functional as F
 
 from mmguard.attack.contrastive import load_pairs
 from mmguard.data.builtin import load_builtin
+from mmguard.data.release import output_image_paths
 from mmguard.data.sources import read_dataset
 from mmguard.evaluate.retrieval import retrieval_metrics
+from mmguard.lab import hold_out
 from mmguard.models.contrastive import info_nce
 from mmguard.models.registry import create_contrastive_model
 from mmguard.models.training import Trainer
@@ -67,21 +70,37 @@ def _text_features(model, captions: list[str]) -> torch.Tensor:
 
 
 def cached_features(releases: dict[str, Path], dataset: str, model_name: str,
-                    cache: Path) -> dict:
+                    cache: Path, validation_of: int | None) -> dict:
+    """Features of the clean training images, of each release, and of the scoring set:
+    the test split, or (validation_of=N) the lab's clean held-out 20% of the first N
+    training images, whose other 80% the release must hold."""
     if cache.exists():
         return torch.load(cache)
     model = create_contrastive_model(model_name, None, "cpu").eval()
-    clean = load_pairs(load_builtin(dataset, "train", "pairs"))
+    trained = load_builtin(dataset, "train", "pairs")
+    if validation_of is None:
+        test = load_pairs(load_builtin(dataset, "test", "pairs"))
+    else:
+        trained, held = hold_out(trained, validation_of, 0.2)
+        test = load_pairs(held)
+    clean = load_pairs(trained)
     loaded = {name: load_pairs(read_dataset(path / "manifest.csv"))
               for name, path in releases.items()}
     released = loaded["release"]
-    test = load_pairs(load_builtin(dataset, "test", "pairs"))
-    n = len(released.images)
+    # The clean images in the release's order (a lab release holds its training part).
+    paths = output_image_paths(trained)
+    index = {paths[key]: i for i, key in enumerate(clean.keys)}
+    missing = [key for key in released.keys if key not in index]
+    if missing:
+        raise SystemExit(f"{missing[0]} of the release is not a training image here"
+                         + (" (use --validation-of N for a screening release)"
+                            if validation_of is None else ""))
+    order = [index[key] for key in released.keys]
     features = {
-        "clean": _image_features(model, clean.images[:n]),
+        "clean": _image_features(model, [clean.images[i] for i in order]),
         **{name: _image_features(model, data.images) for name, data in loaded.items()},
         "test_images": _image_features(model, test.images),
-        "train_text": _text_features(model, [c[0] for c in clean.captions[:n]]),
+        "train_text": _text_features(model, [clean.captions[i][0] for i in order]),
         "test_text": _text_features(model, [c[0] for c in test.captions]),
         "keys": [Path(k).name for k in released.keys],
     }
@@ -155,17 +174,21 @@ def main() -> None:
                         help="another release of the same images (e.g. uniform=runs/.../uniform)")
     parser.add_argument("--dataset", default="emoji-scenes")
     parser.add_argument("--model", default="lit")
+    parser.add_argument("--validation-of", type=int, default=None, metavar="N",
+                        help="score on the lab's held-out 20%% of the first N training images "
+                             "(screening; the default scores on the test split)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     releases = {"release": args.release,
                 **{c.split("=", 1)[0]: Path(c.split("=", 1)[1]) for c in args.control}}
     features = cached_features(releases, args.dataset, args.model,
-                               args.out.with_suffix(".features.pt"))
+                               args.out.with_suffix(".features.pt"), args.validation_of)
     seeds = [int(s) for s in args.seeds.split(",")]
     n_test = len(features["test_text"])
     results = {"n_train": len(features["clean"]), "n_test": n_test, "rows": {}}
-    print(f"{len(features['clean'])} training images, {n_test} test images "
+    where = "test" if args.validation_of is None else "validation"
+    print(f"{len(features['clean'])} training images, {n_test} {where} images "
           f"(random MedR about {n_test // 2})")
     for name, train in variants(features, args.release, list(releases)).items():
         runs = [score(train_heads(train, features["train_text"], seed), features)
