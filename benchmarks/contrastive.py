@@ -151,6 +151,9 @@ def stage_transfer(results: dict, seeds: list[int]) -> None:
     evaluate_row(results, "transfer/vit-tiny mem-3", protected, seeds, model="vit-tiny")
     evaluate_row(results, "transfer/vit-tiny mem-3 triggers only", triggers, seeds,
                  model="vit-tiny")
+    # The LiT rows measured before 2026-12-03, with the frozen tower in training mode
+    # (BatchNorm statistics re-estimated on the training data; docs/findings.md §11),
+    # are kept in the results as "transfer/lit-train-mode-bn ..."; these rerun.
     lit = dict(model="lit", recipe="projection", epochs=10, lr=1e-3)
     evaluate_row(results, "transfer/lit clean", clean_train, seeds[:1], **lit)
     evaluate_row(results, "transfer/lit mem-3", protected, seeds[:1], **lit)
