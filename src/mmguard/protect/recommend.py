@@ -40,9 +40,14 @@ RECOMMENDED: dict[str, Recommendation] = {
         "6 of the 58 points (one seed each; docs/findings-lvlm.md)"),
     "pairs": Recommendation(
         "wrong-target",
-        "it is trigger-free, so rare-word stripping cannot undo it",
-        "on image-caption pairs no method has yet hurt a pretrained attacker more than "
-        "uniform noise of the same budget (docs/findings.md); treat this as weak protection"),
+        "against the pretrained LiT trained as a linear probe on the protected data, the "
+        "right caption's median rank was 103 of 391 on emoji (8 clean, 15 with uniform noise "
+        "of the same budget) and 139 of 400 on 512-px scenes (48 clean, 51 uniform); test "
+        "splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, lab-emoji-scenes.md); it is "
+        "trigger-free, so rare-word stripping cannot undo it",
+        "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
+        "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
+        "the move (docs/findings.md §10, §11)"),
 }
 
 
