@@ -1,4 +1,4 @@
-"""benchmarks/feature_bound.py: linear heads on cached features, the frozen-tower attacker's bound."""
+"""benchmarks/feature_bound.py: linear heads on cached features bound the frozen-tower attacker."""
 
 from __future__ import annotations
 
