@@ -59,14 +59,9 @@ def _image_features(model, images) -> torch.Tensor:
 
 def _text_features(model, captions: list[str]) -> torch.Tensor:
     """The frozen text tower's pooled features (what the text head sees)."""
-    out = []
     with torch.no_grad():
-        for start in range(0, len(captions), BATCH):
-            ids = model.tokenize(captions[start:start + BATCH])
-            mask = (ids != model.tokenizer.pad_token_id).long()
-            hidden = model.text_tower(input_ids=ids, attention_mask=mask).last_hidden_state
-            out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out)
+        return torch.cat([model.text_tower_features(model.tokenize(captions[start:start + BATCH]))
+                          for start in range(0, len(captions), BATCH)])
 
 
 def cached_features(releases: dict[str, Path], dataset: str, model_name: str,

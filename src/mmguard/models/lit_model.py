@@ -110,6 +110,12 @@ class LitModel(HuggingFaceTokens, ContrastiveModel):
 
     def encode_text(self, ids: torch.Tensor,
                     replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.text_head(self.text_tower_features(ids, replace_embeddings)),
+                           dim=-1)
+
+    def text_tower_features(self, ids: torch.Tensor,
+                            replace_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, hidden) the pretrained text tower's mean-pooled features, before the head."""
         mask = (ids != self.tokenizer.pad_token_id).long()
         if replace_embeddings is None:
             output = self.text_tower(input_ids=ids, attention_mask=mask)
@@ -117,8 +123,7 @@ class LitModel(HuggingFaceTokens, ContrastiveModel):
             # BERT adds position and segment embeddings to inputs_embeds itself.
             output = self.text_tower(inputs_embeds=replace_embeddings, attention_mask=mask)
         hidden = output.last_hidden_state
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return F.normalize(self.text_head(pooled), dim=-1)
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
     @property
     def token_embeddings(self) -> nn.Embedding:
