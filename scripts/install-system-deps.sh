@@ -17,5 +17,22 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 echo "installing Debian packages: ${missing[*]}"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# Another apt run (an unattended upgrade, a second install) may hold apt's locks;
+# `apt-get update` does not wait for them, so retry for up to ten minutes while the
+# error is a lock and fail at once on any other error.
+retry_while_locked() {
+  local attempt errors
+  for attempt in $(seq 60); do
+    errors=$(mktemp)
+    if "$@" 2> >(tee "$errors" >&2); then rm -f "$errors"; return 0; fi
+    sleep 0.2  # let tee finish writing
+    if ! grep -q "Could not get lock" "$errors"; then rm -f "$errors"; return 1; fi
+    rm -f "$errors"
+    echo "apt is busy; retrying in 10 s ($attempt/60)" >&2
+    sleep 10
+  done
+  return 1
+}
+retry_while_locked $sudo apt-get update -qq
+retry_while_locked $sudo env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
