@@ -14,7 +14,7 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.contrastive import info_nce
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
-from mmguard.protect.pgd import pgd
+from mmguard.protect.pgd import pgd, step_sizes
 from mmguard.protect.surrogates import TextItem
 from mmguard.protect.surrogates.contrastive import ContrastiveSurrogate
 
@@ -88,6 +88,31 @@ def test_pgd_descent_reaches_a_target_inside_the_ball():
     check_in_budget(originals, deltas, EPS)
     for x, d, t in zip(originals, deltas, targets, strict=True):
         assert float((x + d - t).abs().max()) <= 0.25 / 255 + 1e-6
+
+
+def test_cosine_schedule_settles_where_a_constant_step_keeps_oscillating():
+    sizes = step_sizes(2 / 255, 30, "cosine")
+    assert sizes[0] == pytest.approx(2 / 255) and sizes[-1] == pytest.approx(0.1 / 255)
+    assert all(a > b for a, b in itertools.pairwise(sizes))
+    assert step_sizes(2 / 255, 30) == [2 / 255] * 30
+    with pytest.raises(ValueError, match="linear"):
+        step_sizes(2 / 255, 30, "linear")
+    originals = images_with_extremes(8)
+    generator = torch.Generator().manual_seed(9)
+    targets = [(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS * 0.9).clamp(0, 1)
+               for x in originals]
+    loss_fn = squared_error(targets)
+    errors = {}
+    for schedule in ("constant", "cosine"):
+        deltas = pgd(originals, [torch.zeros_like(x) for x in originals], loss_fn, eps=EPS,
+                     step_size=2 / 255, steps=30, schedule=schedule)
+        check_in_budget(originals, deltas, EPS)
+        errors[schedule] = max(float((x + d - t).abs().max())
+                               for x, d, t in zip(originals, deltas, targets, strict=True))
+    # A constant 2-level step ends up to a whole step away from the target; the
+    # decaying one within its last, smallest steps.
+    assert errors["constant"] > 1 / 255
+    assert errors["cosine"] < 0.3 / 255
 
 
 def test_pgd_projects_an_out_of_budget_start():

@@ -42,7 +42,7 @@ from mmguard.protect.base import (
     option,
 )
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
-from mmguard.protect.pgd import pgd
+from mmguard.protect.pgd import SCHEDULES, pgd
 from mmguard.protect.robust import expectation_over, parse_robust
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.state import PerturbationStore
@@ -68,7 +68,12 @@ class SurrogateConfig(MethodConfig):
     batch_size: int = option(16, "Images per optimisation batch.", min=2)
     surrogate_lr: float = option(1e-4, "Surrogate learning rate.")
     pgd_steps: int = option(8, "PGD steps per batch and round.", min=1)
-    step_size: float = option(1 / 255, "PGD step size.", type="eps")
+    step_size: float = option(1 / 255, "PGD step size (the first step's under a decaying "
+                              "schedule).", type="eps")
+    step_schedule: str = option("constant", "PGD step sizes: constant, or cosine (falling "
+                                "from step_size to a twentieth of it, so the noise settles "
+                                "instead of oscillating by a whole step).",
+                                choices=SCHEDULES)
     robust: str = option("", "Optimise the noise to survive these attacker transformations "
                          "(expectation over them in every PGD step): any of jpeg, grayscale, "
                          "resize, crop, blur, comma-separated.", type=str)
@@ -356,7 +361,8 @@ class BilevelMethod(ProtectionMethod):
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None,
-                             coarse=config.coarse, gray=config.gray_noise)
+                             coarse=config.coarse, gray=config.gray_noise,
+                             schedule=config.step_schedule)
                 for key, noise in zip(noise_keys, noises, strict=True):
                     self.store.save_delta(key, noise)
                 deltas = _member_deltas(items, originals, noises, shared_by)

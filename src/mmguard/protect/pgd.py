@@ -16,6 +16,11 @@ docs/findings-lvlm.md.)
 With `gray=True` one noise channel is added to R, G and B alike: luma-only noise,
 which grayscale conversion keeps whole and JPEG codes with its fine luma tables
 rather than its coarse, subsampled chroma ones.
+
+With `schedule="cosine"` the step size falls from `step_size` to a twentieth of
+it along a half cosine (as in APGD, Croce & Hein 2020): a fixed signed step
+keeps every pixel oscillating by a whole step around its optimum, while a
+decaying one settles it there.
 """
 
 from __future__ import annotations
@@ -47,18 +52,33 @@ def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def step_sizes(step_size: float, steps: int, schedule: str = "constant") -> list[float]:
+    """The size of each of `steps` signed steps under `schedule` (see the module note)."""
+    if schedule == "constant":
+        return [step_size] * steps
+    if schedule != "cosine":
+        raise ValueError(f"unknown step schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    final = step_size / 20
+    return [final + (step_size - final) * 0.5 * (1 + math.cos(math.pi * i / max(1, steps - 1)))
+            for i in range(steps)]
+
+
 def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
         step_size: float, steps: int, maximize: bool = False,
         shared_by: Sequence[int] | None = None, coarse: int = 1,
-        gray: bool = False) -> list[torch.Tensor]:
+        gray: bool = False, schedule: str = "constant") -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
     Arguments:
         originals: clean images, each (3, H, W) in [0, 1].
         deltas: current perturbations, same shapes (zeros for a fresh start).
         loss_fn: perturbed images -> scalar loss.
-        eps: L-infinity budget; step_size: per-step change (e.g. 1/255).
+        eps: L-infinity budget; step_size: per-step change (e.g. 1/255), the first
+            step's under a decaying `schedule` (constant or cosine).
         maximize: ascend (error-maximising, UAP) instead of descend (EM, MEM).
         shared_by: shared noise. Image i then uses deltas[shared_by[i]] (images sharing
             one must have its shape); its gradient sums over them. As no single
@@ -71,16 +91,16 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             its channel mean.
     """
     if coarse > 1 or gray:
-        return _grid_pgd(originals, deltas, loss_fn, eps=eps, step_size=step_size,
-                         steps=steps, maximize=maximize, shared_by=shared_by, coarse=coarse,
-                         gray=gray)
+        return _grid_pgd(originals, deltas, loss_fn, eps=eps,
+                         sizes=step_sizes(step_size, steps, schedule), maximize=maximize,
+                         shared_by=shared_by, coarse=coarse, gray=gray)
     sign = 1.0 if maximize else -1.0
     if shared_by is None:
         current = [project_delta(x, d.detach(), eps)
                    for x, d in zip(originals, deltas, strict=True)]
     else:
         current = [d.detach().clamp(-eps, eps) for d in deltas]
-    for _ in range(steps):
+    for size in step_sizes(step_size, steps, schedule):
         variables = [d.clone().requires_grad_(True) for d in current]
         if shared_by is None:
             images = [x + d for x, d in zip(originals, variables, strict=True)]
@@ -89,17 +109,17 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
                       for x, j in zip(originals, shared_by, strict=True)]
         grads = torch.autograd.grad(loss_fn(images), variables)
         if shared_by is None:
-            current = [project_delta(x, d.detach() + sign * step_size * g.sign(), eps)
+            current = [project_delta(x, d.detach() + sign * size * g.sign(), eps)
                        for x, d, g in zip(originals, current, grads, strict=True)]
         else:
-            current = [(d + sign * step_size * g.sign()).clamp(-eps, eps)
+            current = [(d + sign * size * g.sign()).clamp(-eps, eps)
                        for d, g in zip(current, grads, strict=True)]
     return current
 
 
 def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
               loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
-              step_size: float, steps: int, maximize: bool,
+              sizes: list[float], maximize: bool,
               shared_by: Sequence[int] | None, coarse: int, gray: bool) -> list[torch.Tensor]:
     sign = 1.0 if maximize else -1.0
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
@@ -111,7 +131,7 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
     def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return upsample_noise(grid, shape[-2:]).expand(shape)
 
-    for _ in range(steps):
+    for size in sizes:
         variables = [g.clone().requires_grad_(True) for g in grids]
         noise = [full_size(v, shape) for v, shape in zip(variables, shapes, strict=True)]
         # [0, 1] is kept by clamping in the forward pass, as for shared noise: the
@@ -119,7 +139,7 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         images = [(x + noise[j]).clamp(0.0, 1.0)
                   for x, j in zip(originals, owner, strict=True)]
         grads = torch.autograd.grad(loss_fn(images), variables)
-        grids = [(g + sign * step_size * d.sign()).clamp(-eps, eps)
+        grids = [(g + sign * size * d.sign()).clamp(-eps, eps)
                  for g, d in zip(grids, grads, strict=True)]
     full = [full_size(g, shape).contiguous() for g, shape in zip(grids, shapes, strict=True)]
     if shared_by is not None:
