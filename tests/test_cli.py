@@ -42,8 +42,19 @@ def test_protect_without_a_method_uses_the_recommended_one_and_says_why(tmp_path
     result = mmguard("protect", "--dataset", "digits", "--limit", "6", "--surrogate", "rn-test",
                      "--groups", "2", "--pgd-steps", "2", "--out", str(out), "--quiet")
     assert "using wrong-target" in result.stderr and "Caveat" in result.stderr  # pairs: weak
+    # ... in the measured setting, named; what the user gives wins.
+    assert "--step-schedule cosine, --step-size 2/255" in result.stderr
     record = json.loads((out / "mmguard-run.json").read_text())
     assert record["config"]["method"] == "wrong-target"
+    assert record["config"]["step_schedule"] == "cosine"
+    assert record["config"]["step_size"] == pytest.approx(2 / 255)
+    mine = mmguard("protect", "--dataset", "digits", "--limit", "4", "--surrogate", "rn-test",
+                   "--groups", "2", "--pgd-steps", "1", "--step-schedule", "constant",
+                   "--out", str(tmp_path / "mine"), "--quiet")
+    assert "--step-size 2/255" in mine.stderr
+    config = json.loads((tmp_path / "mine" / "mmguard-run.json").read_text())["config"]
+    assert config["step_schedule"] == "constant"
+    assert config["step_size"] == pytest.approx(2 / 255)
 
 
 def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):

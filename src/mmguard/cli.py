@@ -183,14 +183,16 @@ def protect(data, dataset_name, split, kind, method, strength, eps, out, limit, 
     if dataset_name and kind == "auto":
         kind = METHODS[method].kinds[0] if method else "pairs"
     dataset = load_input(data, dataset_name, split, kind)
+    given = {option: tuple(value) if isinstance(value, tuple | list) else value
+             for option, value in method_options.items() if value not in (None, ())}
     if method is None:
         chosen = recommended_method(dataset.kind)
         method = chosen.method
-        click.echo(f"no --method given: using {method}, the best measured method for "
-                   f"{dataset.kind}: {chosen.evidence}"
+        setting = f" ({chosen.describe_options()})" if chosen.options else ""
+        click.echo(f"no --method given: using {method}{setting}, the best measured method "
+                   f"for {dataset.kind}: {chosen.evidence}"
                    + (f". Caveat: {chosen.caveat}" if chosen.caveat else ""), err=True)
-    given = {option: tuple(value) if isinstance(value, tuple | list) else value
-             for option, value in method_options.items() if value not in (None, ())}
+        given = {**chosen.options, **given}
     eps, given = apply_strength(method, strength, eps, given)
     protection = create_method(method, dataset.kind, eps=eps, seed=seed, **given)
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))

@@ -40,7 +40,8 @@ from mmguard.protect.run import protect_dataset
 
 EPS = 8 / 255
 DEFAULT_IMAGES = 600
-METHOD = recommended_method("pairs").method
+RECOMMENDED = recommended_method("pairs")
+METHOD = RECOMMENDED.method
 ATTACKERS = {
     "pretrained LiT, linear probe (towers frozen, heads trained 10 epochs)":
         AttackerRecipe(model="lit", recipe="projection", epochs=10, lr=1e-3, batch_size=64),
@@ -54,8 +55,9 @@ def run_demo(out: Path, limit: int | None = None) -> None:
         raise MMGuardError(f"{out} is not empty; remove it or pass --out NEW_FOLDER")
     limit = limit or DEFAULT_IMAGES
     started = time.monotonic()
+    setting = ", ".join(filter(None, ["eps 8/255", RECOMMENDED.describe_options()]))
     click.echo(f"mmguard demo: protect {limit} real emoji image-caption pairs with {METHOD} "
-               "(eps 8/255, the recommended method) and test whether models trained on them "
+               f"({setting}; the recommended method) and test whether models trained on them "
                "still work on clean data, against every control. Several minutes on 2 CPU "
                "cores.")
     originals = out / "emoji-train"
@@ -64,7 +66,8 @@ def run_demo(out: Path, limit: int | None = None) -> None:
 
     dataset = read_dataset(manifest)
     protected_dir, uniform_dir = out / "protected", out / "uniform"
-    for folder, method in ((protected_dir, create_method(METHOD, "pairs", eps=EPS, seed=0)),
+    for folder, method in ((protected_dir, create_method(METHOD, "pairs", eps=EPS, seed=0,
+                                                         **RECOMMENDED.options)),
                            (uniform_dir, create_method("random", "pairs", eps=EPS, seed=0))):
         summary = protect_dataset(dataset, method, folder, command=["mmguard", "demo"],
                                   input_fingerprint=fingerprint(dataset),

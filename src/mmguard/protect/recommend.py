@@ -13,7 +13,7 @@ more steps to be used). An explicit `--eps` or `--pgd-steps` wins over the prese
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmguard.errors import MMGuardError
@@ -25,6 +25,21 @@ class Recommendation:
     method: str
     evidence: str  # one line for the user: what was measured
     caveat: str = ""  # what the evidence does not cover
+    # The method options of the measured setting, where they differ from its
+    # defaults; options the user gives win.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def describe_options(self) -> str:
+        return ", ".join(f"--{name.replace('_', '-')} {_shown(value)}"
+                         for name, value in self.options.items())
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):  # budgets and step sizes read best in 8-bit levels
+        levels = value * 255
+        if abs(levels - round(levels)) < 1e-6:
+            return f"{round(levels)}/255"
+    return str(value)
 
 
 RECOMMENDED: dict[str, Recommendation] = {
@@ -41,13 +56,15 @@ RECOMMENDED: dict[str, Recommendation] = {
     "pairs": Recommendation(
         "wrong-target",
         "against the pretrained LiT trained as a linear probe on the protected data, the "
-        "right caption's median rank was 103 of 391 on emoji (8 clean, 15 with uniform noise "
-        "of the same budget) and 139 of 400 on 512-px scenes (48 clean, 51 uniform); test "
-        "splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, lab-emoji-scenes.md); it is "
-        "trigger-free, so rare-word stripping cannot undo it",
+        "right caption's median rank was 119 of 391 on emoji (8 clean, 15 with uniform noise "
+        "of the same budget) and 139 of 400 on 512-px scenes (48 clean, 51 uniform; "
+        "constant steps); test splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, "
+        "lab-emoji-scenes.md); it is trigger-free, so rare-word stripping cannot undo it",
         "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
         "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
-        "the move (docs/findings.md §10, §11)"),
+        "the move (docs/findings.md §10, §11)",
+        # Decaying steps settle the noise closer to the target features (§12).
+        options={"step_schedule": "cosine", "step_size": 2 / 255}),
 }
 
 
