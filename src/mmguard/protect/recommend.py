@@ -57,8 +57,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         "wrong-target",
         "against the pretrained LiT trained as a linear probe on the protected data, the "
         "right caption's median rank was 119 of 391 on emoji (8 clean, 15 with uniform noise "
-        "of the same budget) and 139 of 400 on 512-px scenes (48 clean, 51 uniform; "
-        "constant steps); test splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, "
+        "of the same budget) and 154 of 400 on 512-px scenes (48 clean, 51 uniform); "
+        "test splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, "
         "lab-emoji-scenes.md); it is trigger-free, so rare-word stripping cannot undo it",
         "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
         "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
