@@ -3,7 +3,9 @@
 A data owner who does not know the methods should get the one that protected best
 in our measurements, told which it is and on what evidence, not the first name in a
 list. Each recommendation cites the benchmark row it rests on; change it only with a
-new row (`mmguard lab ... --on test` over 3 seeds with every control).
+new row (`mmguard lab ... --on test` over 3 seeds with every control). A
+recommendation also carries the method options of the measured setting, which
+`mmguard protect` and the demo apply unless the user gives them.
 
 Strength presets trade visibility for effect, as Fawkes' low/mid/high do: each sets
 the L-infinity budget and scales the method's default PGD steps (more budget needs
@@ -63,7 +65,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
         "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
         "the move (docs/findings.md §10, §11)",
-        # Decaying steps settle the noise closer to the target features (§12).
+        # Decaying steps settle the noise closer to the target features
+        # (docs/findings.md §12).
         options={"step_schedule": "cosine", "step_size": 2 / 255}),
 }
 
