@@ -198,6 +198,12 @@ def test_lab_options_and_attackers_are_parsed_and_checked():
         "pgd_steps": 40, "surrogates": ("lit",), "step_size": 2 / 255, "natural_triggers": True}
     with pytest.raises(MMGuardError, match="option of mem"):
         parse_options("mem", ["binding=bph"])
+    # Values are checked as the command line checks them, before any work starts.
+    assert parse_options("wrong-target", ["step_schedule=cosine"]) == {"step_schedule": "cosine"}
+    with pytest.raises(MMGuardError, match="step_schedule is one of constant, cosine"):
+        parse_options("wrong-target", ["step_schedule=linear"])
+    with pytest.raises(MMGuardError, match=r"pgd_steps must lie in \[1, \]"):
+        parse_options("wrong-target", ["pgd_steps=0"])
     assert parse_attacker("lit:projection:epochs=5,lr=1e-3") == ("lit", "projection",
                                                                  {"epochs": 5, "lr": 1e-3})
     with pytest.raises(MMGuardError, match="MODEL:RECIPE"):

@@ -89,4 +89,12 @@ def parse_options(name: str, assignments: tuple[str, ...] | list[str]) -> dict[s
                 raise MMGuardError(f"{assignment!r}: {key} takes a number") from None
         else:
             options[key] = text
+        choices = fields[key].metadata.get("choices")
+        if choices and options[key] not in choices:
+            raise MMGuardError(f"{assignment!r}: {key} is one of {', '.join(choices)}")
+        low, high = fields[key].metadata.get("min"), fields[key].metadata.get("max")
+        if kind in (int, float, "eps") and ((low is not None and options[key] < low)
+                                            or (high is not None and options[key] > high)):
+            raise MMGuardError(f"{assignment!r}: {key} must lie in "
+                               f"[{'' if low is None else low}, {'' if high is None else high}]")
     return options
