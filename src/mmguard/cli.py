@@ -13,7 +13,7 @@ import click
 from mmguard import __version__
 from mmguard.attack.contrastive import RECIPES
 from mmguard.attack.lvlm import LVLM_RECIPES
-from mmguard.data.budget import levels, parse_eps
+from mmguard.data.budget import as_levels, levels, parse_eps
 from mmguard.data.builtin import BUILTINS, SPLITS, load_builtin
 from mmguard.data.export import FORMATS, export_dataset
 from mmguard.data.records import KINDS, Dataset
@@ -86,8 +86,8 @@ def _show_default(value) -> str:
         return "unset"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, float) and 0 < value < 1 and abs(value * 255 - round(value * 255)) < 1e-9:
-        return f"{round(value * 255)}/255"
+    if isinstance(value, float) and as_levels(value):
+        return as_levels(value)
     if isinstance(value, tuple):
         return ",".join(value) or "unset"
     return str(value)

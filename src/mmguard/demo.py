@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from mmguard.attack.contrastive import AttackerRecipe, ImageCaptionSet, load_pairs
-from mmguard.data.budget import levels
+from mmguard.data.budget import as_levels, levels
 from mmguard.data.builtin import load_builtin
 from mmguard.data.export import export_dataset
 from mmguard.data.sources import fingerprint, read_dataset
@@ -55,7 +55,7 @@ def run_demo(out: Path, limit: int | None = None) -> None:
         raise MMGuardError(f"{out} is not empty; remove it or pass --out NEW_FOLDER")
     limit = limit or DEFAULT_IMAGES
     started = time.monotonic()
-    setting = ", ".join(filter(None, ["eps 8/255", RECOMMENDED.describe_options()]))
+    setting = ", ".join(filter(None, [f"eps {as_levels(EPS)}", RECOMMENDED.describe_options()]))
     click.echo(f"mmguard demo: protect {limit} real emoji image-caption pairs with {METHOD} "
                f"({setting}; the recommended method) and test whether models trained on them "
                "still work on clean data, against every control. Several minutes on 2 CPU "

@@ -43,6 +43,15 @@ def levels(eps: float) -> int:
     return math.floor(eps * 255.0 + 1e-6)
 
 
+def as_levels(value: float) -> str | None:
+    """"8/255" for a value in (0, 1) that is a whole number of 8-bit levels, else None:
+    budgets and step sizes read best that way."""
+    scaled = value * 255
+    if 0 < value < 1 and abs(scaled - round(scaled)) < 1e-6:
+        return f"{round(scaled)}/255"
+    return None
+
+
 def project_to_ball(perturbed: torch.Tensor, original: torch.Tensor, eps: float) -> torch.Tensor:
     """Project onto {x : |x - original|_inf <= eps} intersected with [0, 1].
 

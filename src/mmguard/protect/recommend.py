@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmguard.data.budget import as_levels
 from mmguard.errors import MMGuardError
 from mmguard.protect.registry import method_class
 
@@ -32,16 +33,9 @@ class Recommendation:
     options: dict[str, Any] = field(default_factory=dict)
 
     def describe_options(self) -> str:
-        return ", ".join(f"--{name.replace('_', '-')} {_shown(value)}"
+        return ", ".join(f"--{name.replace('_', '-')} "
+                         f"{(isinstance(value, float) and as_levels(value)) or value}"
                          for name, value in self.options.items())
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, float):  # budgets and step sizes read best in 8-bit levels
-        levels = value * 255
-        if abs(levels - round(levels)) < 1e-6:
-            return f"{round(levels)}/255"
-    return str(value)
 
 
 RECOMMENDED: dict[str, Recommendation] = {
