@@ -36,7 +36,7 @@ from mmguard.lab import (
     split_training,
     training_sets,
 )
-from mmguard.protect.registry import parse_options
+from mmguard.protect.registry import create_method, parse_options
 from tests.conftest import write_manifest
 
 TINY = dict(surrogates=("rn-test",), rounds=1, pgd_steps=2, batch_size=8, top_k=4)
@@ -200,10 +200,16 @@ def test_lab_options_and_attackers_are_parsed_and_checked():
         parse_options("mem", ["binding=bph"])
     # Values are checked as the command line checks them, before any work starts.
     assert parse_options("wrong-target", ["step_schedule=cosine"]) == {"step_schedule": "cosine"}
-    with pytest.raises(MMGuardError, match="step_schedule is one of constant, cosine"):
+    with pytest.raises(MMGuardError, match="step_schedule='linear' is not one of constant, cosine"):
         parse_options("wrong-target", ["step_schedule=linear"])
-    with pytest.raises(MMGuardError, match=r"pgd_steps must lie in \[1, \]"):
+    with pytest.raises(MMGuardError, match=r"pgd_steps=0 must lie in \[1, \]"):
         parse_options("wrong-target", ["pgd_steps=0"])
+    # ...and so does the Python API, which never passes through click.
+    with pytest.raises(MMGuardError, match=r"wrong-target: coarse=65 must lie in \[1, 64\]"):
+        create_method("wrong-target", "pairs", coarse=65)
+    with pytest.raises(MMGuardError, match="values='gauss' is not one of uniform, sign"):
+        create_method("random", "pairs", values="gauss")
+    assert create_method("wrong-target", "pairs", coarse=64).config.coarse == 64
     assert parse_attacker("lit:projection:epochs=5,lr=1e-3") == ("lit", "projection",
                                                                  {"epochs": 5, "lr": 1e-3})
     with pytest.raises(MMGuardError, match="MODEL:RECIPE"):

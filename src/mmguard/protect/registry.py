@@ -59,7 +59,9 @@ def create_method(name: str, kind: str | None = None, *, strict: bool = True,
     if unused and strict:
         raise MMGuardError(f"method {name!r} does not use "
                            + ", ".join("--" + option.replace("_", "-") for option in unused))
-    config = cls.Config(**{key: value for key, value in options.items() if key in fields})
+    options = {key: value for key, value in options.items() if key in fields}
+    check_options(name, options)
+    config = cls.Config(**options)
     if kind is not None and kind not in cls.kinds:
         raise MMGuardError(f"method {name!r} protects {' or '.join(cls.kinds)}, not {kind}")
     return cls(config, kind)
@@ -89,12 +91,21 @@ def parse_options(name: str, assignments: tuple[str, ...] | list[str]) -> dict[s
                 raise MMGuardError(f"{assignment!r}: {key} takes a number") from None
         else:
             options[key] = text
-        choices = fields[key].metadata.get("choices")
-        if choices and options[key] not in choices:
-            raise MMGuardError(f"{assignment!r}: {key} is one of {', '.join(choices)}")
-        low, high = fields[key].metadata.get("min"), fields[key].metadata.get("max")
-        if kind in (int, float, "eps") and ((low is not None and options[key] < low)
-                                            or (high is not None and options[key] > high)):
-            raise MMGuardError(f"{assignment!r}: {key} must lie in "
-                               f"[{'' if low is None else low}, {'' if high is None else high}]")
+    check_options(name, options)
     return options
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse values outside a Config field's declared `choices` or `min`/`max`, so the
+    Python API and `lab --set` keep the limits the command line enforces."""
+    fields = {f.name: f for f in dataclasses.fields(method_class(name).Config)}
+    for key, value in options.items():
+        metadata = fields[key].metadata
+        choices = metadata.get("choices")
+        if choices and value not in choices:
+            raise MMGuardError(f"{name}: {key}={value!r} is not one of {', '.join(choices)}")
+        low, high = metadata.get("min"), metadata.get("max")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                (low is not None and value < low) or (high is not None and value > high)):
+            raise MMGuardError(f"{name}: {key}={value!r} must lie in "
+                               f"[{'' if low is None else low}, {'' if high is None else high}]")
