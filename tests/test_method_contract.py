@@ -315,3 +315,44 @@ def test_sign_noise_is_the_per_image_control_of_class_pattern():
     uniform = create_method("random", "triples").protect_batch(items[:1])[0].image - image
     drawn = torch.rand((3, 28, 28), generator=item_generator(0, "a")) * (16 / 255) - 8 / 255
     assert torch.allclose(uniform, drawn, atol=1e-6)
+
+
+def test_word_code_spells_each_image_code_from_the_words_of_its_text():
+    image = torch.full((3, 32, 32), 0.5)
+    method = create_method("word-code", "pairs", seed=1)
+
+    def code(key: str, *texts: str) -> torch.Tensor:
+        return method.protect_batch([ProtectionItem(key, image, list(texts))])[0].image - image
+
+    red_apple, red_car, blue_sky = (code("a", "a red apple"), code("b", "red car"),
+                                    code("c", "Blue, sky."))
+    for noise in (red_apple, red_car, blue_sky):
+        assert torch.allclose(noise.abs(), torch.full_like(noise, 8 / 255), atol=1e-6)
+    # The code is a function of the words (case, punctuation and order aside)...
+    assert torch.equal(code("d", "sky blue"), blue_sky)
+    assert torch.equal(code("e", "A red apple", "apple red a"), red_apple)
+    # ...so captions that share words share part of their code, unrelated ones do not.
+    def agreement(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((torch.sign(x) == torch.sign(y)).float().mean())
+    assert agreement(red_car, code("f", "red")) > 0.65  # 2 words: red decides 3/4 of cells
+    assert abs(agreement(red_car, blue_sky) - 0.5) < 0.1
+    # A single word's code is its pattern, readable by a linear probe: its correlation
+    # with every image whose text holds the word is positive.
+    red = torch.sign(code("g", "red"))
+    assert float((torch.sign(red_apple) * red).mean()) > 0.2
+    assert float((torch.sign(blue_sky) * red).mean()) < 0.1
+    # Triples spell it from the responses; a text of symbols gets the image's own code.
+    answer = method.protect_batch([ProtectionItem("h", image, ["what is it?"], ["red"])])
+    assert torch.equal(answer[0].image - image, code("i", "red"))
+    symbols = code("j", "🙂 !!")
+    assert torch.allclose(symbols.abs(), torch.full_like(symbols, 8 / 255), atol=1e-6)
+    assert not torch.equal(symbols, code("k", "🙂 !!"))
+    # Another seed draws other patterns; a coarse grid keeps large images low-frequency.
+    other = create_method("word-code", "pairs", seed=2)
+    assert not torch.equal(other.protect_batch([ProtectionItem("a", image, ["red"])])[0].image
+                           - image, code("a", "red"))
+    coarse = create_method("word-code", "pairs", coarse=64, gray_noise=True)
+    big = torch.full((3, 512, 512), 0.5)
+    noise = coarse.protect_batch([ProtectionItem("a", big, ["red car"])])[0].image - big
+    assert torch.equal(noise[0], noise[2])
+    assert float(noise.diff(dim=-1).abs().max()) <= 2 * (8 / 255) / 64 + 1e-6

@@ -15,6 +15,7 @@ from mmguard.protect.methods.mem import MultiStepErrorMinimizing
 from mmguard.protect.methods.mmguard_binding import MMGuard
 from mmguard.protect.methods.random_noise import RandomNoise
 from mmguard.protect.methods.uap import ErrorMaximizing
+from mmguard.protect.methods.word_code import WordCode
 from mmguard.protect.methods.wrong_target import WrongTarget
 
 METHODS: dict[str, type[ProtectionMethod]] = {
@@ -26,6 +27,7 @@ METHODS: dict[str, type[ProtectionMethod]] = {
     WrongTarget.name: WrongTarget,
     ClusterErrorMinimizing.name: ClusterErrorMinimizing,
     ClassPattern.name: ClassPattern,
+    WordCode.name: WordCode,
 }
 
 
