@@ -63,6 +63,15 @@ def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
     assert apply_strength("wrong-target", "low", None, {}) == (4 / 255, {"pgd_steps": 20})
     assert apply_strength("wrong-target", "high", None, {"pgd_steps": 7}) == (
         16 / 255, {"pgd_steps": 7})
+    # A recommendation's measured steps are what the preset scales; the user's still win.
+    measured = {"pgd_steps": 100, "step_schedule": "cosine"}
+    assert apply_strength("wrong-target", "low", None, {}, base=measured) == (
+        4 / 255, {"pgd_steps": 50, "step_schedule": "cosine"})
+    assert apply_strength("wrong-target", None, None, {"step_schedule": "constant"},
+                          base=measured) == (8 / 255, {"pgd_steps": 100,
+                                                       "step_schedule": "constant"})
+    assert apply_strength("wrong-target", "high", None, {"pgd_steps": 3}, base=measured)[1] == {
+        "pgd_steps": 3, "step_schedule": "cosine"}
     assert apply_strength("random", "high", 2 / 255, {}) == (2 / 255, {})
     assert apply_strength("random", None, None, {}) == (8 / 255, {})
     high = mmguard("protect", "--dataset", "digits", "--method", "random", "--strength",

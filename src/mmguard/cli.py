@@ -185,15 +185,15 @@ def protect(data, dataset_name, split, kind, method, strength, eps, out, limit, 
     dataset = load_input(data, dataset_name, split, kind)
     given = {option: tuple(value) if isinstance(value, tuple | list) else value
              for option, value in method_options.items() if value not in (None, ())}
+    recommended: dict = {}
     if method is None:
         chosen = recommended_method(dataset.kind)
-        method = chosen.method
+        method, recommended = chosen.method, chosen.options
         setting = f" ({chosen.describe_options()})" if chosen.options else ""
         click.echo(f"no --method given: using {method}{setting}, the best measured method "
                    f"for {dataset.kind}: {chosen.evidence}"
                    + (f". Caveat: {chosen.caveat}" if chosen.caveat else ""), err=True)
-        given = {**chosen.options, **given}
-    eps, given = apply_strength(method, strength, eps, given)
+    eps, given = apply_strength(method, strength, eps, given, base=recommended)
     protection = create_method(method, dataset.kind, eps=eps, seed=seed, **given)
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))
     started = time.monotonic()

@@ -52,16 +52,17 @@ RECOMMENDED: dict[str, Recommendation] = {
     "pairs": Recommendation(
         "wrong-target",
         "against the pretrained LiT trained as a linear probe on the protected data, the "
-        "right caption's median rank was 119 of 391 on emoji (8 clean, 15 with uniform noise "
-        "of the same budget) and 154 of 400 on 512-px scenes (48 clean, 51 uniform); "
-        "test splits, 3 seeds (benchmarks/results/lab-emoji-pairs.md, "
-        "lab-emoji-scenes.md); it is trigger-free, so rare-word stripping cannot undo it",
+        "right caption's median rank was 153 of 391 on emoji (8 clean, 15 with uniform noise "
+        "of the same budget; R@10 3.6% against 52.9% clean, random 2.6%) and, with 40 steps, "
+        "154 of 400 on 512-px scenes (48 clean, 51 uniform); test splits, 3 seeds "
+        "(benchmarks/results/lab-emoji-pairs.md, lab-emoji-scenes.md); it is trigger-free, "
+        "so rare-word stripping cannot undo it",
         "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
         "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
         "the move (docs/findings.md §10, §11)",
-        # Decaying steps settle the noise closer to the target features
-        # (docs/findings.md §12).
-        options={"step_schedule": "cosine", "step_size": 2 / 255}),
+        # Decaying steps settle the noise closer to the target features, and 100 of
+        # them reach R@10 <= 2x random where 40 did not (docs/findings.md §12).
+        options={"pgd_steps": 100, "step_schedule": "cosine", "step_size": 2 / 255}),
 }
 
 
@@ -86,15 +87,23 @@ def recommended_method(kind: str) -> Recommendation:
 
 
 def apply_strength(method: str, strength: str | None, eps: float | None,
-                   options: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(budget, method options) after the preset; what the user gave explicitly stays."""
+                   options: dict[str, Any], base: dict[str, Any] | None = None,
+                   ) -> tuple[float, dict[str, Any]]:
+    """(budget, method options) after the preset; what the user gave explicitly stays.
+
+    `base` holds the options of a recommendation (under the user's): the preset scales
+    its PGD steps, not the method's default, so `--strength low` halves the effort of
+    the measured setting.
+    """
+    base = base or {}
+    merged = {**base, **options}
     if strength is None:
-        return (DEFAULT_EPS if eps is None else eps), options
+        return (DEFAULT_EPS if eps is None else eps), merged
     if strength not in STRENGTHS:
         raise MMGuardError(f"unknown strength {strength!r}; choose {', '.join(STRENGTHS)}")
     preset = STRENGTHS[strength]
-    options = dict(options)
     defaults = {f.name: f.default for f in dataclasses.fields(method_class(method).Config)}
     if "pgd_steps" in defaults and "pgd_steps" not in options:
-        options["pgd_steps"] = max(1, round(defaults["pgd_steps"] * preset.effort))
-    return (preset.eps if eps is None else eps), options
+        steps = base.get("pgd_steps", defaults["pgd_steps"])
+        merged["pgd_steps"] = max(1, round(steps * preset.effort))
+    return (preset.eps if eps is None else eps), merged
