@@ -343,7 +343,9 @@ class ControlCache:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self.runs))
+            # Indented as the results files are: the cache is committed beside them,
+            # and a one-line file turns every new run into a whole-file diff.
+            temporary.write_text(json.dumps(self.runs, indent=1) + "\n")
             temporary.replace(self.path)
 
 
