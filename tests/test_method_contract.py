@@ -170,6 +170,31 @@ def test_wrong_target_moves_features_to_the_permuted_group(tmp_path, kind, surro
     assert share_at_target(saved) > share_at_target(clean) + 0.2
 
 
+def test_wrong_target_can_first_train_its_surrogate_on_the_clean_data(tmp_path):
+    options = dict(surrogates=("rn-test",), pgd_steps=2, batch_size=8, groups=2,
+                   clean_epochs=4, surrogate_lr=1e-3)
+    method = create_method("wrong-target", "pairs", **options)
+    dataset = load_builtin("digits", "train", "pairs")
+    untrained = create_method("wrong-target", "pairs", **{**options, "clean_epochs": 0})
+    untrained.setup(tmp_path / "untrained")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    losses = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())[
+        "optimisation"]["clean_epoch_losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # it learned the clean pairs
+    # The targets were chosen in the trained tower's feature space, not the initial one.
+    key = next(iter(method.features_of))
+    image = [to_float(load_image_uint8(dataset.records[0].image, "c"))]
+    with torch.no_grad(), method.surrogate.perturbation_mode(), \
+            untrained.surrogate.perturbation_mode():
+        assert not torch.allclose(method.surrogate.image_features(image),
+                                  untrained.surrogate.image_features(image), atol=1e-4)
+    assert key in method.target_image_of
+    # A resumed run keeps the trained surrogate instead of training it again.
+    again = create_method("wrong-target", "pairs", **options)
+    protect_dataset(dataset, again, tmp_path / "out", limit=16, progress=False, resume=True)
+    assert again.pretrain_losses == losses
+
+
 def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path):
     method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=10,
                            batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)

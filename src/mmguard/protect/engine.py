@@ -81,6 +81,14 @@ class SurrogateConfig(MethodConfig):
     gray_noise: bool = gray_noise_option()
 
 
+def clean_epochs_option(default: int) -> Any:
+    """Epochs of surrogate training on the clean data before any noise (the engine's
+    `pretrain_epochs`), shared by the methods that craft on a clean-trained model."""
+    return option(default, "Epochs of surrogate training on the clean data before any "
+                  "noise is made (a surrogate trained from scratch needs about as many as "
+                  "the attacker; set --surrogate-lr to its rate).", min=0)
+
+
 @dataclass
 class BilevelConfig(SurrogateConfig):
     """Options of the error-minimising loop (surrogate trained along the way)."""

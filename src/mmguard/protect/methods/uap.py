@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from mmguard.protect.base import ProtectionItem, option
-from mmguard.protect.engine import BilevelMethod, SurrogateConfig
+from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
 from mmguard.protect.surrogates import TextItem
 
 
 @dataclass
 class UAPConfig(SurrogateConfig):
-    clean_epochs: int = option(10, "Epochs of surrogate training on the clean data.", min=0)
+    clean_epochs: int = clean_epochs_option(10)
     surrogate_pretrained: str | None = option(None, "Pretrained weights for a contrastive "
                                               "surrogate (open_clip tag or checkpoint path).",
                                               type=str)

@@ -26,7 +26,10 @@ features sit with their own group, answers with the texts of π⁻¹(group).
 Config (WrongTargetConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), groups (32: k-means clusters for pairs; triples use their
 answers), target (image), temperature (0.1, in units of the mean
-centroid distance; centroid target only), surrogates (lit for pairs, smolvlm-lite for triples).
+centroid distance; centroid target only), clean_epochs (0: the surrogate's tower
+as it is; N: first trained N epochs on the clean data, e.g. `--surrogate rn-tiny
+--clean-epochs 30 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP
+crafts on a model trained on the data), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import DatasetView, ProtectionItem, option
-from mmguard.protect.engine import BilevelMethod, SurrogateConfig
+from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
 from mmguard.protect.grouping import answer_groups, dataset_features, kmeans_groups
 from mmguard.protect.surrogates import TextItem
 
@@ -61,6 +64,9 @@ class WrongTargetConfig(SurrogateConfig):
     temperature: float = option(0.1, "wrong-target: softmax temperature of the nearest-"
                                 "centroid loss, in units of the mean distance between "
                                 "centroids.", min=0.0)
+    # TAP crafts on a model trained on the data itself: a tower trained from scratch
+    # on the clean pairs stands in for an attacker who trains from scratch.
+    clean_epochs: int = clean_epochs_option(0)
 
 
 class WrongTarget(BilevelMethod):
@@ -74,6 +80,10 @@ class WrongTarget(BilevelMethod):
     @property
     def rounds(self) -> int:
         return 1
+
+    @property
+    def pretrain_epochs(self) -> int:
+        return self.config.clean_epochs
 
     def texts(self, items: list[ProtectionItem], round_index: int,
               generator: torch.Generator) -> list[TextItem]:
