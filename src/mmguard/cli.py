@@ -436,14 +436,14 @@ def datasets_export(name, split, kind, fmt, out, limit):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Folder for the demo's files (must be new or empty).")
 @click.option("--limit", type=click.IntRange(min=16), default=None,
-              help="Training images to protect [600; with --lvlm 64].")
+              help="Training images to protect [500; with --lvlm 64].")
 @click.option("--lvlm", is_flag=True,
-              help="The LVLM path instead: MMGuard on Fashion-MNIST question/answer triples "
-                   "against the embedded smolvlm-lite, with LoRA fine-tuned attackers.")
+              help="The LVLM path instead: Fashion-MNIST question/answer triples against the "
+                   "embedded smolvlm-lite, with LoRA fine-tuned attackers.")
 def demo(out, limit, lvlm):
-    """The main job on bundled real data: protect emoji pairs with MEM, then train clean and
-    protected attackers and compare retrieval on clean test data (--lvlm: MMGuard on VQA
-    triples and fine-tuned LVLMs)."""
+    """The main job on bundled real data: protect emoji pairs with the recommended method and,
+    as the control, uniform noise, then train attackers on each copy and compare retrieval on
+    clean test data (--lvlm: the same for VQA triples and fine-tuned LVLMs)."""
     if lvlm:
         from mmguard.demo_lvlm import run_lvlm_demo
 
