@@ -47,10 +47,11 @@ def _features(surrogate, images: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def probe(release: Path, dataset: str, tower: str, augment: str) -> dict[str, float]:
+def probe(release: Path, dataset: str, tower: str, augment: str,
+          kind: str = "triples") -> dict[str, float]:
     targets = json.loads((release / ".mmguard" / "work" / "targets.json").read_text())
     target_image_of = targets["target_image_of"]
-    records = {r.image.key: r for r in load_builtin(dataset, "train", "triples").records}
+    records = {r.image.key: r for r in load_builtin(dataset, "train", kind).records}
     keys = [key for key in target_image_of if key in records]
     pipeline = parse_augment(augment)
     generator = torch.Generator().manual_seed(0)
@@ -86,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--release", type=Path, action="append", required=True)
     parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--kind", choices=("triples", "pairs"), default="triples")
     parser.add_argument("--tower", action="append", required=True)
     parser.add_argument("--augment", action="append", default=None)
     parser.add_argument("--out", type=Path)
@@ -95,7 +97,7 @@ def main() -> None:
         for tower in args.tower:
             for augment in args.augment or ["none"]:
                 row = {"release": str(release), "tower": tower, "augment": augment,
-                       **probe(release, args.dataset, tower, augment)}
+                       **probe(release, args.dataset, tower, augment, args.kind)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out:

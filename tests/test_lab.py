@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmguard.attack.contrastive import load_pairs
+from mmguard.attack.contrastive import ImageCaptionSet, load_pairs
 from mmguard.data.builtin import emoji as emoji_module
 from mmguard.data.builtin import emoji_captions as captions_module
 from mmguard.data.builtin import load_builtin
@@ -27,6 +27,7 @@ from mmguard.lab import (
     LabSetting,
     _recipe,
     append_row,
+    attacker_sets,
     audited_stealth,
     hold_out,
     lab_row_name,
@@ -189,6 +190,38 @@ def test_robustness_rows_transform_every_set_and_keep_their_own_controls(tmp_pat
         "vs attacker resize:0.5")
     with pytest.raises(MMGuardError, match="sharpen"):
         run_lab(dataclasses.replace(plain, augment="sharpen"), tmp_path / "b",
+                log=lambda line: None)
+
+
+def test_rare_word_rows_strip_each_training_set_on_its_own_counts(tmp_path):
+    image = torch.zeros(3, 4, 4)
+    clean = ImageCaptionSet([image] * 3, [["a red cat"], ["a blue cat"], ["a red dog"]])
+    method = ImageCaptionSet([image] * 3, [["a red cat zq"], ["a blue cat zq"], ["a red dog"]])
+    setting = LabSetting(dataset="digits", kind="pairs", method="mem", strip_rare_words="2")
+    lines: list[str] = []
+    sets = attacker_sets(setting, {"clean": clean, "method": method}, lines.append)
+    assert sets["clean"].captions == [["a red cat"], ["a cat"], ["a red"]]
+    # "zq" is in two of the method set's captions, so that set keeps it
+    assert sets["method"].captions == [["a red cat zq"], ["a cat zq"], ["a red"]]
+    assert lines == ["clean: stripped 2 of 9 words; 2 of 3 texts changed",
+                     "method: stripped 2 of 11 words; 2 of 3 texts changed"]
+    assert attacker_sets(dataclasses.replace(setting, strip_rare_words=None),
+                         {"clean": clean}, lines.append)["clean"] is clean
+
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    plain = LabSetting(dataset="digits", kind="pairs", method="random", attackers=(attacker,),
+                       seeds=(0,), limit=16)
+    cache = ControlCache(tmp_path / "controls.json")
+    run_lab(plain, tmp_path / "a", log=lambda line: None, cache=cache)
+    lines.clear()
+    stripping = dataclasses.replace(plain, strip_rare_words="0.5")
+    run_lab(stripping, tmp_path / "a", log=lines.append, cache=cache)
+    assert not any("cached" in line for line in lines)  # the plain row's controls differ
+    assert [line.split(":")[0] for line in lines if "stripped" in line] == [
+        "clean", "uniform", "method"]
+    assert lab_row_name(stripping).endswith("stripping words in < 0.5 texts")
+    with pytest.raises(MMGuardError, match="strip-rare-words"):
+        run_lab(dataclasses.replace(plain, strip_rare_words="1"), tmp_path / "b",
                 log=lambda line: None)
 
 

@@ -39,7 +39,8 @@ from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
 
 EPS = 8 / 255
-DEFAULT_IMAGES = 350  # 100 PGD steps per image: 500 took 683 s in all on 2 cores, over the ten-minute aim
+# 100 PGD steps per image: with 500 images the demo took 683 s on 2 cores, over ten minutes.
+DEFAULT_IMAGES = 350
 RECOMMENDED = recommended_method("pairs")
 METHOD = RECOMMENDED.method
 ATTACKERS = {

@@ -52,6 +52,7 @@ from mmguard.attack.contrastive import (
     train_attacker,
 )
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm
+from mmguard.attack.text_filter import parse_min_texts, strip_training_set
 from mmguard.attack.triples import TripleSet, load_triples
 from mmguard.data.builtin import load_builtin
 from mmguard.data.release import output_image_paths, per_caption_images, read_run_record
@@ -91,6 +92,10 @@ class LabSetting:
     # robustness rows: a protection is scored against the same attacker on
     # transformed clean data), e.g. "jpeg:75"; see attack/augment.py.
     augment: str | None = None
+    # The adaptive attacker who deletes rare words (e.g. "2": words in fewer than two
+    # training texts) from every training set, each counted on its own; triggers are
+    # rare words, so a trigger-borne protection must survive this (attack/text_filter.py).
+    strip_rare_words: str | None = None
 
 
 def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -153,6 +158,19 @@ def _swap(images_from, texts_from, kind: str):
     if kind == "pairs":
         return ImageCaptionSet(images_from.images, texts_from.captions, images_from.keys)
     return TripleSet(images_from.images, texts_from.turns, images_from.keys)
+
+
+def attacker_sets(setting: LabSetting, sets: dict[str, Any], log: Log) -> dict[str, Any]:
+    """The training sets as the row's attacker uses them: with `strip_rare_words`, each set's
+    texts lose the words found in too few of that set's texts (the attacker sees one set)."""
+    if not setting.strip_rare_words:
+        return sets
+    min_texts = parse_min_texts(setting.strip_rare_words)
+    stripped = {}
+    for name, data in sets.items():
+        stripped[name], report = strip_training_set(data, min_texts)
+        log(f"{name}: {report.describe()}")
+    return stripped
 
 
 def _texts(data, kind: str) -> list:
@@ -331,6 +349,8 @@ class ControlCache:
                           + (["per caption row"] if per_caption else [])
                           + ([f"{k} {v}" for k, v in sorted(kind_of_noise.items())])
                           + ([f"augment {setting.augment}"] if setting.augment else [])
+                          + ([f"strip rare words {setting.strip_rare_words}"]
+                             if setting.strip_rare_words else [])
                           + _attacker_revision(spec))
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -374,11 +394,14 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)  # fail early
     if setting.augment:
         parse_augment(setting.augment)  # fail early too
+    if setting.strip_rare_words:
+        parse_min_texts(setting.strip_rare_words)
     row["protect"] = protect_once(train_part, setting.method, setting.options,
                                   work / "protected", setting.eps, log)
     row["uniform"] = protect_once(train_part, "random", uniform_options(setting),
                                   work / "uniform", setting.eps, log)
-    sets = training_sets(setting, train_part, work / "protected", work / "uniform")
+    sets = attacker_sets(setting, training_sets(setting, train_part, work / "protected",
+                                                work / "uniform"), log)
     per_caption = read_run_record(work / "protected").per_caption
     row["release_per"] = "caption" if per_caption else "image"
     row["train_items"] = len(sets["method"].images)  # images, or caption rows
@@ -469,4 +492,6 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
 def lab_row_name(setting: LabSetting) -> str:
     options = ",".join(f"{k}={v}" for k, v in sorted(setting.options.items()))
     return (f"{setting.dataset}/{setting.method}" + (f" [{options}]" if options else "")
-            + (f" vs attacker {setting.augment}" if setting.augment else ""))
+            + (f" vs attacker {setting.augment}" if setting.augment else "")
+            + (f" vs attacker stripping words in < {setting.strip_rare_words} texts"
+               if setting.strip_rare_words else ""))
