@@ -52,12 +52,13 @@ from mmguard.attack.contrastive import (
     train_attacker,
 )
 from mmguard.attack.lvlm import LVLMRecipe, build_attacker, fine_tune_lvlm
-from mmguard.attack.text_filter import parse_min_texts, strip_training_set
+from mmguard.attack.text_filter import parse_min_texts
 from mmguard.attack.triples import TripleSet, load_triples
 from mmguard.data.builtin import load_builtin
 from mmguard.data.release import output_image_paths, per_caption_images, read_run_record
 from mmguard.data.sources import read_dataset
 from mmguard.errors import MMGuardError
+from mmguard.evaluate.attacker import stripped_with_log
 from mmguard.evaluate.audit import audit_or_raise
 from mmguard.evaluate.lvlm_protocol import AnswerEvaluation, evaluate_answers
 from mmguard.evaluate.retrieval import evaluate_retrieval
@@ -166,11 +167,7 @@ def attacker_sets(setting: LabSetting, sets: dict[str, Any], log: Log) -> dict[s
     if not setting.strip_rare_words:
         return sets
     min_texts = parse_min_texts(setting.strip_rare_words)
-    stripped = {}
-    for name, data in sets.items():
-        stripped[name], report = strip_training_set(data, min_texts)
-        log(f"{name}: {report.describe()}")
-    return stripped
+    return {name: stripped_with_log(data, min_texts, name, log) for name, data in sets.items()}
 
 
 def _texts(data, kind: str) -> list:

@@ -175,9 +175,9 @@ def evaluate_attacker(spec: AttackerEvaluation, log: Log = print) -> AttackerRep
     baseline = (load(spec.baseline_train, limit=spec.limit_train) if spec.baseline_train
                 else None)
     if min_texts is not None:
-        train = _stripped(train, min_texts, spec.train, log)
+        train = stripped_with_log(train, min_texts, spec.train, log)
         if baseline is not None:
-            baseline = _stripped(baseline, min_texts, spec.baseline_train, log)
+            baseline = stripped_with_log(baseline, min_texts, spec.baseline_train, log)
     test = load(spec.test, limit=spec.limit_test)
     report = protocol.run(spec, attacker, augment, train, test, baseline, log)
     report.update(train=spec.train, test_data=spec.test, mix_clean=spec.mix_clean,
@@ -205,7 +205,7 @@ def _check_options(spec: AttackerEvaluation, protocol: FamilyProtocol, attacker:
                            f"{protocol.min_batch_size} images")
 
 
-def _stripped(data, min_texts: float, name: str, log: Log):
+def stripped_with_log(data, min_texts: float, name: str, log: Log):
     """The training set with rare words stripped from its text, and a log line saying how many."""
     data, report = strip_training_set(data, min_texts)
     log(f"{name}: {report.describe()}")
