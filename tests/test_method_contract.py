@@ -195,6 +195,48 @@ def test_wrong_target_can_first_train_its_surrogate_on_the_clean_data(tmp_path):
     assert again.pretrain_losses == losses
 
 
+def test_wrong_target_pretrained_too_also_moves_the_pretrained_towers_features(tmp_path):
+    options = dict(surrogates=("rn-test",), pgd_steps=10, batch_size=8, groups=3,
+                   eps=16 / 255, step_size=2 / 255, clean_epochs=4, surrogate_lr=1e-3)
+    dataset = load_builtin("digits", "train", "pairs")
+    ratios = {}
+    for both in (False, True):
+        method = create_method("wrong-target", "pairs", pretrained_too=both, **options)
+        out = tmp_path / f"both-{both}"
+        protect_dataset(dataset, method, out, limit=16, progress=False)
+        rounds = json.loads((out / "mmguard-run.json").read_text())["optimisation"]["rounds"]
+        ratios[both] = rounds[0]
+    # Only the ensemble reports the pretrained tower's features, and moves them further
+    # than the release crafted on the trained tower alone; the trained tower is still moved.
+    assert "pretrained_target_distance_ratio" not in ratios[False]
+    assert ratios[True]["target_distance_ratio"] < 0.8
+
+    def pretrained_ratio(out: Path) -> float:
+        released = {Path(r.image.key).stem: r
+                    for r in read_dataset(out / "manifest.csv").records}
+        keys = list(method.target_image_of)
+        images = [to_float(read_png_uint8(out / released[Path(k).stem].image.key))
+                  for k in keys]
+        with torch.no_grad(), method.pretrained.perturbation_mode():
+            features = method.pretrained.image_features(images)
+        clean = torch.stack([method.pretrained_features_of[k] for k in keys])
+        wanted = torch.stack([method.pretrained_features_of[method.target_image_of[k]]
+                              for k in keys])
+        return float(((features - wanted).norm(dim=1) / (clean - wanted).norm(dim=1)).mean())
+
+    alone, ensemble = pretrained_ratio(tmp_path / "both-False"), pretrained_ratio(
+        tmp_path / "both-True")
+    assert ensemble < 0.8 and ensemble < alone - 0.05, (alone, ensemble)
+    # The pretrained tower is the fresh one, not the trained surrogate.
+    image = [to_float(load_image_uint8(dataset.records[0].image, "c"))]
+    with torch.no_grad(), method.surrogate.perturbation_mode(), \
+            method.pretrained.perturbation_mode():
+        assert not torch.allclose(method.surrogate.image_features(image),
+                                  method.pretrained.image_features(image), atol=1e-4)
+    with pytest.raises(MMGuardError, match="pretrained_too needs clean_epochs"):
+        create_method("wrong-target", "pairs", pretrained_too=True, surrogates=("rn-test",))
+
+
 def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path):
     method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=10,
                            batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)

@@ -29,7 +29,9 @@ answers), target (image), temperature (0.1, in units of the mean
 centroid distance; centroid target only), clean_epochs (0: the surrogate's tower
 as it is; N: first trained N epochs on the clean data, e.g. `--surrogate rn-tiny
 --clean-epochs 30 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP
-crafts on a model trained on the data), surrogates (lit for pairs, smolvlm-lite for triples).
+crafts on a model trained on the data), pretrained_too (off: with clean_epochs, also
+collide on the pretrained tower as it came, an ensemble for attackers who fine-tune it and
+who do not), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -48,7 +50,7 @@ from mmguard.errors import MMGuardError
 from mmguard.protect.base import DatasetView, ProtectionItem, option
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
 from mmguard.protect.grouping import answer_groups, dataset_features, kmeans_groups
-from mmguard.protect.surrogates import TextItem
+from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
 
 @dataclass
@@ -67,6 +69,12 @@ class WrongTargetConfig(SurrogateConfig):
     # TAP crafts on a model trained on the data itself: a tower trained from scratch
     # on the clean pairs stands in for an attacker who trains from scratch.
     clean_epochs: int = clean_epochs_option(0)
+    # An attacker who fine-tunes moves the tower away from the pretrained one; crafting on
+    # a copy fine-tuned on the clean data follows it there, and keeping the pretrained tower
+    # in the loss keeps the move for the attacker who freezes the tower.
+    pretrained_too: bool = option(False, "wrong-target, with clean_epochs: collide on the "
+                                  "pretrained tower as well as on the one trained on the clean "
+                                  "data (an ensemble of the two; image target only).", flag=True)
 
 
 class WrongTarget(BilevelMethod):
@@ -76,6 +84,13 @@ class WrongTarget(BilevelMethod):
     Config = WrongTargetConfig
     config: WrongTargetConfig
     default_surrogates = {"pairs": ("lit",)}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.config.pretrained_too and not (self.config.clean_epochs
+                                               and self.config.target == "image"):
+            raise MMGuardError("wrong-target: pretrained_too needs clean_epochs > 0 and the "
+                               "image target (without them there is one tower)")
 
     @property
     def rounds(self) -> int:
@@ -104,6 +119,18 @@ class WrongTarget(BilevelMethod):
         self.target_image_of = saved["target_image_of"]
         self.centroids = torch.tensor(saved["centroids"])
         self.scale = saved["scale"]
+        self.pretrained: Surrogate | None = None
+        if self.config.pretrained_too:
+            # A fresh surrogate is the tower as it came: deterministic, so not stored.
+            self.pretrained = create_surrogate(self.surrogate_names, device=self.config.device,
+                                               seed=self.config.seed,
+                                               **self.surrogate_options())
+            _, pretrained_matrix, _ = dataset_features(data, self.pretrained,
+                                                       self.config.batch_size, self.device,
+                                                       self.batch_statistics)
+            self.pretrained_features_of = dict(zip(keys, pretrained_matrix, strict=True))
+            self.pretrained_scale = _mean_centroid_distance(
+                pretrained_matrix, [self.group_of[key] for key in keys])
 
     def _choose_targets(self, keys: list[str], matrix: torch.Tensor,
                         answers: dict[str, str]) -> dict[str, Any]:
@@ -131,17 +158,27 @@ class WrongTarget(BilevelMethod):
                 "target_image_of": target_image_of, "centroids": centroids.tolist(),
                 # Distances in units of the mean distance between centroids, so the
                 # temperature means the same in every feature space.
-                "scale": float(torch.cdist(centroids, centroids).sum()
-                               / max(1, count * (count - 1)))}
+                "scale": _mean_centroid_distance(matrix, labels.tolist())}
 
     # -- the noise step -------------------------------------------------------------------
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         distances = torch.cdist(features, self.centroids.to(features.device)) / self.scale
         return -distances / self.config.temperature
 
-    def _target_features(self, items: list[ProtectionItem]) -> torch.Tensor:
-        return torch.stack([self.features_of[self.target_image_of[item.key]]
+    def _target_features(self, items: list[ProtectionItem],
+                         features_of: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        features_of = self.features_of if features_of is None else features_of
+        return torch.stack([features_of[self.target_image_of[item.key]]
                             for item in items]).to(self.device)
+
+    def _pretrained_collision(self, items: list[ProtectionItem],
+                              images: list[torch.Tensor]) -> torch.Tensor:
+        """The collision loss on the pretrained tower (pretrained_too), in its own units."""
+        assert self.pretrained is not None
+        wanted = self._target_features(items, self.pretrained_features_of)
+        with self.pretrained.perturbation_mode(self.batch_statistics):
+            distance = self.pretrained.image_features(images) - wanted
+        return distance.pow(2).sum(dim=1).mean() / self.pretrained_scale ** 2
 
     def noise_loss(self, items: list[ProtectionItem], texts: list[TextItem], reference: Any,
                    generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -150,7 +187,10 @@ class WrongTarget(BilevelMethod):
 
             def collision(images: list[torch.Tensor]) -> torch.Tensor:
                 distance = self.surrogate.image_features(images) - wanted
-                return distance.pow(2).sum(dim=1).mean() / self.scale ** 2
+                loss = distance.pow(2).sum(dim=1).mean() / self.scale ** 2
+                if self.pretrained is not None:
+                    loss = loss + self._pretrained_collision(items, images)
+                return loss
 
             return collision
         targets = torch.tensor([self.target_of[item.key] for item in items], device=self.device)
@@ -171,16 +211,37 @@ class WrongTarget(BilevelMethod):
         own = torch.tensor([self.group_of[item.key] for item in items])
         clean = torch.stack([self.features_of[item.key] for item in items])
         wanted = self._target_features(items).cpu()
-        start = (clean - wanted).norm(dim=1).clamp(min=1e-8)
-        return {"train_loss": float(F.cross_entropy(logits, targets)),
-                "share_at_target": float((nearest == targets).float().mean()),
-                "share_at_own_group": float((nearest == own).float().mean()),
-                # 1 = not moved toward the target image, 0 = on it.
-                "target_distance_ratio": float(((features - wanted).norm(dim=1)
-                                                / start).mean())}
+        measured = {"train_loss": float(F.cross_entropy(logits, targets)),
+                    "share_at_target": float((nearest == targets).float().mean()),
+                    "share_at_own_group": float((nearest == own).float().mean()),
+                    # 1 = not moved toward the target image, 0 = on it.
+                    "target_distance_ratio": _distance_ratio(features, clean, wanted)}
+        if self.pretrained is not None:
+            with self.pretrained.perturbation_mode(self.batch_statistics):
+                features = self.pretrained.image_features(images).cpu()
+            clean = torch.stack([self.pretrained_features_of[item.key] for item in items])
+            wanted = self._target_features(items, self.pretrained_features_of).cpu()
+            measured["pretrained_target_distance_ratio"] = _distance_ratio(features, clean,
+                                                                           wanted)
+        return measured
 
     def report(self) -> dict[str, Any]:
         report = super().report()
         if hasattr(self, "centroids"):
             report["groups"] = int(self.centroids.shape[0])
         return report
+
+
+def _mean_centroid_distance(matrix: torch.Tensor, labels: list[int]) -> float:
+    """The mean distance between the group centroids of `matrix`: the unit of the losses,
+    so a temperature or a sum of two towers' losses means the same in every feature space."""
+    label = torch.tensor(labels)
+    centroids = torch.stack([matrix[label == g].mean(dim=0) for g in sorted(set(labels))])
+    count = len(centroids)
+    return float(torch.cdist(centroids, centroids).sum() / max(1, count * (count - 1)))
+
+
+def _distance_ratio(features: torch.Tensor, clean: torch.Tensor, wanted: torch.Tensor) -> float:
+    """Mean over items of |features - wanted| / |clean - wanted|."""
+    start = (clean - wanted).norm(dim=1).clamp(min=1e-8)
+    return float(((features - wanted).norm(dim=1) / start).mean())
