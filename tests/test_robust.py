@@ -56,6 +56,15 @@ def test_expectation_draws_a_transformation_per_call(emoji):
         loss(emoji[:1])
     grays = sum(bool(torch.equal(c[0][0], c[0][1])) for c in calls)
     assert 0 < grays < 12  # both the untouched and the grayscale images are used
+    # every=True scores the untouched and the grayscale images in each call, averaged
+    calls.clear()
+    every = expectation_over(("grayscale",), lambda images: calls.append(images) or
+                             images[0][0].sum(), torch.Generator().manual_seed(0), every=True)
+    value = every(emoji[:1])
+    assert len(calls) == 2 and not torch.equal(calls[0][0][0], calls[0][0][1])
+    assert torch.equal(calls[1][0][0], calls[1][0][1])
+    gray = TRANSFORMS["grayscale"](emoji[0], None)
+    assert torch.isclose(value, (emoji[0][0].sum() + gray[0].sum()) / 2)
     assert parse_robust("jpeg, blur") == ("jpeg", "blur") and parse_robust("") == ()
     with pytest.raises(MMGuardError, match="unknown sepia"):
         parse_robust("jpeg,sepia")

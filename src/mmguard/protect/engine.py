@@ -77,6 +77,9 @@ class SurrogateConfig(MethodConfig):
     robust: str = option("", "Optimise the noise to survive these attacker transformations "
                          "(expectation over them in every PGD step): any of jpeg, grayscale, "
                          "resize, crop, blur, comma-separated.", type=str)
+    robust_every: bool = option(False, "With robust: score every transformation (and none) in "
+                                "each PGD step and average, instead of one drawn per step "
+                                "(as many times the cost).", flag=True)
     coarse: int = coarse_option()
     gray_noise: bool = gray_noise_option()
 
@@ -365,7 +368,8 @@ class BilevelMethod(ProtectionMethod):
             if self.perturbs_image:
                 loss_fn = self.noise_loss(items, texts, reference, generator)
                 if self.robust:
-                    loss_fn = expectation_over(self.robust, loss_fn, generator)
+                    loss_fn = expectation_over(self.robust, loss_fn, generator,
+                                               every=config.robust_every)
                 noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
                              step_size=config.step_size, steps=config.pgd_steps,
                              maximize=self.maximize, shared_by=shared_by if shared else None,

@@ -4,8 +4,9 @@ A perturbation that only works on the exact saved pixels is undone by the cheap
 preprocessing an attacker tries first (Image Shortcut Squeezing, ICML 2023:
 grayscale and JPEG restore most error-minimising poisons). With `--robust
 jpeg,grayscale,resize,crop,blur`, every PGD step scores the perturbed images
-after a transformation drawn from that list (one per step, seeded), so the
-noise is optimised to survive them all. These are differentiable stand-ins for
+after a transformation drawn from that list (one per step, seeded; with
+`--robust-every`, after each of them and none, averaged), so the noise is
+optimised to survive them all. These are differentiable stand-ins for
 what `attack/augment.py` applies for real:
 
 - jpeg: 8x8 DCT of YCbCr with 4:2:0 chroma, quantised with libjpeg's
@@ -146,14 +147,22 @@ def parse_robust(spec: str) -> tuple[str, ...]:
 
 
 def expectation_over(names: Sequence[str], loss: Callable[[list[torch.Tensor]], torch.Tensor],
-                     generator: torch.Generator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """`loss` of the images after one transformation drawn from `names` (or none) per call."""
+                     generator: torch.Generator,
+                     every: bool = False) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """`loss` of the images after one transformation drawn from `names` (or none) per call;
+    with `every`, the mean of `loss` over all of them and none (len(names) + 1 times the cost,
+    but no step is spent on a single transformation's direction)."""
     choices = [None, *names]  # the untransformed images stay in the mix
 
-    def robust(images: list[torch.Tensor]) -> torch.Tensor:
-        pick = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+    def transformed(pick: str | None, images: list[torch.Tensor]) -> torch.Tensor:
         if pick is None:
             return loss(images)
         return loss([TRANSFORMS[pick](image, generator) for image in images])
+
+    def robust(images: list[torch.Tensor]) -> torch.Tensor:
+        if every:
+            return sum(transformed(pick, images) for pick in choices) / len(choices)
+        return transformed(choices[int(torch.randint(len(choices), (1,), generator=generator))],
+                           images)
 
     return robust
