@@ -237,6 +237,37 @@ def test_wrong_target_pretrained_too_also_moves_the_pretrained_towers_features(t
         create_method("wrong-target", "pairs", pretrained_too=True, surrogates=("rn-test",))
 
 
+def test_wrong_target_retrains_its_tower_on_the_release_between_rounds(tmp_path):
+    options = dict(surrogates=("rn-test",), pgd_steps=4, batch_size=8, groups=3,
+                   eps=16 / 255, step_size=2 / 255, clean_epochs=2, surrogate_lr=1e-3,
+                   rounds=2)
+    dataset = load_builtin("digits", "train", "pairs")
+    runs = {}
+    for steps in (0, 3):
+        method = create_method("wrong-target", "pairs", retrain_steps=steps, **options)
+        out = tmp_path / f"retrain-{steps}"
+        protect_dataset(dataset, method, out, limit=16, progress=False)
+        runs[steps] = method
+    still, retrained = runs[0].surrogate, runs[3].surrogate
+    image = [to_float(load_image_uint8(dataset.records[0].image, "c"))]
+    with torch.no_grad(), still.perturbation_mode(), retrained.perturbation_mode():
+        # Same clean training, then 3 steps on the release: the towers now differ ...
+        assert not torch.allclose(still.image_features(image),
+                                  retrained.image_features(image), atol=1e-4)
+        # ... and the targets are read on the retrained tower, not the clean-trained one.
+        key = runs[3].target_image_of[next(iter(runs[3].target_image_of))]
+        index = [Path(r.image.key).name for r in dataset.records].index(key)
+        target_image = [to_float(load_image_uint8(dataset.records[index].image, "c"))]
+        assert torch.allclose(runs[3].features_of[key],
+                              retrained.image_features(target_image)[0].cpu(), atol=1e-4)
+        assert not torch.allclose(runs[0].features_of[key], runs[3].features_of[key],
+                                  atol=1e-4)
+    history = runs[3].history
+    assert len(history) == 2 and history[1]["target_distance_ratio"] < 0.95
+    with pytest.raises(MMGuardError, match="retrain_steps trains between rounds"):
+        create_method("wrong-target", "pairs", retrain_steps=3, surrogates=("rn-test",))
+
+
 def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path):
     method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=10,
                            batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255)

@@ -209,6 +209,9 @@ class BilevelMethod(ProtectionMethod):
     def before_rounds(self, data: DatasetView) -> None:  # noqa: B027 - optional hook
         """Dataset-level work after the surrogate is built, before the first round."""
 
+    def before_round(self, data: DatasetView, round_index: int) -> None:  # noqa: B027
+        """Work at the start of each round, after `round_surrogate_steps` (optional)."""
+
     def noise_key(self, item: ProtectionItem) -> str:
         """Items with one noise key share one perturbation."""
         return item.key
@@ -322,7 +325,8 @@ class BilevelMethod(ProtectionMethod):
         self._noise_stats = {"sum_abs": 0.0, "at_bound": 0, "count": 0}
         update_trigger = bool(self.trigger_len) and round_index < self.trigger_rounds
         if self.round_surrogate_steps:
-            self._train_on_protected(data, round_index)
+            self._train_on_protected(data, round_index, self.round_surrogate_steps)
+        self.before_round(data, round_index)
         for items in self._batches(data, round_index if self.shuffle_rounds else None):
             parts, count = self._optimise_batch(items, round_index, update_trigger)
             changed += count
@@ -387,11 +391,11 @@ class BilevelMethod(ProtectionMethod):
                              texts, reference)
         return parts, changed
 
-    def _train_on_protected(self, data: DatasetView, round_index: int) -> None:
-        """`round_surrogate_steps` steps on the current protected data, in batches of a
+    def _train_on_protected(self, data: DatasetView, round_index: int, wanted: int) -> None:
+        """`wanted` surrogate steps on the current protected data, in batches of a
         fresh seeded order (repeated if the data is shorter than the steps)."""
         steps, epoch = 0, 0
-        while steps < self.round_surrogate_steps:
+        while steps < wanted:
             # Orders of their own, apart from the rounds' (seed * 1000 + round).
             order_seed = 10_000_000 + 1000 * round_index + epoch
             for items in self._batches(data, order_seed):
@@ -402,7 +406,7 @@ class BilevelMethod(ProtectionMethod):
                 self.surrogate.train_step([x + d for x, d in zip(originals, deltas, strict=True)],
                                           self.texts(items, round_index, generator))
                 steps += 1
-                if steps == self.round_surrogate_steps:
+                if steps == wanted:
                     return
             epoch += 1
 

@@ -26,7 +26,9 @@ features sit with their own group, answers with the texts of π⁻¹(group).
 Config (WrongTargetConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), groups (32: k-means clusters for pairs; triples use their
 answers), target (image), temperature (0.1, in units of the mean
-centroid distance; centroid target only), clean_epochs (0: the surrogate's tower
+centroid distance; centroid target only), rounds (1), retrain_steps (0: N trains the
+crafting tower N steps on the current release before each later round, as the attacker
+trains on it), clean_epochs (0: the surrogate's tower
 as it is; N: first trained N epochs on the clean data, e.g. `--surrogate rn-tiny
 --clean-epochs 30 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP
 crafts on a model trained on the data), pretrained_too (off: with clean_epochs, also
@@ -75,6 +77,13 @@ class WrongTargetConfig(SurrogateConfig):
     pretrained_too: bool = option(False, "wrong-target, with clean_epochs: collide on the "
                                   "pretrained tower as well as on the one trained on the clean "
                                   "data (an ensemble of the two; image target only).", flag=True)
+    rounds: int = option(1, "wrong-target: passes of PGD over the data, each continuing from "
+                         "the noise of the last.", min=1)
+    # The attacker trains on the release, not on clean data: between rounds the crafting
+    # tower does the same, so the next round collides in the space the attacker moves to.
+    retrain_steps: int = option(0, "wrong-target: before each round after the first, train "
+                                "the crafting tower this many steps on the current release "
+                                "(true texts) and re-read the target features on it.", min=0)
 
 
 class WrongTarget(BilevelMethod):
@@ -91,10 +100,13 @@ class WrongTarget(BilevelMethod):
                                                and self.config.target == "image"):
             raise MMGuardError("wrong-target: pretrained_too needs clean_epochs > 0 and the "
                                "image target (without them there is one tower)")
+        if self.config.retrain_steps and self.config.rounds < 2:
+            raise MMGuardError("wrong-target: retrain_steps trains between rounds; give "
+                               "rounds 2 or more")
 
     @property
     def rounds(self) -> int:
-        return 1
+        return self.config.rounds
 
     @property
     def pretrain_epochs(self) -> int:
@@ -131,6 +143,15 @@ class WrongTarget(BilevelMethod):
             self.pretrained_features_of = dict(zip(keys, pretrained_matrix, strict=True))
             self.pretrained_scale = _mean_centroid_distance(
                 pretrained_matrix, [self.group_of[key] for key in keys])
+
+    def before_round(self, data: DatasetView, round_index: int) -> None:
+        if round_index == 0 or not self.config.retrain_steps:
+            return
+        self._train_on_protected(data, round_index, self.config.retrain_steps)
+        # Groups and targets stay; only where the (clean) target images now sit moves.
+        keys, matrix, _ = dataset_features(data, self.surrogate, self.config.batch_size,
+                                           self.device, self.batch_statistics)
+        self.features_of = dict(zip(keys, matrix, strict=True))
 
     def _choose_targets(self, keys: list[str], matrix: torch.Tensor,
                         answers: dict[str, str]) -> dict[str, Any]:
