@@ -13,9 +13,13 @@ after each attacker transformation, and reports
   release's k-means clusters of pairs) is the target group / their own group.
 
 The tower can be the surrogate's (white box) or another one (black box: does the
-move transfer?). The first-order prediction, which the attacker rows check, is
-that an attacker fed these images learns the wrong class in proportion to
-`at_target`, as on the white-box row.
+move transfer?). `--batch-statistics` reads the features as an attacker's training
+forward does, BatchNorm normalising each shuffled batch of 64 by its own statistics
+(does a tower that fine-tunes still see the move while it trains?).
+
+The first-order prediction, which the attacker rows check, is that an attacker
+fed these images learns the wrong class in proportion to `at_target`, as on the
+white-box row.
 
     .venv/bin/python benchmarks/feature_probe.py --release runs/lab/wt-eot-jpeg/protected \\
         --dataset fashion-mnist --tower smolvlm-lite --tower smolvlm-lite-c \\
@@ -37,18 +41,27 @@ from mmguard.protect.grouping import answer_groups
 from mmguard.protect.surrogates import create_surrogate
 
 BATCH = 32
+TRAINING_BATCH = 64  # the lab's LiT attackers' batch
 
 
-def _features(surrogate, images: list[torch.Tensor]) -> torch.Tensor:
-    out = []
-    with torch.no_grad(), surrogate.perturbation_mode(False):
-        for start in range(0, len(images), BATCH):
-            out.append(surrogate.image_features(images[start:start + BATCH]).cpu())
-    return torch.cat(out)
+def _features(surrogate, images: list[torch.Tensor],
+              batch_statistics: bool = False) -> torch.Tensor:
+    # Batch statistics depend on who shares the batch: a seeded shuffle, as in training.
+    size = TRAINING_BATCH if batch_statistics else BATCH
+    order = (torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+             if batch_statistics else torch.arange(len(images)))
+    chunks = []
+    with torch.no_grad(), surrogate.perturbation_mode(batch_statistics):
+        for start in range(0, len(images), size):
+            chunk = order[start:start + size].tolist()
+            chunks.append(surrogate.image_features([images[i] for i in chunk]).cpu())
+    features = torch.empty(len(images), chunks[0].shape[1])
+    features[order] = torch.cat(chunks)
+    return features
 
 
 def probe(release: Path, dataset: str, tower: str, augment: str,
-          kind: str = "triples") -> dict[str, float]:
+          kind: str = "triples", batch_statistics: bool = False) -> dict[str, float]:
     targets = json.loads((release / ".mmguard" / "work" / "targets.json").read_text())
     target_image_of = targets["target_image_of"]
     records = {r.image.key: r for r in load_builtin(dataset, "train", kind).records}
@@ -63,7 +76,8 @@ def probe(release: Path, dataset: str, tower: str, augment: str,
     protected = [transformed(to_float(torch.as_tensor(
         read_png_uint8(release / "images" / Path(k).name)[:3]))) for k in keys]
     surrogate = create_surrogate([tower])
-    clean_f, protected_f = _features(surrogate, clean), _features(surrogate, protected)
+    clean_f = _features(surrogate, clean, batch_statistics)
+    protected_f = _features(surrogate, protected, batch_statistics)
     index = {k: i for i, k in enumerate(keys)}
     target_f = clean_f[[index[target_image_of[k]] for k in keys]]
     line = target_f - clean_f
@@ -90,6 +104,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=("triples", "pairs"), default="triples")
     parser.add_argument("--tower", action="append", required=True)
     parser.add_argument("--augment", action="append", default=None)
+    parser.add_argument("--batch-statistics", action="store_true",
+                        help="BatchNorm on each batch's statistics, as while an attacker trains")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
@@ -97,7 +113,9 @@ def main() -> None:
         for tower in args.tower:
             for augment in args.augment or ["none"]:
                 row = {"release": str(release), "tower": tower, "augment": augment,
-                       **probe(release, args.dataset, tower, augment, args.kind)}
+                       "batch_statistics": args.batch_statistics,
+                       **probe(release, args.dataset, tower, augment, args.kind,
+                               args.batch_statistics)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out:
