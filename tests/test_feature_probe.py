@@ -39,3 +39,22 @@ def test_probe_sees_the_move_on_the_surrogate_and_none_on_clean_files(release, t
         Image.fromarray(original.colour.permute(1, 2, 0).numpy()).save(clean / row.image.key)
     still = probe(clean, "fashion-mnist", "lvlm-test", "none")
     assert abs(still["moved"]) < 1e-6 and still["at_own"] == still["clean_at_own"]
+
+
+def test_batch_statistics_features_come_back_in_order_and_leave_running_stats_alone():
+    import torch
+
+    from benchmarks.feature_probe import _features
+    from mmguard.protect.surrogates import create_surrogate
+
+    surrogate = create_surrogate(["rn-test"])
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))
+              for i in range(10)]
+    before = _features(surrogate, images)
+    training = _features(surrogate, images, batch_statistics=True)
+    # One shuffled batch of ten: the same statistics whatever the order, so each row
+    # must come back to its own image.
+    reversed_rows = _features(surrogate, images[::-1], batch_statistics=True)
+    assert torch.allclose(training, reversed_rows.flip(0), atol=1e-5)
+    assert not torch.allclose(training, before, atol=1e-3)  # BatchNorm did use the batch
+    assert torch.equal(_features(surrogate, images), before)  # running statistics untouched
