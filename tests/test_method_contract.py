@@ -454,3 +454,41 @@ def test_word_code_spells_each_image_code_from_the_words_of_its_text():
     noise = coarse.protect_batch([ProtectionItem("a", big, ["red car"])])[0].image - big
     assert torch.equal(noise[0], noise[2])
     assert float(noise.diff(dim=-1).abs().max()) <= 2 * (8 / 255) / 64 + 1e-6
+
+
+def test_wrong_target_on_batch_statistics_moves_features_as_a_training_tower_reads_them(
+        tmp_path):
+    # An attacker who trains the tower normalises each batch by its own statistics; a
+    # release crafted under the running ones need not move the features it sees then.
+    options = dict(surrogates=("rn-test",), pgd_steps=10, batch_size=8, groups=3,
+                   eps=16 / 255, step_size=2 / 255, clean_epochs=4, surrogate_lr=1e-3)
+    dataset = load_builtin("digits", "train", "pairs")
+    methods = {}
+    for bn in ("running", "batch"):
+        methods[bn] = create_method("wrong-target", "pairs", surrogate_bn=bn, **options)
+        protect_dataset(dataset, methods[bn], tmp_path / bn, limit=16, progress=False)
+    tower = methods["batch"].surrogate
+    keys = list(methods["batch"].target_image_of)
+    clean_images = {k: to_float(load_image_uint8(r.image, k)) for k, r in
+                    ((r.image.key, r) for r in dataset.records[:16])}
+
+    def training_view(images: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), tower.perturbation_mode(batch_statistics=True):
+            return tower.image_features(images)  # all 16 in one batch
+
+    clean = training_view([clean_images[k] for k in keys])
+    row = {k: i for i, k in enumerate(keys)}
+
+    def ratio(bn: str) -> float:
+        # Each release against its own targets (k-means ran in its own view of the tower).
+        wanted = clean[[row[methods[bn].target_image_of[k]] for k in keys]]
+        released = {Path(r.image.key).stem: r
+                    for r in read_dataset(tmp_path / bn / "manifest.csv").records}
+        features = training_view([to_float(read_png_uint8(
+            tmp_path / bn / released[Path(k).stem].image.key)) for k in keys])
+        return float(((features - wanted).norm(dim=1) / (clean - wanted).norm(dim=1)).mean())
+
+    running, batch = ratio("running"), ratio("batch")
+    assert batch < 0.8 and batch < running - 0.05, (running, batch)
+    with pytest.raises(MMGuardError):
+        create_method("wrong-target", "pairs", surrogate_bn="both", surrogates=("rn-test",))

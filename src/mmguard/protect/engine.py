@@ -80,6 +80,11 @@ class SurrogateConfig(MethodConfig):
     robust_every: bool = option(False, "With robust: score every transformation (and none) in "
                                 "each PGD step and average, instead of one drawn per step "
                                 "(as many times the cost).", flag=True)
+    # An attacker who trains the tower normalises each batch by its own statistics, which
+    # can undo a move made under the running ones (findings §21).
+    surrogate_bn: str = option("running", "BatchNorm statistics while optimising noise and "
+                               "triggers: the surrogate's running ones, or each batch's own, "
+                               "as an attacker trains.", choices=("running", "batch"))
     coarse: int = coarse_option()
     gray_noise: bool = gray_noise_option()
 
@@ -183,7 +188,7 @@ class BilevelMethod(ProtectionMethod):
     @property
     def batch_statistics(self) -> bool:
         """Optimise with BatchNorm on batch statistics (as an attacker trains)."""
-        return False
+        return self.config.surrogate_bn == "batch"
 
     def texts(self, items: list[ProtectionItem], round_index: int,
               generator: torch.Generator) -> list[TextItem]:

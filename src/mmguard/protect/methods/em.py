@@ -13,9 +13,6 @@ from mmguard.protect.engine import BilevelConfig, BilevelMethod
 class EMConfig(BilevelConfig):
     stop_loss: float = option(0.01, "Stop when the mean training loss on protected data is "
                               "below this.")
-    surrogate_bn: str = option("running", "BatchNorm statistics while optimising noise and "
-                               "triggers: the surrogate's running ones, or each batch's own, "
-                               "as an attacker trains.", choices=("running", "batch"))
     surrogate_pretrained: str | None = option(None, "Pretrained weights for a contrastive "
                                               "surrogate (open_clip tag or checkpoint path).",
                                               type=str)
@@ -65,7 +62,3 @@ class ErrorMinimizing(BilevelMethod):
     @property
     def stop_loss(self) -> float | None:
         return self.config.stop_loss
-
-    @property
-    def batch_statistics(self) -> bool:
-        return self.config.surrogate_bn == "batch"

@@ -33,7 +33,9 @@ as it is; N: first trained N epochs on the clean data, e.g. `--surrogate rn-tiny
 --clean-epochs 30 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP
 crafts on a model trained on the data), pretrained_too (off: with clean_epochs, also
 collide on the pretrained tower as it came, an ensemble for attackers who fine-tune it and
-who do not), surrogates (lit for pairs, smolvlm-lite for triples).
+who do not), surrogate_bn (running: BatchNorm on the tower's running statistics, as a
+frozen tower reads images; batch: on each batch's own, as a tower being fine-tuned reads
+them while it trains), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
