@@ -5,14 +5,16 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
-from benchmarks.feature_probe import probe
+from benchmarks.feature_probe import _features, probe
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image
 from mmguard.data.sources import read_dataset
 from mmguard.protect.registry import create_method
 from mmguard.protect.run import protect_dataset
+from mmguard.protect.surrogates import create_surrogate
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,6 @@ def test_probe_sees_the_move_on_the_surrogate_and_none_on_clean_files(release, t
 
 
 def test_batch_statistics_features_come_back_in_order_and_leave_running_stats_alone():
-    import torch
-
-    from benchmarks.feature_probe import _features
-    from mmguard.protect.surrogates import create_surrogate
-
     surrogate = create_surrogate(["rn-test"])
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))
               for i in range(10)]

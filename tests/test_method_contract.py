@@ -469,8 +469,8 @@ def test_wrong_target_on_batch_statistics_moves_features_as_a_training_tower_rea
         protect_dataset(dataset, methods[bn], tmp_path / bn, limit=16, progress=False)
     tower = methods["batch"].surrogate
     keys = list(methods["batch"].target_image_of)
-    clean_images = {k: to_float(load_image_uint8(r.image, k)) for k, r in
-                    ((r.image.key, r) for r in dataset.records[:16])}
+    clean_images = {r.image.key: to_float(load_image_uint8(r.image, r.image.key))
+                    for r in dataset.records[:16]}
 
     def training_view(images: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad(), tower.perturbation_mode(batch_statistics=True):
