@@ -314,3 +314,11 @@ def test_projector_option_is_for_lvlm_attackers():
     assert result.returncode == 1
     assert "--projector applies to LVLM attackers; rn-test is a contrastive model" in \
         result.stderr
+
+
+def test_test_batchnorm_is_for_contrastive_attackers():
+    result = mmguard("evaluate", "--train", "digits:train", "--test", "digits:test",
+                     "--attacker", "lvlm-test", "--test-batchnorm", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--test-batchnorm applies to contrastive attackers; lvlm-test is an LVLM" in \
+        result.stderr

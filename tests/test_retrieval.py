@@ -8,6 +8,7 @@ from mmguard.errors import MMGuardError
 from mmguard.evaluate import retrieval
 from mmguard.evaluate.retrieval import (
     degradation,
+    evaluate_retrieval,
     random_guess_level,
     retrieval_metrics,
     retrieval_ranks,
@@ -301,3 +302,37 @@ def test_degradation_arithmetic():
     assert result["t2i"]["MedR_ratio"] == pytest.approx(0.5)
     assert set(result) == {"i2t", "t2i"}
     assert set(result["i2t"]) == {"R@1", "R@5", "MedR_ratio"}
+
+
+def test_test_batchnorm_scores_the_same_whatever_running_statistics_training_left(monkeypatch):
+    from mmguard.attack.contrastive import ImageCaptionSet
+    from mmguard.models.registry import create_contrastive_model
+
+    torch.manual_seed(0)
+    model = create_contrastive_model("rn-test", None, "cpu")
+    test = ImageCaptionSet([torch.rand(3, 40, 40) for _ in range(10)],
+                           [[f"a photo of item {i}"] for i in range(10)])
+    seen = []
+    real_metrics = retrieval.retrieval_metrics
+
+    def capture(image_features, text_features, owners, *args, **kwargs):
+        seen.append(image_features)
+        return real_metrics(image_features, text_features, owners, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "retrieval_metrics", capture)
+
+    def features(test_batchnorm: bool) -> torch.Tensor:
+        evaluate_retrieval(model, test, test_batchnorm=test_batchnorm)
+        return seen[-1]
+
+    plain, adapted = features(False), features(True)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for norm in norms:  # what training on noisy data might leave behind
+        norm.running_mean.add_(torch.randn_like(norm.running_mean))
+        norm.running_var.mul_(4.0)
+    corrupted = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    assert not torch.allclose(features(False), plain, atol=1e-3)
+    torch.testing.assert_close(features(True), adapted)
+    for norm, (mean, var) in zip(norms, corrupted, strict=True):  # the model's own are back
+        assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from mmguard.models.training import Trainer, epoch_order, steps_per_run, train_epochs
+from mmguard.models.training import (
+    Trainer,
+    batchnorm_statistics_of,
+    epoch_order,
+    steps_per_run,
+    train_epochs,
+)
 
 
 def _regression(seed: int = 0):
@@ -99,3 +105,26 @@ def test_frozen_parts_train_in_inference_mode():
                  shuffle=random.Random(0))
     assert set(modes) == {(True, True, True, True)}
     assert not torch.equal(tower[1].running_mean, stats)
+
+
+def test_batchnorm_statistics_come_from_the_fed_inputs_and_go_back_on_exit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    norm = model[1]
+    norm.running_mean.fill_(7.0)  # as if trained on shifted data
+    norm.running_var.fill_(3.0)
+    model.train()
+    batches = [torch.randn(8, 3, 6, 6) + 2.0 for _ in range(3)]
+    with torch.no_grad():
+        conv_out = torch.cat([model[0](b) for b in batches])
+    with batchnorm_statistics_of(model, lambda: [model(b) for b in batches]):
+        # The exact average over the fed batches (equal sizes: the mean of all of them),
+        # not an exponential mix with the old 7.0.
+        torch.testing.assert_close(norm.running_mean, conv_out.mean(dim=(0, 2, 3)))
+        assert not model.training and not model[2].training
+        with torch.no_grad():
+            first, second = model(batches[0]), model(batches[0])
+        torch.testing.assert_close(first, second)  # inference mode: no dropout, no update
+    assert model.training
+    assert torch.all(norm.running_mean == 7.0) and torch.all(norm.running_var == 3.0)
+    assert norm.momentum == 0.1

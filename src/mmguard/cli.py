@@ -249,6 +249,10 @@ def _print_summary(summary: RunSummary, eps: float, seconds: float) -> None:
               help="Adaptive attacker: before training, delete words found in fewer than N "
                    "training texts (N >= 2; captions, or prompts of triples), or in fewer than "
                    "a fraction F in (0, 1) of them. Applied to --baseline-train too.")
+@click.option("--test-batchnorm", is_flag=True, default=False,
+              help="Adaptive contrastive attacker: score with BatchNorm statistics re-estimated "
+                   "on the clean test images (AdaBN), undoing the shift noisy training data "
+                   "left in the running ones.")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated attacker seeds; results report mean and spread.")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None,

@@ -274,7 +274,8 @@ def attack_once(spec: str, seed: int, train, test, every_epoch: bool,
     if isinstance(recipe, AttackerRecipe):
         def after_epoch(model, epoch):
             if every_epoch or epoch == recipe.epochs:
-                epochs.append(_contrastive_scores(evaluate_retrieval(model, test)))
+                epochs.append(_contrastive_scores(evaluate_retrieval(
+                    model, test, test_batchnorm=bool(recipe.test_batchnorm))))
 
         train_attacker(train, recipe, after_epoch=after_epoch)
     else:

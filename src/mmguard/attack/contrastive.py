@@ -9,6 +9,10 @@ The recipe follows MEM's (Liu et al. 2024, section 4.1): AdamW, weight decay
 - projection: freeze both towers, train only the projection heads and the
   temperature (a linear-probe style attacker).
 
+`test_batchnorm` makes any recipe score with BatchNorm statistics re-estimated on the
+clean test images (AdaBN; `evaluate_retrieval`), an attacker's answer to noise that
+moved the statistics its training accumulated.
+
 Images are decoded once and kept at the model's input size (the
 `ImagePreprocess` resize/crop, normalisation done per batch); an augmentation
 spec, if given, is applied to each stored-resolution image before that, once
@@ -49,6 +53,9 @@ class AttackerRecipe:
     seed: int = 0
     device: str = "cpu"
     augment: AugmentPipeline | None = None
+    # Scored with BatchNorm statistics re-read on the clean test images (AdaBN): noise
+    # shifts the statistics a fine-tuner's running ones learn, and this undoes that part.
+    test_batchnorm: bool = False
 
 
 @dataclass

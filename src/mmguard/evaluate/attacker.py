@@ -70,6 +70,7 @@ class AttackerEvaluation:
     device: str = "cpu"
     # contrastive attackers only
     pretrained: str | None = None
+    test_batchnorm: bool = False
     # LVLM attackers only
     limit_train: int | None = None
     limit_test: int | None = None
@@ -115,7 +116,7 @@ def _run_contrastive(spec: AttackerEvaluation, attacker: str, augment, train, te
                      log: Log) -> dict:
     recipe = AttackerRecipe(model=attacker, recipe=spec.recipe or "scratch",
                             pretrained=spec.pretrained, device=spec.device, augment=augment,
-                            **spec.training_overrides())
+                            test_batchnorm=spec.test_batchnorm, **spec.training_overrides())
     return evaluate_contrastive(train, test, recipe, spec.seeds, baseline, log=log)
 
 
@@ -134,7 +135,7 @@ def _run_lvlm(spec: AttackerEvaluation, attacker: str, augment, train, test, bas
 PROTOCOLS: dict[Family, FamilyProtocol] = {
     "contrastive": FamilyProtocol(
         name="contrastive", noun="a contrastive model", default_attacker="rn-tiny",
-        recipes=RECIPES, options=("pretrained",), min_batch_size=2,
+        recipes=RECIPES, options=("pretrained", "test_batchnorm"), min_batch_size=2,
         load=lambda dataset, limit: load_pairs(dataset), mix_clean=mix_clean,
         run=_run_contrastive, table=markdown_table, summary=contrastive_summary),
     "lvlm": FamilyProtocol(
@@ -194,7 +195,8 @@ def _check_options(spec: AttackerEvaluation, protocol: FamilyProtocol, attacker:
                            f"(recipes: {', '.join(protocol.recipes)})")
     for other in PROTOCOLS.values():
         given = [name for name in other.options
-                 if name not in protocol.options and getattr(spec, name) is not None]
+                 if name not in protocol.options
+                 and getattr(spec, name) not in (None, False)]  # False: a flag not given
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             verb = "applies" if len(given) == 1 else "apply"

@@ -129,7 +129,7 @@ def run_seeds(train: ImageCaptionSet, test: ImageCaptionSet, recipe: AttackerRec
               seeds: list[int], label: str, log=print) -> dict:
     def run_one(seed: int) -> dict:
         model, losses = train_attacker(train, replace(recipe, seed=seed))
-        metrics = evaluate_retrieval(model, test)
+        metrics = evaluate_retrieval(model, test, test_batchnorm=recipe.test_batchnorm)
         metrics["final_train_loss"] = round(losses[-1], 4)
         return metrics
 

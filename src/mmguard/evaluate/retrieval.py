@@ -43,8 +43,12 @@ import torch.nn.functional as F
 from mmguard.attack.contrastive import ImageCaptionSet, model_input_pixels
 from mmguard.errors import MMGuardError
 from mmguard.models.contrastive import ContrastiveModel
+from mmguard.models.training import batchnorm_statistics_of
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+# Images per batch when BatchNorm statistics are re-read on the test set: the
+# attackers' training batch.
+TEST_BATCHNORM_BATCH = 64
 
 # Similarity values held in memory at once per block (64 MB as float32).
 _BLOCK_ELEMENTS = 1 << 24
@@ -263,15 +267,25 @@ def degradation(clean: dict, protected: dict) -> dict:
 
 @torch.no_grad()
 def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
-                       batch_size: int = 256) -> dict:
+                       batch_size: int = 256, test_batchnorm: bool = False) -> dict:
     """R@1/5/10, MedR and MeanR in both directions on a (clean) test set, and the
-    random-guess level for it under "random"."""
+    random-guess level for it under "random".
+
+    test_batchnorm: score with BatchNorm statistics re-estimated on the test images
+    (in batches of `TEST_BATCHNORM_BATCH`), the model's own restored afterwards."""
     model.eval()
     device = model.device
     pixels = model_input_pixels(model, test.images)
-    image_features = torch.cat([
-        model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
-        for chunk in pixels.split(batch_size)])
+
+    def encode(chunks) -> torch.Tensor:
+        return torch.cat([model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
+                          for chunk in chunks])
+
+    if test_batchnorm:
+        with batchnorm_statistics_of(model, lambda: encode(pixels.split(TEST_BATCHNORM_BATCH))):
+            image_features = encode(pixels.split(batch_size))
+    else:
+        image_features = encode(pixels.split(batch_size))
     texts = [caption for captions in test.captions for caption in captions]
     owners = torch.tensor([i for i, captions in enumerate(test.captions) for _ in captions])
     text_features = torch.cat([model.encode_text(model.tokenize(texts[s:s + batch_size])

@@ -24,9 +24,10 @@ the peak rate throughout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +144,43 @@ def freeze_untrained(model: nn.Module, trained: Iterable[nn.Parameter]) -> None:
         parameters = list(module.parameters())
         if parameters and not any(id(p) in trained_ids for p in parameters):
             module.eval()
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_of(model: nn.Module, feed: Callable[[], None]) -> Iterator[None]:
+    """Inside, `model` is in inference mode with every BatchNorm layer normalising by the
+    statistics of the inputs `feed()` runs through the model (an exact average over its
+    batches: AdaBN, Li et al. 2016); on exit the running statistics it had come back.
+
+    An attacker who trained on noisy images re-estimates the statistics on clean images
+    (the test queries themselves, no labels needed) to undo what the noise did to them:
+    that alone removed uniform noise's whole effect on the fine-tuned LiT (findings §22).
+    The other layers stay in inference mode while `feed` runs, so dropout and stochastic
+    depth do not enter the statistics.
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
+              m.momentum) for m in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average, not an exponential one
+            norm.train()
+        with torch.no_grad():
+            feed()
+        for norm in norms:
+            norm.eval()
+        yield
+    finally:
+        for norm, (mean, var, count, momentum) in zip(norms, saved, strict=True):
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.num_batches_tracked.copy_(count)
+            norm.momentum = momentum
+        model.train(was_training)
 
 
 def train_epochs(trainer: Trainer, model: nn.Module,
