@@ -27,6 +27,7 @@ from mmguard.lab import (
     LabSetting,
     _recipe,
     append_row,
+    attack_once,
     attacker_sets,
     audited_stealth,
     hold_out,
@@ -247,6 +248,26 @@ def test_lab_options_and_attackers_are_parsed_and_checked():
                                                                  {"epochs": 5, "lr": 1e-3})
     with pytest.raises(MMGuardError, match="MODEL:RECIPE"):
         parse_attacker("lit")
+
+
+def test_an_attacker_spec_can_ask_for_batchnorm_statistics_read_on_the_test_images(monkeypatch):
+    import mmguard.lab as lab
+
+    asked = []
+    real = lab.evaluate_retrieval
+
+    def recording(model, test, **options):
+        asked.append(options.get("test_batchnorm", False))
+        return real(model, test, **options)
+
+    monkeypatch.setattr(lab, "evaluate_retrieval", recording)
+    torch.manual_seed(0)
+    data = ImageCaptionSet([torch.rand(3, 32, 32) for _ in range(8)],
+                           [[f"item number {i}"] for i in range(8)])
+    for spec in ("rn-test:scratch:epochs=1,batch_size=8,test_batchnorm=1",
+                 "rn-test:scratch:epochs=1,batch_size=8"):
+        attack_once(spec, 0, data, data, every_epoch=True)
+    assert asked == [True, False]
 
 
 # -- releases made per caption row ------------------------------------------------------------

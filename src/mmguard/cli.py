@@ -342,7 +342,8 @@ def audit(folder, original, json_out):
               help="A method option, named as its config field (e.g. pgd_steps=40); repeatable.")
 @click.option("--attacker", "attackers", multiple=True, required=True,
               help="MODEL:RECIPE[:key=value,...], e.g. lit:projection, rn-tiny:scratch, "
-                   "smolvlm-lite:lora:epochs=2; repeatable.")
+                   "smolvlm-lite:lora:epochs=2, lit:finetune:test_batchnorm=1 (scored with "
+                   "BatchNorm statistics re-read on the clean test images); repeatable.")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--limit", type=click.IntRange(min=4), default=None,
               help="First N images of the training split (before the hold-out).")
