@@ -32,6 +32,7 @@ features then give bit-identical similarities, and ties are seen as ties).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -281,10 +282,9 @@ def evaluate_retrieval(model: ContrastiveModel, test: ImageCaptionSet,
         return torch.cat([model.encode_pixels(model.preprocess.normalize(chunk.to(device)))
                           for chunk in chunks])
 
-    if test_batchnorm:
-        with batchnorm_statistics_of(model, lambda: encode(pixels.split(TEST_BATCHNORM_BATCH))):
-            image_features = encode(pixels.split(batch_size))
-    else:
+    statistics = (batchnorm_statistics_of(model, lambda: encode(pixels.split(TEST_BATCHNORM_BATCH)))
+                  if test_batchnorm else contextlib.nullcontext())
+    with statistics:
         image_features = encode(pixels.split(batch_size))
     texts = [caption for captions in test.captions for caption in captions]
     owners = torch.tensor([i for i, captions in enumerate(test.captions) for _ in captions])

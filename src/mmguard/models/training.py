@@ -146,6 +146,11 @@ def freeze_untrained(model: nn.Module, trained: Iterable[nn.Parameter]) -> None:
             module.eval()
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of `model`, of any dimension."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def batchnorm_statistics_of(model: nn.Module, feed: Callable[[], None]) -> Iterator[None]:
     """Inside, `model` is in inference mode with every BatchNorm layer normalising by the
@@ -158,8 +163,7 @@ def batchnorm_statistics_of(model: nn.Module, feed: Callable[[], None]) -> Itera
     The other layers stay in inference mode while `feed` runs, so dropout and stochastic
     depth do not enter the statistics.
     """
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in batchnorm_layers(model) if m.track_running_stats]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
               m.momentum) for m in norms]
     was_training = model.training

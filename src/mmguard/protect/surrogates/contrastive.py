@@ -24,7 +24,7 @@ from torch import nn
 from mmguard.errors import MMGuardError
 from mmguard.models.contrastive import ContrastiveModel, info_nce
 from mmguard.models.registry import create_contrastive_model
-from mmguard.models.training import Trainer
+from mmguard.models.training import Trainer, batchnorm_layers
 from mmguard.protect.surrogates.base import Images, Surrogate, TextItem
 from mmguard.protect.triggers import trigger_vocabulary
 
@@ -85,7 +85,7 @@ class ContrastiveSurrogate(Surrogate):
             model.eval()
             yield
             return
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = batchnorm_layers(model)
         momenta = [m.momentum for m in norms]
         model.train()
         for norm in norms:
