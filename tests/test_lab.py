@@ -37,6 +37,7 @@ from mmguard.lab import (
     run_lab,
     split_training,
     training_sets,
+    training_spec,
 )
 from mmguard.protect.registry import create_method, parse_options
 from tests.conftest import write_manifest
@@ -266,8 +267,64 @@ def test_an_attacker_spec_can_ask_for_batchnorm_statistics_read_on_the_test_imag
                            [[f"item number {i}"] for i in range(8)])
     for spec in ("rn-test:scratch:epochs=1,batch_size=8,test_batchnorm=1",
                  "rn-test:scratch:epochs=1,batch_size=8"):
-        attack_once(spec, 0, data, data, every_epoch=True)
+        attack_once([spec], 0, data, data, every_epoch=True)
     assert asked == [True, False]
+
+
+def test_specs_differing_only_in_scoring_share_one_training_and_score_as_apart(monkeypatch):
+    import mmguard.lab as lab
+
+    trainings = []
+    real = lab.train_attacker
+
+    def counting(*args, **kwargs):
+        trainings.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lab, "train_attacker", counting)
+    torch.manual_seed(0)
+    data = ImageCaptionSet([torch.rand(3, 32, 32) for _ in range(8)],
+                           [[f"item number {i}"] for i in range(8)])
+    adabn, plain = ("rn-test:scratch:epochs=2,batch_size=4,test_batchnorm=1",
+                    "rn-test:scratch:batch_size=4,epochs=2")
+    assert training_spec(adabn) == training_spec(plain) == "rn-test:scratch:batch_size=4,epochs=2"
+    together = attack_once([adabn, plain], 0, data, data, every_epoch=True)
+    assert len(trainings) == 1
+    apart = {spec: attack_once([spec], 0, data, data, every_epoch=True)[spec]
+             for spec in (adabn, plain)}
+    # scoring one way leaves the model as it was for the other, and for the next epoch
+    assert together == apart
+    assert together[adabn]["epochs"] != together[plain]["epochs"]
+    with pytest.raises(MMGuardError, match="train differently"):
+        attack_once([plain, "rn-test:scratch:epochs=1,batch_size=4"], 0, data, data, True)
+
+
+def test_a_row_trains_once_for_attackers_that_differ_only_in_scoring(tmp_path, monkeypatch):
+    import mmguard.lab as lab
+
+    trainings = []
+    real = lab.train_attacker
+
+    def counting(*args, **kwargs):
+        trainings.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lab, "train_attacker", counting)
+    plain = "rn-test:scratch:epochs=1,batch_size=8"
+    adabn = plain + ",test_batchnorm=1"
+    cache = ControlCache(tmp_path / "controls.json")
+    setting = LabSetting(dataset="digits", kind="pairs", method="random",
+                         attackers=(adabn, plain), seeds=(0,), limit=16)
+    row = run_lab(setting, tmp_path / "a", log=lambda line: None, cache=cache)
+    assert list(row["attackers"]) == [adabn, plain]
+    assert len(trainings) == 3  # clean, uniform, method: one training each
+    # the plain spec's controls were stored under its own key: a row with it alone reuses them
+    lines: list[str] = []
+    alone = run_lab(dataclasses.replace(setting, attackers=(plain,)), tmp_path / "a",
+                    log=lines.append, cache=cache)
+    assert len(trainings) == 3 and all(line.endswith(("(cached)", "(resumed)"))
+                                       for line in lines)
+    assert alone["attackers"][plain] == row["attackers"][plain]
 
 
 # -- releases made per caption row ------------------------------------------------------------

@@ -111,6 +111,19 @@ def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
     return parts[0], parts[1], overrides
 
 
+# Options that change how a trained attacker is scored, not how it trains: specs that
+# differ only in these share one training run per set and seed.
+SCORING_ONLY = ("test_batchnorm",)
+
+
+def training_spec(spec: str) -> str:
+    """The attacker spec without its scoring-only options, options in a fixed order:
+    "lit:finetune:test_batchnorm=1,lr=1e-4" -> "lit:finetune:lr=0.0001"."""
+    model, recipe, overrides = parse_attacker(spec)
+    kept = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k not in SCORING_ONLY)
+    return f"{model}:{recipe}" + (f":{kept}" if kept else "")
+
+
 def _recipe(spec: str, seed: int, augment: str | None = None):
     model, recipe, overrides = parse_attacker(spec)
     pipeline = parse_augment(augment) if augment else None
@@ -265,17 +278,23 @@ def _contrastive_scores(metrics: dict) -> dict[str, float]:
             "t2i R@10": metrics["t2i"]["R@10"], "t2i MedR": metrics["t2i"]["MedR"]}
 
 
-def attack_once(spec: str, seed: int, train, test, every_epoch: bool,
-                augment: str | None = None) -> dict[str, Any]:
-    """Train one attacker on `train` (transformed by `augment`, if given); its clean-test
-    scores after every epoch (or the last)."""
-    recipe = _recipe(spec, seed, augment)
-    epochs: list[dict[str, float]] = []
+def attack_once(specs: list[str], seed: int, train, test, every_epoch: bool,
+                augment: str | None = None) -> dict[str, dict[str, Any]]:
+    """Train one attacker on `train` (transformed by `augment`, if given) and score it on
+    clean `test` after every epoch (or the last), once per spec: {spec: {"final", "epochs"}}.
+    Several specs must share their training (`training_spec`), e.g. one plain and one
+    scored with re-read BatchNorm statistics."""
+    if len({training_spec(spec) for spec in specs}) != 1:
+        raise MMGuardError(f"attackers {', '.join(specs)} train differently; run them apart")
+    recipes = {spec: _recipe(spec, seed, augment) for spec in specs}
+    recipe = recipes[specs[0]]
+    epochs: dict[str, list[dict[str, float]]] = {spec: [] for spec in specs}
     if isinstance(recipe, AttackerRecipe):
         def after_epoch(model, epoch):
             if every_epoch or epoch == recipe.epochs:
-                epochs.append(_contrastive_scores(evaluate_retrieval(
-                    model, test, test_batchnorm=bool(recipe.test_batchnorm))))
+                for spec, scored in recipes.items():
+                    epochs[spec].append(_contrastive_scores(evaluate_retrieval(
+                        model, test, test_batchnorm=bool(scored.test_batchnorm))))
 
         train_attacker(train, recipe, after_epoch=after_epoch)
     else:
@@ -286,10 +305,11 @@ def attack_once(spec: str, seed: int, train, test, every_epoch: bool,
             if every_epoch or epoch == recipe.epochs:
                 adapter.model.eval()
                 scores = evaluate_answers(adapter, test, train, settings)
-                epochs.append({name: scores[name] for name, _ in METRICS["lvlm"]})
+                for spec in specs:
+                    epochs[spec].append({name: scores[name] for name, _ in METRICS["lvlm"]})
 
         fine_tune_lvlm(adapter, train, recipe, progress=progress)
-    return {"final": epochs[-1], "epochs": epochs}
+    return {spec: {"final": runs[-1], "epochs": runs} for spec, runs in epochs.items()}
 
 
 def _best(epochs: list[dict[str, float]], family: str) -> dict[str, float]:
@@ -413,30 +433,44 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
         if DATA_KIND[family] != setting.kind:
             raise MMGuardError(f"attacker {spec} trains on {DATA_KIND[family]}, the row "
                                f"protects {setting.kind}")
-        results: dict[str, Any] = {}
+    groups: dict[str, list[str]] = {}
+    for spec in dict.fromkeys(setting.attackers):  # each spec once, in the given order
+        groups.setdefault(training_spec(spec), []).append(spec)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for group in groups.values():
+        family = family_of(parse_attacker(group[0])[0], "attacker")
         for name, train in sets.items():
-            runs = []
             for seed in setting.seeds:
                 started = time.monotonic()
-                key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
                 store = cache if name in ControlCache.SHARED else resumable
-                if store is resumable:
-                    key = json.dumps([release, key])
-                cached = store.get(key)
-                run = cached or attack_once(spec, seed, train, test, every_epoch,
-                                            setting.augment)
-                run["best"] = _best(run["epochs"], family)
-                runs.append(run)
-                if cached is None:
-                    store.put(key, run)
-                took = (f"{time.monotonic() - started:.0f} s" if cached is None else
-                        "cached" if store is cache else "resumed")
-                log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
-                    f"{_short(run['best'])} ({took})")
+                keys = {}
+                for spec in group:
+                    key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
+                    keys[spec] = json.dumps([release, key]) if store is resumable else key
+                done = {spec: store.get(key) for spec, key in keys.items()}
+                missing = [spec for spec, run in done.items() if run is None]
+                # One training for every spec of the group still to run, scored once each.
+                trained = attack_once(missing, seed, train, test, every_epoch,
+                                      setting.augment) if missing else {}
+                for spec in group:
+                    run = done[spec] or trained[spec]
+                    run["best"] = _best(run["epochs"], family)
+                    if done[spec] is None:
+                        store.put(keys[spec], run)
+                    runs.setdefault((spec, name), []).append(run)
+                    took = (f"{time.monotonic() - started:.0f} s" if done[spec] is None else
+                            "cached" if store is cache else "resumed")
+                    log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
+                        f"{_short(run['best'])} ({took})")
+    for spec in dict.fromkeys(setting.attackers):
+        family = family_of(parse_attacker(spec)[0], "attacker")
+        results: dict[str, Any] = {}
+        for name in sets:
+            done_runs = runs[(spec, name)]
             results[name] = {
-                which: {metric: _mean_sem([r[which][metric] for r in runs])
+                which: {metric: _mean_sem([r[which][metric] for r in done_runs])
                         for metric, _ in METRICS[family]} for which in ("final", "best")}
-            results[name]["epochs"] = [r["epochs"] for r in runs]
+            results[name]["epochs"] = [r["epochs"] for r in done_runs]
         row["attackers"][spec] = results
     return row
 
