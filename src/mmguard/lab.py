@@ -322,6 +322,22 @@ def _mean_sem(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "sem": sem, "runs": values}
 
 
+def _training_groups(specs) -> list[list[str]]:
+    """The specs (each once, in order) grouped by the attacker they train."""
+    groups: dict[str, list[str]] = {}
+    for spec in dict.fromkeys(specs):
+        groups.setdefault(training_spec(spec), []).append(spec)
+    return list(groups.values())
+
+
+def _summary(runs: list[dict[str, Any]], spec: str) -> dict[str, Any]:
+    """Mean ± s.e. over the seeds' runs of one attacker on one set, final and best."""
+    metrics = METRICS[family_of(parse_attacker(spec)[0], "attacker")]
+    return {**{which: {metric: _mean_sem([r[which][metric] for r in runs])
+                       for metric, _ in metrics} for which in ("final", "best")},
+            "epochs": [r["epochs"] for r in runs]}
+
+
 # -- one row -----------------------------------------------------------------------------
 def uniform_options(setting: LabSetting) -> dict[str, Any]:
     """The uniform control of a method run with low-frequency (`coarse`) or luma-only
@@ -410,6 +426,11 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     from mmguard.protect.registry import create_method
 
     create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)  # fail early
+    for spec in setting.attackers:
+        family = family_of(parse_attacker(spec)[0], "attacker")
+        if DATA_KIND[family] != setting.kind:
+            raise MMGuardError(f"attacker {spec} trains on {DATA_KIND[family]}, the row "
+                               f"protects {setting.kind}")
     if setting.augment:
         parse_augment(setting.augment)  # fail early too
     if setting.strip_rare_words:
@@ -423,30 +444,21 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
     per_caption = read_run_record(work / "protected").per_caption
     row["release_per"] = "caption" if per_caption else "image"
     row["train_items"] = len(sets["method"].images)  # images, or caption rows
-    row["attackers"] = {}
     # Runs on the sets made from this protected folder (method, noise only, trigger only)
     # are kept beside it, so a killed row resumes after its last finished attacker run.
     resumable = ControlCache(work / "attacker-runs.json")
     release = hashlib.sha256((work / "protected" / "mmguard-run.json").read_bytes()).hexdigest()
-    for spec in setting.attackers:
-        family = family_of(parse_attacker(spec)[0], "attacker")
-        if DATA_KIND[family] != setting.kind:
-            raise MMGuardError(f"attacker {spec} trains on {DATA_KIND[family]}, the row "
-                               f"protects {setting.kind}")
-    groups: dict[str, list[str]] = {}
-    for spec in dict.fromkeys(setting.attackers):  # each spec once, in the given order
-        groups.setdefault(training_spec(spec), []).append(spec)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for group in groups.values():
+    for group in _training_groups(setting.attackers):
         family = family_of(parse_attacker(group[0])[0], "attacker")
         for name, train in sets.items():
+            store = cache if name in ControlCache.SHARED else resumable
             for seed in setting.seeds:
                 started = time.monotonic()
-                store = cache if name in ControlCache.SHARED else resumable
-                keys = {}
-                for spec in group:
-                    key = ControlCache.key(setting, name, spec, seed, every_epoch, per_caption)
-                    keys[spec] = json.dumps([release, key]) if store is resumable else key
+                keys = {spec: ControlCache.key(setting, name, spec, seed, every_epoch,
+                                               per_caption) for spec in group}
+                if store is resumable:
+                    keys = {spec: json.dumps([release, key]) for spec, key in keys.items()}
                 done = {spec: store.get(key) for spec, key in keys.items()}
                 missing = [spec for spec, run in done.items() if run is None]
                 # One training for every spec of the group still to run, scored once each.
@@ -462,16 +474,8 @@ def run_lab(setting: LabSetting, work: Path, log: Log = print,
                             "cached" if store is cache else "resumed")
                     log(f"{spec} on {name}, seed {seed}: final {_short(run['final'])}, best "
                         f"{_short(run['best'])} ({took})")
-    for spec in dict.fromkeys(setting.attackers):
-        family = family_of(parse_attacker(spec)[0], "attacker")
-        results: dict[str, Any] = {}
-        for name in sets:
-            done_runs = runs[(spec, name)]
-            results[name] = {
-                which: {metric: _mean_sem([r[which][metric] for r in done_runs])
-                        for metric, _ in METRICS[family]} for which in ("final", "best")}
-            results[name]["epochs"] = [r["epochs"] for r in done_runs]
-        row["attackers"][spec] = results
+    row["attackers"] = {spec: {name: _summary(runs[(spec, name)], spec) for name in sets}
+                        for spec in dict.fromkeys(setting.attackers)}
     return row
 
 
