@@ -57,6 +57,14 @@ def test_protect_without_a_method_uses_the_recommended_one_and_says_why(tmp_path
     assert config["step_size"] == pytest.approx(2 / 255)
 
 
+def test_a_recommendation_names_its_options_as_protect_flags():
+    from mmguard.protect.recommend import Recommendation
+
+    chosen = Recommendation("wrong-target", "measured", options={
+        "pgd_steps": 25, "step_size": 2 / 255, "pretrained_too": True, "robust_every": False})
+    assert chosen.describe_options() == "--pgd-steps 25, --step-size 2/255, --pretrained-too"
+
+
 def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
     from mmguard.protect.recommend import apply_strength
 

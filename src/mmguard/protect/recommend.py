@@ -33,9 +33,15 @@ class Recommendation:
     options: dict[str, Any] = field(default_factory=dict)
 
     def describe_options(self) -> str:
-        return ", ".join(f"--{name.replace('_', '-')} "
-                         f"{(isinstance(value, float) and as_levels(value)) or value}"
-                         for name, value in self.options.items())
+        """The options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
+        flags = []
+        for name, value in self.options.items():
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(value, bool):  # an on/off flag takes no value
+                flags += [flag] if value else []
+            else:
+                flags.append(f"{flag} {as_levels(value) if isinstance(value, float) else value}")
+        return ", ".join(flags)
 
 
 RECOMMENDED: dict[str, Recommendation] = {
