@@ -264,8 +264,20 @@ def test_wrong_target_retrains_its_tower_on_the_release_between_rounds(tmp_path)
                                   atol=1e-4)
     history = runs[3].history
     assert len(history) == 2 and history[1]["target_distance_ratio"] < 0.95
-    with pytest.raises(MMGuardError, match="retrain_steps trains between rounds"):
+    # In passes: 1.5 passes over 16 images in batches of 8 are the same 3 steps.
+    by_passes = create_method("wrong-target", "pairs", retrain_epochs=1.5, **options)
+    assert by_passes.retraining_steps(16) == 3 and by_passes.retraining_steps(17) == 5
+    protect_dataset(dataset, by_passes, tmp_path / "retrain-passes", limit=16, progress=False)
+    with torch.no_grad(), retrained.perturbation_mode(), by_passes.surrogate.perturbation_mode():
+        assert torch.allclose(by_passes.surrogate.image_features(image),
+                              retrained.image_features(image), atol=1e-6)
+    with pytest.raises(MMGuardError, match="retraining happens between rounds"):
         create_method("wrong-target", "pairs", retrain_steps=3, surrogates=("rn-test",))
+    with pytest.raises(MMGuardError, match="retraining happens between rounds"):
+        create_method("wrong-target", "pairs", retrain_epochs=1, surrogates=("rn-test",))
+    with pytest.raises(MMGuardError, match="retrain_steps or retrain_epochs, not both"):
+        create_method("wrong-target", "pairs", retrain_steps=3, retrain_epochs=1, rounds=2,
+                      surrogates=("rn-test",))
 
 
 def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path):

@@ -23,19 +23,19 @@ trains heads, a projector or LoRA on the frozen tower's features then learns
 "features of group π(g) -> texts of group g", and on clean test images, whose
 features sit with their own group, answers with the texts of π⁻¹(group).
 
-Config (WrongTargetConfig): eps (8/255), step_size (1/255), pgd_steps (40),
-batch_size (32), groups (32: k-means clusters for pairs; triples use their
-answers), target (image), temperature (0.1, in units of the mean
-centroid distance; centroid target only), rounds (1), retrain_steps (0: N trains the
-crafting tower N steps on the current release before each later round, as the attacker
-trains on it), clean_epochs (0: the surrogate's tower
-as it is; N: first trained N epochs on the clean data, e.g. `--surrogate rn-tiny
---clean-epochs 30 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP
-crafts on a model trained on the data), pretrained_too (off: with clean_epochs, also
-collide on the pretrained tower as it came, an ensemble for attackers who fine-tune it and
-who do not), surrogate_bn (running: BatchNorm on the tower's running statistics, as a
-frozen tower reads images; batch: on each batch's own, as a tower being fine-tuned reads
-them while it trains), surrogates (lit for pairs, smolvlm-lite for triples).
+Config (WrongTargetConfig): eps (8/255), step_size (1/255), pgd_steps (40), batch_size
+(32), groups (32: k-means clusters for pairs; triples use their answers), target
+(image), temperature (0.1, in units of the mean centroid distance; centroid target
+only), rounds (1), retrain_steps (0: N trains the crafting tower N steps on the current
+release before each later round, as the attacker trains on it), retrain_epochs (0: the
+same in passes over the data), clean_epochs (0: the surrogate's tower as it is; N: first
+trained N epochs on the clean data, e.g. `--surrogate rn-tiny --clean-epochs 30
+--surrogate-lr 5e-4` for attackers who train from scratch, as TAP crafts on a model
+trained on the data), pretrained_too (off: with clean_epochs, also collide on the
+pretrained tower as it came, an ensemble for attackers who fine-tune it and who do not),
+surrogate_bn (running: BatchNorm on the tower's running statistics, as a frozen tower
+reads images; batch: on each batch's own, as a tower being fine-tuned reads them while
+it trains), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,11 @@ class WrongTargetConfig(SurrogateConfig):
     retrain_steps: int = option(0, "wrong-target: before each round after the first, train "
                                 "the crafting tower this many steps on the current release "
                                 "(true texts) and re-read the target features on it.", min=0)
+    # Steps are a fixed cost: 100 are 2 passes over 1,479 images but 130 over a folder
+    # of 24, where they only over-fit the crafting tower. Passes scale with the data.
+    retrain_epochs: float = option(0.0, "wrong-target: as retrain_steps, in passes over the "
+                                   "data (rounded up to whole batches); give one or the other.",
+                                   min=0.0)
 
 
 class WrongTarget(BilevelMethod):
@@ -102,8 +108,10 @@ class WrongTarget(BilevelMethod):
                                                and self.config.target == "image"):
             raise MMGuardError("wrong-target: pretrained_too needs clean_epochs > 0 and the "
                                "image target (without them there is one tower)")
-        if self.config.retrain_steps and self.config.rounds < 2:
-            raise MMGuardError("wrong-target: retrain_steps trains between rounds; give "
+        if self.config.retrain_steps and self.config.retrain_epochs:
+            raise MMGuardError("wrong-target: give retrain_steps or retrain_epochs, not both")
+        if (self.config.retrain_steps or self.config.retrain_epochs) and self.config.rounds < 2:
+            raise MMGuardError("wrong-target: retraining happens between rounds; give "
                                "rounds 2 or more")
 
     @property
@@ -146,10 +154,17 @@ class WrongTarget(BilevelMethod):
             self.pretrained_scale = _mean_centroid_distance(
                 pretrained_matrix, [self.group_of[key] for key in keys])
 
+    def retraining_steps(self, images: int) -> int:
+        """Surrogate steps on the release before each round after the first."""
+        if self.config.retrain_epochs:
+            return math.ceil(self.config.retrain_epochs * math.ceil(images / self.batch_size))
+        return self.config.retrain_steps
+
     def before_round(self, data: DatasetView, round_index: int) -> None:
-        if round_index == 0 or not self.config.retrain_steps:
+        steps = self.retraining_steps(len(data.keys))
+        if round_index == 0 or not steps:
             return
-        self._train_on_protected(data, round_index, self.config.retrain_steps)
+        self._train_on_protected(data, round_index, steps)
         # Groups and targets stay; only where the (clean) target images now sit moves.
         keys, matrix, _ = dataset_features(data, self.surrogate, self.config.batch_size,
                                            self.device, self.batch_statistics)
