@@ -65,9 +65,11 @@ RECOMMENDED: dict[str, Recommendation] = {
         "so rare-word stripping cannot undo it",
         "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
         "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
-        "the move, and an attacker who fine-tunes the whole tower undoes most of it (emoji "
-        "median rank 49, against 42 with uniform noise and 30 clean) (docs/findings.md §10, "
-        "§11, §14)",
+        "the move, and an attacker who fine-tunes the whole tower and re-reads its BatchNorm "
+        "statistics on clean images undoes most of it (emoji median rank 39, against 27 with "
+        "uniform noise and 26 clean); against that attacker add --clean-epochs 5 --rounds 4 "
+        "--retrain-steps 100 --pretrained-too --pgd-steps 25 (median rank 50 against 27, "
+        "linear probe 103; about 1.9 s per image) (docs/findings.md §10, §11, §14, §22, §23)",
         # Decaying steps settle the noise closer to the target features, and 100 of
         # them reach R@10 <= 2x random where 40 did not (docs/findings.md §12).
         options={"pgd_steps": 100, "step_schedule": "cosine", "step_size": 2 / 255}),
