@@ -271,17 +271,23 @@ def test_an_attacker_spec_can_ask_for_batchnorm_statistics_read_on_the_test_imag
     assert asked == [True, False]
 
 
-def test_specs_differing_only_in_scoring_share_one_training_and_score_as_apart(monkeypatch):
+@pytest.fixture
+def trainings(monkeypatch) -> list[int]:
+    """One entry per attacker training the lab starts."""
     import mmguard.lab as lab
 
-    trainings = []
+    started: list[int] = []
     real = lab.train_attacker
 
     def counting(*args, **kwargs):
-        trainings.append(1)
+        started.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lab, "train_attacker", counting)
+    return started
+
+
+def test_specs_differing_only_in_scoring_share_one_training_and_score_as_apart(trainings):
     torch.manual_seed(0)
     data = ImageCaptionSet([torch.rand(3, 32, 32) for _ in range(8)],
                            [[f"item number {i}"] for i in range(8)])
@@ -299,17 +305,7 @@ def test_specs_differing_only_in_scoring_share_one_training_and_score_as_apart(m
         attack_once([plain, "rn-test:scratch:epochs=1,batch_size=4"], 0, data, data, True)
 
 
-def test_a_row_trains_once_for_attackers_that_differ_only_in_scoring(tmp_path, monkeypatch):
-    import mmguard.lab as lab
-
-    trainings = []
-    real = lab.train_attacker
-
-    def counting(*args, **kwargs):
-        trainings.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lab, "train_attacker", counting)
+def test_a_row_trains_once_for_attackers_that_differ_only_in_scoring(tmp_path, trainings):
     plain = "rn-test:scratch:epochs=1,batch_size=8"
     adabn = plain + ",test_batchnorm=1"
     cache = ControlCache(tmp_path / "controls.json")
