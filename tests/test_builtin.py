@@ -690,6 +690,22 @@ def test_export_csv_round_trip(tmp_path: Path):
         assert torch.equal(image(exported), image(original))
 
 
+def test_export_spread_takes_images_evenly_spaced_over_the_set(tmp_path: Path):
+    # A source sorted by category has one category in its first rows; spread does not.
+    dataset = load_builtin("digits", "train", "pairs")
+    keys = [record.image.key for record in dataset.records]
+    manifest = export_dataset(dataset, tmp_path / "export", "csv", limit=4, spread=True)
+    back = read_dataset(manifest)
+    step = len(keys) / 4
+    assert [r.image.key for r in back.records] == \
+        [f"images/{keys[int(i * step)]}" for i in range(4)]
+    assert [r.captions for r in back.records] == \
+        [dataset.records[int(i * step)].captions for i in range(4)]
+    everything = export_dataset(dataset, tmp_path / "all", "csv", limit=len(keys) + 5,
+                                spread=True)
+    assert len(read_dataset(everything).records) == len(keys)
+
+
 def test_export_jsonl_round_trip(tmp_path: Path):
     dataset = load_builtin("digits", "train", "triples")
     manifest = export_dataset(dataset, tmp_path / "export", "jsonl", limit=3)

@@ -445,7 +445,7 @@ def datasets_export(name, split, kind, fmt, out, limit):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Folder for the demo's files (must be new or empty).")
 @click.option("--limit", type=click.IntRange(min=16), default=None,
-              help="Training images to protect [350; with --lvlm 64].")
+              help="Training images to protect [200; with --lvlm 64].")
 @click.option("--lvlm", is_flag=True,
               help="The LVLM path instead: Fashion-MNIST question/answer triples against the "
                    "embedded smolvlm-lite, with LoRA fine-tuned attackers.")

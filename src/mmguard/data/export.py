@@ -15,15 +15,23 @@ FORMATS = ("csv", "jsonl", "llava")
 
 
 def export_dataset(dataset: Dataset, out_dir: Path, fmt: str = "csv",
-                   limit: int | None = None) -> Path:
-    """Write images under OUT/images/ (PNG, original mode) and a manifest; return its path."""
+                   limit: int | None = None, spread: bool = False) -> Path:
+    """Write images under OUT/images/ (PNG, original mode) and a manifest; return its path.
+
+    `limit` keeps the first N images, or with `spread` N images evenly spaced over the
+    set: a source sorted by category (emoji are) has one category in its first rows.
+    """
     if fmt not in FORMATS:
         raise MMGuardError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "llava" and dataset.kind != "triples":
         raise MMGuardError("the llava format holds conversations: export with --kind triples")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MMGuardError(f"--out {out_dir} exists and is not an empty folder")
-    keys = list(dataset.records_by_image())[:limit]
+    keys = list(dataset.records_by_image())
+    if spread and limit is not None and limit < len(keys):
+        keys = [keys[i * len(keys) // limit] for i in range(limit)]
+    else:
+        keys = keys[:limit]
     chosen = set(keys)
     rows: list[tuple[Record, str]] = []
     written: set[str] = set()

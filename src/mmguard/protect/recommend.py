@@ -57,22 +57,25 @@ RECOMMENDED: dict[str, Recommendation] = {
         "6 of the 58 points (one seed each; docs/findings-lvlm.md)"),
     "pairs": Recommendation(
         "wrong-target",
-        "against the pretrained LiT trained as a linear probe on the protected data, the "
-        "right caption's median rank was 153 of 391 on emoji (8 clean, 15 with uniform noise "
-        "of the same budget; R@10 3.6% against 52.9% clean, random 2.6%) and, with 40 steps, "
-        "154 of 400 on 512-px scenes (48 clean, 51 uniform); test splits, 3 seeds "
-        "(benchmarks/results/lab-emoji-pairs.md, lab-emoji-scenes.md); it is trigger-free, "
-        "so rare-word stripping cannot undo it",
-        "measured with the attacker's own image tower as the surrogate (white box); a CLIP "
-        "trained from scratch, or an attacker on another tower family (DINOv2), does not see "
-        "the move, and an attacker who fine-tunes the whole tower and re-reads its BatchNorm "
-        "statistics on clean images undoes most of it (emoji median rank 39, against 27 with "
-        "uniform noise and 26 clean); against that attacker add --clean-epochs 5 --rounds 4 "
-        "--retrain-steps 100 --pretrained-too --pgd-steps 25 (median rank 50 against 27, "
-        "linear probe 103; about 1.9 s per image) (docs/findings.md §10, §11, §14, §22, §23)",
-        # Decaying steps settle the noise closer to the target features, and 100 of
-        # them reach R@10 <= 2x random where 40 did not (docs/findings.md §12).
-        options={"pgd_steps": 100, "step_schedule": "cosine", "step_size": 2 / 255}),
+        "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
+        "caption's median rank of 391 was 106 against the pretrained LiT trained as a linear "
+        "probe on the protected data (8 clean, 15 with uniform noise of the same budget; "
+        "random 196), and 55 against the LiT fine-tuned in full and scored with its BatchNorm "
+        "statistics re-read on clean images (26 clean, 27 uniform); it is trigger-free, so "
+        "rare-word stripping cannot undo it",
+        "measured with the attacker's own image tower as the surrogate (white box): the "
+        "features are moved on the pretrained LiT tower and on one fine-tuned on the data "
+        "and re-trained on the release between rounds; a CLIP trained from scratch, or an "
+        "attacker on another tower family (DINOv2), does not see the move; on these 64-px "
+        "images an attacker who JPEG-compresses, blurs or halves the resolution undid most of "
+        "the single-tower release, and on 512-px scenes that release held (median rank 154 of "
+        "400, 51 uniform), neither yet measured for this one; about 1.3 s per image on 2 "
+        "cores (docs/findings.md §10, §15, §17, §23, §25)",
+        # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
+        # fine-tuner, which moves the weights away from the pretrained features (§22-§25).
+        # Re-training in passes over the data keeps small folders cheap.
+        options={"pgd_steps": 25, "step_schedule": "cosine", "step_size": 2 / 255,
+                 "clean_epochs": 5, "rounds": 4, "retrain_epochs": 2, "pretrained_too": True}),
 }
 
 
