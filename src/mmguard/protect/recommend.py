@@ -68,7 +68,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         "and re-trained on the release between rounds; a CLIP trained from scratch, or an "
         "attacker on another tower family (DINOv2), does not see the move; on these 64-px "
         "images an attacker who JPEG-compresses, blurs or halves the resolution undid most of "
-        "the single-tower release, and on 512-px scenes that release held (median rank 154 of "
+        "the single-tower release, and on 512-px scenes that release held (median rank 174 of "
         "400, 51 uniform), neither yet measured for this one; about 1.3 s per image on 2 "
         "cores (docs/findings.md §10, §15, §17, §23, §25)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
