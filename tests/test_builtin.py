@@ -704,6 +704,15 @@ def test_export_spread_takes_images_evenly_spaced_over_the_set(tmp_path: Path):
     everything = export_dataset(dataset, tmp_path / "all", "csv", limit=len(keys) + 5,
                                 spread=True)
     assert len(read_dataset(everything).records) == len(keys)
+    # The same from the command line; --spread without --limit is a usage error.
+    result = CliRunner().invoke(main, ["datasets", "export", "digits", "--limit", "4",
+                                       "--spread", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert [r.image.key for r in read_dataset(tmp_path / "cli" / "manifest.csv").records] == \
+        [r.image.key for r in back.records]
+    result = CliRunner().invoke(main, ["datasets", "export", "digits", "--spread",
+                                       "--out", str(tmp_path / "nolimit")])
+    assert result.exit_code == 2 and "--spread needs --limit" in result.output
 
 
 def test_export_jsonl_round_trip(tmp_path: Path):

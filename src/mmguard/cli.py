@@ -435,9 +435,14 @@ def datasets_list():
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="New or empty folder for images/ and the manifest.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images only.")
-def datasets_export(name, split, kind, fmt, out, limit):
+@click.option("--spread", is_flag=True,
+              help="With --limit: N images evenly spaced over the set, not the first N "
+                   "(the emoji sets are sorted by category).")
+def datasets_export(name, split, kind, fmt, out, limit, spread):
     """Write a built-in dataset as PNG images plus a manifest."""
-    manifest = export_dataset(load_builtin(name, split, kind), out, fmt, limit)
+    if spread and limit is None:
+        raise click.UsageError("--spread needs --limit")
+    manifest = export_dataset(load_builtin(name, split, kind), out, fmt, limit, spread=spread)
     click.echo(f"wrote {manifest}")
 
 
