@@ -66,11 +66,12 @@ RECOMMENDED: dict[str, Recommendation] = {
         "measured with the attacker's own image tower as the surrogate (white box): the "
         "features are moved on the pretrained LiT tower and on one fine-tuned on the data "
         "and re-trained on the release between rounds; a CLIP trained from scratch, or an "
-        "attacker on another tower family (DINOv2), does not see the move; on these 64-px "
-        "images an attacker who JPEG-compresses, blurs or halves the resolution undid most of "
-        "the single-tower release, and on 512-px scenes that release held (median rank 174 of "
-        "400, 51 uniform), neither yet measured for this one; about 1.3 s per image on 2 "
-        "cores (docs/findings.md §10, §15, §17, §23, §25)",
+        "attacker on another tower family (DINOv2), does not see the move; a fine-tuner at "
+        "lr 3e-4 learns past most of it (median rank 34, uniform 15); on these 64-px images "
+        "an attacker who JPEG-compresses, blurs or halves the resolution keeps 3-8% of its "
+        "effect on the linear probe (on 512-px scenes an earlier single-tower release held: "
+        "median rank 174 of 400, 51 uniform; not yet measured for this one); about 1.3 s per "
+        "image on 2 cores (docs/findings.md §10, §17, §25, §27, §28)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
         # fine-tuner, which moves the weights away from the pretrained features (§22-§25).
         # Re-training in passes over the data keeps small folders cheap.
