@@ -16,6 +16,10 @@ last epoch). They answer the paper's qualitative claims:
 - no-binding / crs: paper without a binding loss, or with CRS (Eq 29);
 - paper-min: min in place of -Max; q0: Q = 0; all-layers: |K| = all 30 layers;
 - image-only / text-only: paper optimised on one modality.
+Only the paper row trains on its noise alone and its trigger alone; the
+ablations leave those two controls out (`split_controls`, two LoRA runs per
+seed that do not rank the variants). A variant that beats the paper row gets
+them by turning the flag on: its release and method runs are resumed.
 Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
 6 PGD steps of 1/255, batch 8); the binding weight is 0.5, one of the paper's
 swept values (the sweep itself is not run here).
@@ -61,10 +65,10 @@ MEM_REFERENCE = {**MEM3, "noise_per": "caption", "round_train_steps": 200, "trai
                  "trigger_rounds": 2}
 
 
-def lvlm_row(options: dict) -> LabSetting:
+def lvlm_row(options: dict, split_controls: bool = False) -> LabSetting:
     return LabSetting(dataset="fashion-mnist", kind="triples", method="mmguard",
                       options=options, attackers=(LVLM_ATTACKER,), limit=240,
-                      evaluate_on="test", limit_test=200)
+                      evaluate_on="test", limit_test=200, split_controls=split_controls)
 
 
 def mem_row(options: dict) -> LabSetting:
@@ -73,7 +77,7 @@ def mem_row(options: dict) -> LabSetting:
 
 
 ROWS = {
-    "paper": lvlm_row(PAPER),
+    "paper": lvlm_row(PAPER, split_controls=True),
     "paper-min": lvlm_row({**PAPER, "objective": "min"}),
     "no-binding": lvlm_row({**PAPER, "binding": "none"}),
     "crs": lvlm_row({**PAPER, "binding": "crs-kl"}),

@@ -23,6 +23,7 @@ from mmguard.errors import MMGuardError
 from mmguard.evaluate.attacker import AttackerEvaluation, evaluate_attacker
 from mmguard.evaluate.protocol import mix_clean
 from mmguard.lab import (
+    CONTROLS,
     ControlCache,
     LabSetting,
     _recipe,
@@ -131,6 +132,34 @@ def test_a_killed_row_resumes_its_method_runs_but_not_on_a_new_release(tmp_path)
     lines.clear()
     run_lab(setting, tmp_path / "work", log=lines.append)
     assert not any(line.endswith("(resumed)") for line in lines)
+
+
+def test_a_row_may_leave_out_the_split_controls_and_add_them_later(tmp_path):
+    from click.testing import CliRunner
+
+    from mmguard.cli import main
+
+    attacker = "rn-test:scratch:epochs=1,batch_size=8"
+    result = CliRunner().invoke(main, [
+        "lab", "--dataset", "digits", "--kind", "pairs", "--method", "mem",
+        "--set", "surrogates=rn-test", "--set", "rounds=1", "--set", "pgd_steps=2",
+        "--set", "batch_size=8", "--set", "top_k=4", "--attacker", attacker, "--seeds", "0",
+        "--limit", "16", "--out", str(tmp_path / "work"), "--no-split-controls",
+        "--name", "ablation"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "work" / "lab.json").read_text())["rows"]["ablation"]
+    assert set(row["attackers"][attacker]) == {"clean", "uniform", "method"}
+    table_line = next(line for line in (tmp_path / "work" / "lab.md").read_text().splitlines()
+                      if line.startswith("| ablation"))
+    assert table_line.count("not run") == 2
+    # the best variant's row: the same release, its method run resumed, the two controls added
+    lines: list[str] = []
+    full = run_lab(LabSetting(**{**row["setting"], "split_controls": True,
+                                 "options": TINY, "attackers": (attacker,), "seeds": (0,)}),
+                   tmp_path / "work", log=lines.append)
+    assert set(full["attackers"][attacker]) == set(CONTROLS)
+    assert [line.split(", seed")[0] for line in lines if line.endswith("(resumed)")] == [
+        f"{attacker} on method"]
 
 
 def test_a_release_is_audited_once_until_a_file_changes(tmp_path, monkeypatch):

@@ -372,8 +372,12 @@ def audit(folder, original, json_out):
               help="Robustness row against the adaptive attacker who deletes, from every "
                    "training set, words found in fewer than N of its texts (N >= 2) or in "
                    "fewer than a fraction F in (0, 1) of them.")
+@click.option("--no-split-controls", is_flag=True,
+              help="Skip the noise-only and trigger-only controls (two attacker runs per "
+                   "seed), e.g. for the ablations of a method whose best row has them.")
 def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, evaluate_on,
-        limit_test, eps, name, out, results, final_epoch_only, augment, strip_rare_words):
+        limit_test, eps, name, out, results, final_epoch_only, augment, strip_rare_words,
+        no_split_controls):
     """Efficacy lab: protect a slice with a method and test it against every control
     (clean, uniform noise in the same ball, noise only, trigger only) and attacker, over
     seeds; appends a row to a JSON file and a Markdown table.
@@ -390,7 +394,8 @@ def lab(dataset_name, kind, method, options, attackers, seeds, limit, holdout, e
                          options=parse_options(method, options), attackers=tuple(attackers),
                          seeds=tuple(_parse_seeds(seeds)), limit=limit, holdout=holdout,
                          evaluate_on=evaluate_on, limit_test=limit_test, eps=eps,
-                         augment=augment, strip_rare_words=strip_rare_words)
+                         augment=augment, strip_rare_words=strip_rare_words,
+                         split_controls=not no_split_controls)
     results = results or out / "lab.json"
     row = run_lab(setting, out, log=lambda line: click.echo(line, err=True),
                   every_epoch=not final_epoch_only,

@@ -97,6 +97,10 @@ class LabSetting:
     # training texts) from every training set, each counted on its own; triggers are
     # rare words, so a trigger-borne protection must survive this (attack/text_filter.py).
     strip_rare_words: str | None = None
+    # Train on "noise only" and "trigger only" too. Rows that compare variants of one
+    # method (the ablations of a paper) may leave them to the best variant's row: they
+    # cost two attacker runs per seed and do not rank the variants.
+    split_controls: bool = True
 
 
 def parse_attacker(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -214,7 +218,7 @@ def training_sets(setting: LabSetting, clean_dataset, protected: Path,
                       protected)
     sets = {"clean": clean, "uniform": uniform_set, "method": method}
     # Without a trigger, "noise only" and "trigger only" are the method and the clean set.
-    if _texts(method, kind) != _texts(clean, kind):
+    if setting.split_controls and _texts(method, kind) != _texts(clean, kind):
         sets["noise only"] = _swap(method, clean, kind)
         sets["trigger only"] = _swap(clean, method, kind)
     return sets
@@ -499,7 +503,9 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["# Efficacy lab", "",
              "Each cell: attacker's final score ± standard error over seeds, then its best "
              "over the epochs in brackets. Rows on `validation` are screening runs on a "
-             "held-out slice of the training split; `test` rows are the benchmark.", "",
+             "held-out slice of the training split; `test` rows are the benchmark. "
+             "\"—\": the method adds no trigger, so noise only is the method and trigger "
+             "only the clean set; \"not run\": the row left those two controls out.", "",
              "| row | on | attacker | metric | " + " | ".join(CONTROLS) + " | PSNR / SSIM |",
              "|---|---|---|---|" + "---|" * len(CONTROLS) + "---|"]
     for name, row in rows.items():
@@ -514,7 +520,9 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
                 cells = []
                 for control in CONTROLS:
                     if control not in results:
-                        cells.append("—")
+                        skipped = (not setting.get("split_controls", True)
+                                   and control in ("noise only", "trigger only"))
+                        cells.append("not run" if skipped else "—")
                         continue
                     final, best = results[control]["final"][metric], \
                         results[control]["best"][metric]
