@@ -21,8 +21,11 @@ ablations leave those two controls out (`split_controls`, two LoRA runs per
 seed that do not rank the variants). A variant that beats the paper row gets
 them by turning the flag on: its release and method runs are resumed.
 Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
-6 PGD steps of 1/255, batch 8); the binding weight is 0.5, one of the paper's
-swept values (the sweep itself is not run here).
+6 PGD steps of 1/255, batch 8). The binding weight is 2.0, the best value of
+the paper's own sweep over {0.1, 0.2, 0.5, 1, 2} for both BPH and CRS (its
+appendix: BPH about 65 / 65 / 66 / 68 / 63, CRS improving to 54 at 2.0, lower
+is stronger); it is not swept again here, since one protection of the 240
+images takes about 12 s per image and round on 2 cores.
 
 MEM rows (pairs): the multi-caption emoji set (emoji-captions, 2-4 captions per
 image from real sources), first 600 training images, attacker rn-tiny CLIP from
@@ -57,7 +60,7 @@ WORK = ROOT / "benchmarks" / "work"
 LVLM_ATTACKER = "smolvlm-lite:lora:epochs=8,lr=1e-3,batch_size=8"
 EFFORT = {"rounds": 2, "pgd_steps": 6, "top_k": 4, "batch_size": 8}
 PAPER = {**EFFORT, "binding": "bph-exact", "binding_layers": 2, "objective": "max",
-         "inner_steps": 1, "trigger_len": 5, "binding_weight": 0.5}
+         "inner_steps": 1, "trigger_len": 5, "binding_weight": 2.0}
 MEM3 = {"trigger_len": 3, "surrogates": ("rn-tiny",), "batch_size": 64, "rounds": 8,
         "train_steps": 5, "surrogate_lr": 5e-4}
 MEM_REFERENCE = {**MEM3, "noise_per": "caption", "round_train_steps": 200, "train_steps": 0,
