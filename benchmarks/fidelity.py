@@ -24,8 +24,9 @@ Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
 6 PGD steps of 1/255, batch 8). The binding weight is 2.0, the best value of
 the paper's own sweep over {0.1, 0.2, 0.5, 1, 2} for both BPH and CRS (its
 appendix: BPH about 65 / 65 / 66 / 68 / 63, CRS improving to 54 at 2.0, lower
-is stronger); it is not swept again here, since one protection of the 240
-images takes about 12 s per image and round on 2 cores.
+is stronger); it is not swept again here: one protection of the 240 images
+takes about 28 min on 2 cores (3.5 s per image and round) and each setting
+needs LoRA runs to score.
 
 MEM rows (pairs): the multi-caption emoji set (emoji-captions, 2-4 captions per
 image from real sources), first 600 training images, attacker rn-tiny CLIP from
