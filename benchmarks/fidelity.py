@@ -15,7 +15,10 @@ last epoch). They answer the paper's qualitative claims:
   inner LoRA step per round (Q = 1), 5-token triggers;
 - no-binding / crs: paper without a binding loss, or with CRS (Eq 29);
 - paper-min: min in place of -Max; q0: Q = 0; all-layers: |K| = all 30 layers;
-- image-only / text-only: paper optimised on one modality.
+- image-only / text-only: paper optimised on one modality;
+- black-box: paper on the paper's black-box ensemble of two surrogates that
+  excludes the attacker (smolvlm-lite and smolvlm-lite-b, both on
+  EfficientNet-Lite0), attacked by smolvlm-lite-c (a DINOv2 tower).
 Only the paper row trains on its noise alone and its trigger alone; the
 ablations leave those two controls out (`split_controls`, two LoRA runs per
 seed that do not rank the variants). A variant that beats the paper row gets
@@ -69,9 +72,10 @@ MEM_REFERENCE = {**MEM3, "noise_per": "caption", "round_train_steps": 200, "trai
                  "trigger_rounds": 2}
 
 
-def lvlm_row(options: dict, split_controls: bool = False) -> LabSetting:
+def lvlm_row(options: dict, split_controls: bool = False,
+             attacker: str = LVLM_ATTACKER) -> LabSetting:
     return LabSetting(dataset="fashion-mnist", kind="triples", method="mmguard",
-                      options=options, attackers=(LVLM_ATTACKER,), limit=240,
+                      options=options, attackers=(attacker,), limit=240,
                       evaluate_on="test", limit_test=200, split_controls=split_controls)
 
 
@@ -89,6 +93,8 @@ ROWS = {
     "all-layers": lvlm_row({**PAPER, "binding_layers": 30}),
     "image-only": lvlm_row({**PAPER, "components": "image"}),
     "text-only": lvlm_row({**PAPER, "components": "text"}),
+    "black-box": lvlm_row({**PAPER, "surrogates": ("smolvlm-lite", "smolvlm-lite-b")},
+                          attacker=LVLM_ATTACKER.replace("smolvlm-lite:", "smolvlm-lite-c:")),
     "mem-image": mem_row(MEM3),
     "mem-caption": mem_row({**MEM3, "noise_per": "caption"}),
     "mem-reference": mem_row(MEM_REFERENCE),
