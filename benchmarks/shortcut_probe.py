@@ -1,0 +1,118 @@
+"""Would an attacker on this tower learn the answers from the release or from the content?
+
+A one-minute stand-in for an LVLM attacker run, for screening releases against
+towers that were not in the loop (the black box). For a release of the first
+`--limit` training triples, it reads three training sets through each frozen
+vision tower: the clean images, uniform noise in the same ball (seeded), and the
+released images; fits a linear classifier of the answer on each (standardised
+features, multinomial logistic regression); and scores all three on clean
+held-out training images (the `--held-out` images after the release's), which a
+protection never saw. An attacker who fine-tunes a projector and LoRA on a frozen
+tower reads the same features; if the release carries a shortcut that tower sees,
+its classifier leans on it and fails on clean images, as the LoRA attacker does.
+
+Reported per tower: held-out accuracy after training on clean / uniform / release,
+and the release's drop relative to the better control. The LoRA attacker rows
+check the prediction; this probe only ranks releases.
+
+    .venv/bin/python benchmarks/shortcut_probe.py --release runs/cp/protected \\
+        --tower smolvlm-lite --tower smolvlm-lite-c --out runs/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmguard.data.budget import project_to_ball
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
+from mmguard.protect.grouping import answer_groups
+from mmguard.protect.surrogates import create_surrogate
+
+BATCH = 32
+
+
+def tower_features(tower: str, images: list[torch.Tensor]) -> np.ndarray:
+    surrogate = create_surrogate([tower])
+    chunks = []
+    with torch.no_grad(), surrogate.perturbation_mode(False):
+        for start in range(0, len(images), BATCH):
+            chunks.append(surrogate.image_features(images[start:start + BATCH]).float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+def held_out_accuracy(train: np.ndarray, labels: np.ndarray, test: np.ndarray,
+                      test_labels: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+    classifier.fit(train, labels)
+    return float((classifier.predict(test) == test_labels).mean())
+
+
+def probe(release: Path, dataset: str, limit: int, held_out: int, towers: list[str],
+          eps: float, seed: int) -> list[dict]:
+    records = load_builtin(dataset, "train", "triples").records
+    if len(records) < limit + held_out:
+        raise SystemExit(f"{dataset} has {len(records)} training triples, fewer than "
+                         f"--limit {limit} + --held-out {held_out}")
+    train, test = records[:limit], records[limit:limit + held_out]
+    groups = answer_groups([r.image.key for r in records[:limit + held_out]],
+                           {r.image.key: r.response for r in records[:limit + held_out]})
+    labels, test_labels = np.array(groups[:limit]), np.array(groups[limit:])
+    clean = [to_float(load_image_uint8(r.image, r.image.key)) for r in train]
+    generator = torch.Generator().manual_seed(seed)
+    uniform = [project_to_ball(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps,
+                               x, eps) for x in clean]
+    released = []
+    for r in train:
+        path = release / "images" / Path(r.image.key).name
+        if not path.exists():
+            raise SystemExit(f"{path}: not in the release (protect the first {limit} "
+                             f"training triples of {dataset})")
+        released.append(to_float(torch.as_tensor(read_png_uint8(path)[:3])))
+    held = [to_float(load_image_uint8(r.image, r.image.key)) for r in test]
+    rows = []
+    for tower in towers:
+        test_f = tower_features(tower, held)
+        scores = {name: held_out_accuracy(tower_features(tower, images), labels, test_f,
+                                          test_labels)
+                  for name, images in (("clean", clean), ("uniform", uniform),
+                                       ("release", released))}
+        best_control = max(scores["clean"], scores["uniform"])
+        rows.append({"path": str(release), "tower": tower, **scores,
+                     "relative_drop": 1 - scores["release"] / best_control,
+                     "train": limit, "held_out": held_out})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--release", type=Path, action="append", required=True)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--limit", type=int, default=240, help="triples in the release")
+    parser.add_argument("--held-out", type=int, default=600,
+                        help="clean training triples after the release's, scored")
+    parser.add_argument("--tower", action="append", required=True)
+    parser.add_argument("--eps", type=float, default=8 / 255)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # beside a running benchmark; features are cheap
+    rows = [row for release in args.release
+            for row in probe(release, args.dataset, args.limit, args.held_out, args.tower,
+                             args.eps, args.seed)]
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
