@@ -45,6 +45,13 @@ scratch (30 epochs), the whole clean test split:
 A finished row is written to benchmarks/results/lab-fidelity.json (+ .md) and
 skipped on a rerun; a killed row resumes from its last finished attacker run
 (its work folder is benchmarks/work/fidelity-ROW). Rows run in the order below.
+
+An LVLM row takes about 2 h on 2 cores (the protection alone 30-80 min, by the
+machine), longer than is left on a machine that may not be kept. So what a row
+has finished is also kept in benchmarks/carry/fidelity-ROW, which is committed:
+the finished release (its images, manifest and run record; not its work state)
+and the attacker runs trained on it. A row whose work folder is gone starts from
+there: the release is not made again, and only the missing attacker runs train.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +69,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lab-fidelity.json"
 CONTROLS = ROOT / "benchmarks" / "results" / "lab-controls.json"
 WORK = ROOT / "benchmarks" / "work"
+CARRY = ROOT / "benchmarks" / "carry"
+RUNS = "attacker-runs.json"  # the lab's record of the attacker runs on a row's release
+RELEASE_FIELDS = ("dataset", "kind", "method", "options", "limit", "holdout", "evaluate_on",
+                  "eps")
 LVLM_ATTACKER = "smolvlm-lite:lora:epochs=8,lr=1e-3,batch_size=8"
 EFFORT = {"rounds": 2, "pgd_steps": 6, "top_k": 4, "batch_size": 8}
 PAPER = {**EFFORT, "binding": "bph-exact", "binding_layers": 2, "objective": "max",
@@ -101,6 +113,56 @@ ROWS = {
 }
 
 
+def _merge_runs(source: Path, target: Path) -> None:
+    """Add the attacker runs recorded in `source` to those in `target`."""
+    if not source.exists():
+        return
+    runs = json.loads(target.read_text()) if target.exists() else {}
+    added = json.loads(source.read_text())
+    if added.keys() - runs.keys():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({**added, **runs}, indent=1) + "\n")
+
+
+def _finished(release: Path) -> bool:
+    record = release / "mmguard-run.json"
+    return record.exists() and json.loads(record.read_text()).get("status") == "complete"
+
+
+def _release_setting(setting: LabSetting) -> str:
+    """What the release depends on (the training part and the method), not the attackers."""
+    fields = dataclasses.asdict(setting)
+    return json.dumps({name: fields[name] for name in RELEASE_FIELDS}, sort_keys=True,
+                      default=list)
+
+
+def restore(work: Path, kept: Path, setting: LabSetting) -> bool:
+    """Start a row whose work folder is gone from what was kept of it; False when what
+    was kept was made for another setting of the row (then it is not used)."""
+    made_for = kept / "setting.json"
+    if not made_for.exists():
+        return False
+    if made_for.read_text() != _release_setting(setting):
+        print(f"{kept}: kept for another setting of this row, not used", flush=True)
+        return False
+    if _finished(kept / "protected") and not (work / "protected").exists():
+        shutil.copytree(kept / "protected", work / "protected")
+    _merge_runs(kept / RUNS, work / RUNS)
+    return True
+
+
+def keep(work: Path, kept: Path, setting: LabSetting) -> None:
+    """Keep the finished release and the attacker runs so far (cheap when nothing changed)."""
+    if not _finished(work / "protected"):
+        return
+    if not (kept / "protected").exists():
+        shutil.rmtree(kept, ignore_errors=True)  # what was kept for another setting
+        shutil.copytree(work / "protected", kept / "protected",
+                        ignore=shutil.ignore_patterns(".mmguard"))
+        (kept / "setting.json").write_text(_release_setting(setting))
+    _merge_runs(work / RUNS, kept / RUNS)
+
+
 def run(names: list[str], seeds: tuple[int, ...]) -> None:
     done = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
     for name in names:
@@ -109,8 +171,16 @@ def run(names: list[str], seeds: tuple[int, ...]) -> None:
             print(f"{label}: done", flush=True)
             continue
         setting = dataclasses.replace(ROWS[name], seeds=seeds)
-        row = run_lab(setting, WORK / f"fidelity-{name}",
-                      log=lambda line: print(line, flush=True),
+        work, kept = WORK / f"fidelity-{name}", CARRY / f"fidelity-{name}"
+        if not restore(work, kept, setting) and (kept / "protected").exists():
+            shutil.rmtree(kept / "protected")  # made for another setting: replaced when done
+
+        def log(line: str, work: Path = work, kept: Path = kept,
+                setting: LabSetting = setting) -> None:
+            print(line, flush=True)
+            keep(work, kept, setting)  # the lab logs when the release is done and after each run
+
+        row = run_lab(setting, work, log=log,
                       every_epoch=setting.kind == "pairs",  # LVLM runs: last epoch only (cost)
                       cache=ControlCache(CONTROLS))
         append_row(RESULTS, RESULTS.with_suffix(".md"), label, row)

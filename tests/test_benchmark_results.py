@@ -41,11 +41,47 @@ def test_every_fidelity_row_is_a_valid_lab_setting_sharing_its_slice_controls():
 
     for setting in ROWS.values():
         create_method(setting.method, setting.kind, eps=setting.eps, **setting.options)
-    # rows of one slice must share the clean and uniform attacker runs (same cache keys)
-    by_slice: dict[str, set[str]] = {}
+    # rows of one slice and attacker must share the clean and uniform attacker runs (same
+    # cache keys)
+    by_slice: dict[tuple[str, str], set[str]] = {}
     for setting in ROWS.values():
         spec = setting.attackers[0]
-        by_slice.setdefault(setting.dataset, set()).add(
+        by_slice.setdefault((setting.dataset, spec.split(":")[0]), set()).add(
             ControlCache.key(setting, "clean", spec, 0, setting.kind == "pairs"))
     assert {name: len(keys) for name, keys in by_slice.items()} == {
-        "fashion-mnist": 1, "emoji-captions": 1}
+        ("fashion-mnist", "smolvlm-lite"): 1, ("fashion-mnist", "smolvlm-lite-c"): 1,
+        ("emoji-captions", "rn-tiny"): 1}
+
+
+def _release(folder, status="complete"):
+    (folder / ".mmguard").mkdir(parents=True)
+    (folder / ".mmguard" / "journal.jsonl").write_text("work state\n")
+    (folder / "images").mkdir()
+    (folder / "images" / "a.png").write_bytes(b"png")
+    (folder / "mmguard-run.json").write_text(json.dumps({"status": status}))
+
+
+def test_a_fidelity_row_keeps_its_finished_release_and_runs_for_a_new_machine(tmp_path):
+    from benchmarks.fidelity import ROWS, RUNS, keep, restore
+
+    work, kept = tmp_path / "work", tmp_path / "kept"
+    setting = ROWS["no-binding"]
+    _release(work / "protected", status="running")
+    keep(work, kept, setting)
+    assert not kept.exists()  # an unfinished release is not kept
+    (work / "protected" / "mmguard-run.json").write_text(json.dumps({"status": "complete"}))
+    (work / RUNS).write_text(json.dumps({"run 1": {"final": 1}}))
+    keep(work, kept, setting)
+    assert (kept / "protected" / "images" / "a.png").read_bytes() == b"png"
+    assert not (kept / "protected" / ".mmguard").exists()  # work state stays behind
+    (work / RUNS).write_text(json.dumps({"run 1": {"final": 1}, "run 2": {"final": 2}}))
+    keep(work, kept, setting)
+    assert set(json.loads((kept / RUNS).read_text())) == {"run 1", "run 2"}
+
+    fresh = tmp_path / "fresh"  # the work folder of a new machine
+    assert not restore(fresh, kept, ROWS["paper-min"])  # kept for another row's setting
+    assert not fresh.exists()
+    assert restore(fresh, kept, setting)
+    assert (fresh / "protected" / "mmguard-run.json").read_bytes() == \
+        (work / "protected" / "mmguard-run.json").read_bytes()  # the release's identity
+    assert set(json.loads((fresh / RUNS).read_text())) == {"run 1", "run 2"}
