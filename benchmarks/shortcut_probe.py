@@ -32,13 +32,12 @@ from mmguard.data.budget import project_to_ball
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.protect.grouping import answer_groups
-from mmguard.protect.surrogates import create_surrogate
+from mmguard.protect.surrogates import Surrogate, create_surrogate
 
 BATCH = 32
 
 
-def tower_features(tower: str, images: list[torch.Tensor]) -> np.ndarray:
-    surrogate = create_surrogate([tower])
+def tower_features(surrogate: Surrogate, images: list[torch.Tensor]) -> np.ndarray:
     chunks = []
     with torch.no_grad(), surrogate.perturbation_mode(False):
         for start in range(0, len(images), BATCH):
@@ -57,13 +56,26 @@ def held_out_accuracy(train: np.ndarray, labels: np.ndarray, test: np.ndarray,
     return float((classifier.predict(test) == test_labels).mean())
 
 
-def probe(release: Path, dataset: str, limit: int, held_out: int, towers: list[str],
+def read_release(release: Path, train: list, dataset: str, limit: int) -> list[torch.Tensor]:
+    images = []
+    for record in train:
+        path = release / "images" / Path(record.image.key).name
+        if not path.exists():
+            raise SystemExit(f"{path}: not in the release (protect the first {limit} "
+                             f"training triples of {dataset})")
+        images.append(to_float(torch.as_tensor(read_png_uint8(path)[:3])))
+    return images
+
+
+def probe(releases: list[Path], dataset: str, limit: int, held_out: int, towers: list[str],
           eps: float, seed: int) -> list[dict]:
+    """One row per release and tower; the controls are read once per tower."""
     records = load_builtin(dataset, "train", "triples").records
     if len(records) < limit + held_out:
         raise SystemExit(f"{dataset} has {len(records)} training triples, fewer than "
                          f"--limit {limit} + --held-out {held_out}")
     train, test = records[:limit], records[limit:limit + held_out]
+    released = {release: read_release(release, train, dataset, limit) for release in releases}
     groups = answer_groups([r.image.key for r in records[:limit + held_out]],
                            {r.image.key: r.response for r in records[:limit + held_out]})
     labels, test_labels = np.array(groups[:limit]), np.array(groups[limit:])
@@ -71,26 +83,22 @@ def probe(release: Path, dataset: str, limit: int, held_out: int, towers: list[s
     generator = torch.Generator().manual_seed(seed)
     uniform = [project_to_ball(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps,
                                x, eps) for x in clean]
-    released = []
-    for r in train:
-        path = release / "images" / Path(r.image.key).name
-        if not path.exists():
-            raise SystemExit(f"{path}: not in the release (protect the first {limit} "
-                             f"training triples of {dataset})")
-        released.append(to_float(torch.as_tensor(read_png_uint8(path)[:3])))
     held = [to_float(load_image_uint8(r.image, r.image.key)) for r in test]
     rows = []
     for tower in towers:
-        test_f = tower_features(tower, held)
-        scores = {name: held_out_accuracy(tower_features(tower, images), labels, test_f,
+        surrogate = create_surrogate([tower])
+        test_f = tower_features(surrogate, held)
+        scores = {name: held_out_accuracy(tower_features(surrogate, images), labels, test_f,
                                           test_labels)
                   for name, images in (("clean", clean), ("uniform", uniform),
-                                       ("release", released))}
-        best_control = max(scores["clean"], scores["uniform"])
-        rows.append({"path": str(release), "tower": tower, **scores,
-                     "relative_drop": 1 - scores["release"] / best_control,
-                     "train": limit, "held_out": held_out})
-        print(json.dumps(rows[-1]), flush=True)
+                                       *released.items())}
+        controls = {"clean": scores["clean"], "uniform": scores["uniform"]}
+        for release in releases:
+            score = scores[release]
+            rows.append({"path": str(release), "tower": tower, **controls, "release": score,
+                         "relative_drop": 1 - score / max(controls.values()),
+                         "train": limit, "held_out": held_out})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -107,9 +115,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # beside a running benchmark; features are cheap
-    rows = [row for release in args.release
-            for row in probe(release, args.dataset, args.limit, args.held_out, args.tower,
-                             args.eps, args.seed)]
+    rows = probe(args.release, args.dataset, args.limit, args.held_out, args.tower, args.eps,
+                 args.seed)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -44,10 +44,10 @@ def releases(tmp_path_factory):
 
 def test_the_originals_score_as_clean_data_and_a_pure_shortcut_fails_on_clean_images(releases):
     originals, shortcut = releases
-    [same] = probe(originals, "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
+    [same] = probe([originals], "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
     assert same["release"] == same["clean"]
     assert same["clean"] > 0.3  # ten answers: the tower's features carry the content
-    [fooled] = probe(shortcut, "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
+    [fooled] = probe([shortcut], "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
     # Trained on grey levels that name the answer, the classifier has nothing to read
     # on clean images: far below clean training, near one answer in ten.
     assert fooled["release"] < fooled["clean"] - 0.15
@@ -61,4 +61,4 @@ def test_a_release_missing_an_image_is_named(releases, tmp_path):
     missing = sorted((broken / "images").iterdir())[3]
     missing.unlink()
     with pytest.raises(SystemExit, match=missing.name):
-        probe(broken, "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
+        probe([broken], "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
