@@ -44,7 +44,7 @@ BATCH = 32
 TRAINING_BATCH = 64  # the lab's LiT attackers' batch
 
 
-def _features(surrogate, images: list[torch.Tensor],
+def tower_features(surrogate, images: list[torch.Tensor],
               batch_statistics: bool = False) -> torch.Tensor:
     # Batch statistics depend on who shares the batch: a seeded shuffle, as in training.
     size = TRAINING_BATCH if batch_statistics else BATCH
@@ -76,8 +76,8 @@ def probe(release: Path, dataset: str, tower: str, augment: str,
     protected = [transformed(to_float(torch.as_tensor(
         read_png_uint8(release / "images" / Path(k).name)[:3]))) for k in keys]
     surrogate = create_surrogate([tower])
-    clean_f = _features(surrogate, clean, batch_statistics)
-    protected_f = _features(surrogate, protected, batch_statistics)
+    clean_f = tower_features(surrogate, clean, batch_statistics)
+    protected_f = tower_features(surrogate, protected, batch_statistics)
     index = {k: i for i, k in enumerate(keys)}
     target_f = clean_f[[index[target_image_of[k]] for k in keys]]
     line = target_f - clean_f

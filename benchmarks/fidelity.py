@@ -63,6 +63,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from mmguard.data.release import RUN_RECORD, read_run_record
 from mmguard.lab import ControlCache, LabSetting, append_row, run_lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,8 +126,7 @@ def _merge_runs(source: Path, target: Path) -> None:
 
 
 def _finished(release: Path) -> bool:
-    record = release / "mmguard-run.json"
-    return record.exists() and json.loads(record.read_text()).get("status") == "complete"
+    return (release / RUN_RECORD).exists() and read_run_record(release).status == "complete"
 
 
 def _release_setting(setting: LabSetting) -> str:

@@ -23,26 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmguard.data.budget import project_to_ball
-from mmguard.data.builtin import load_builtin
-from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
-from mmguard.protect.grouping import answer_groups
-from mmguard.protect.surrogates import Surrogate, create_surrogate
-
-BATCH = 32
-
-
-def tower_features(surrogate: Surrogate, images: list[torch.Tensor]) -> np.ndarray:
-    chunks = []
-    with torch.no_grad(), surrogate.perturbation_mode(False):
-        for start in range(0, len(images), BATCH):
-            chunks.append(surrogate.image_features(images[start:start + BATCH]).float().cpu())
-    return torch.cat(chunks).numpy()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.feature_probe import tower_features  # noqa: E402
+from mmguard.data.budget import project_to_ball  # noqa: E402
+from mmguard.data.builtin import load_builtin  # noqa: E402
+from mmguard.data.images import load_image_uint8, read_png_uint8, to_float  # noqa: E402
+from mmguard.protect.grouping import answer_groups  # noqa: E402
+from mmguard.protect.surrogates import create_surrogate  # noqa: E402
 
 
 def held_out_accuracy(train: np.ndarray, labels: np.ndarray, test: np.ndarray,

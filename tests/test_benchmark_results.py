@@ -53,12 +53,19 @@ def test_every_fidelity_row_is_a_valid_lab_setting_sharing_its_slice_controls():
         ("emoji-captions", "rn-tiny"): 1}
 
 
+def _record(folder, status):
+    from mmguard.data.release import Budget, RecordedInput, RunRecord, write_run_record
+
+    write_run_record(folder, RunRecord(RecordedInput("fashion-mnist", "builtin", "triples"),
+                                       Budget(8 / 255, 8, 5), items=[], status=status))
+
+
 def _release(folder, status="complete"):
     (folder / ".mmguard").mkdir(parents=True)
     (folder / ".mmguard" / "journal.jsonl").write_text("work state\n")
     (folder / "images").mkdir()
     (folder / "images" / "a.png").write_bytes(b"png")
-    (folder / "mmguard-run.json").write_text(json.dumps({"status": status}))
+    _record(folder, status)
 
 
 def test_a_fidelity_row_keeps_its_finished_release_and_runs_for_a_new_machine(tmp_path):
@@ -69,7 +76,7 @@ def test_a_fidelity_row_keeps_its_finished_release_and_runs_for_a_new_machine(tm
     _release(work / "protected", status="running")
     keep(work, kept, setting)
     assert not kept.exists()  # an unfinished release is not kept
-    (work / "protected" / "mmguard-run.json").write_text(json.dumps({"status": "complete"}))
+    _record(work / "protected", "complete")
     (work / RUNS).write_text(json.dumps({"run 1": {"final": 1}}))
     keep(work, kept, setting)
     assert (kept / "protected" / "images" / "a.png").read_bytes() == b"png"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.feature_probe import _features, probe
+from benchmarks.feature_probe import probe, tower_features
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image
 from mmguard.data.sources import read_dataset
@@ -47,11 +47,11 @@ def test_batch_statistics_features_come_back_in_order_and_leave_running_stats_al
     surrogate = create_surrogate(["rn-test"])
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))
               for i in range(10)]
-    before = _features(surrogate, images)
-    training = _features(surrogate, images, batch_statistics=True)
+    before = tower_features(surrogate, images)
+    training = tower_features(surrogate, images, batch_statistics=True)
     # One shuffled batch of ten: the same statistics whatever the order, so each row
     # must come back to its own image.
-    reversed_rows = _features(surrogate, images[::-1], batch_statistics=True)
+    reversed_rows = tower_features(surrogate, images[::-1], batch_statistics=True)
     assert torch.allclose(training, reversed_rows.flip(0), atol=1e-5)
     assert not torch.allclose(training, before, atol=1e-3)  # BatchNorm did use the batch
-    assert torch.equal(_features(surrogate, images), before)  # running statistics untouched
+    assert torch.equal(tower_features(surrogate, images), before)  # running statistics untouched
