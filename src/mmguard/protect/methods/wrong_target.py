@@ -80,6 +80,13 @@ class WrongTargetConfig(SurrogateConfig):
     pretrained_too: bool = option(False, "wrong-target, with clean_epochs: collide on the "
                                   "pretrained tower as well as on the one trained on the clean "
                                   "data (an ensemble of the two; image target only).", flag=True)
+    # Towers differ in feature scale (EfficientNet's 16 x 1280 map against DINOv2's
+    # 17 x 384 tokens): side by side, one distance is mostly the larger tower's.
+    member_units: bool = option(False, "wrong-target, image target with an ensemble of "
+                                "surrogates: each member's collision in its own units (its "
+                                "mean distance between group centroids), summed; otherwise "
+                                "one distance over the members' features side by side.",
+                                flag=True)
     rounds: int = option(1, "wrong-target: passes of PGD over the data, each continuing from "
                          "the noise of the last.", min=1)
     # The attacker trains on the release, not on clean data: between rounds the crafting
@@ -108,6 +115,8 @@ class WrongTarget(BilevelMethod):
                                                and self.config.target == "image"):
             raise MMGuardError("wrong-target: pretrained_too needs clean_epochs > 0 and the "
                                "image target (without them there is one tower)")
+        if self.config.member_units and self.config.target != "image":
+            raise MMGuardError("wrong-target: member_units needs the image target")
         if self.config.retrain_steps and self.config.retrain_epochs:
             raise MMGuardError("wrong-target: give retrain_steps or retrain_epochs, not both")
         if (self.config.retrain_steps or self.config.retrain_epochs) and self.config.rounds < 2:
@@ -141,6 +150,9 @@ class WrongTarget(BilevelMethod):
         self.target_image_of = saved["target_image_of"]
         self.centroids = torch.tensor(saved["centroids"])
         self.scale = saved["scale"]
+        self.parts: list[slice] = []
+        if self.config.member_units:
+            self._member_parts(data, keys, matrix)
         self.pretrained: Surrogate | None = None
         if self.config.pretrained_too:
             # A fresh surrogate is the tower as it came: deterministic, so not stored.
@@ -153,6 +165,19 @@ class WrongTarget(BilevelMethod):
             self.pretrained_features_of = dict(zip(keys, pretrained_matrix, strict=True))
             self.pretrained_scale = _mean_centroid_distance(
                 pretrained_matrix, [self.group_of[key] for key in keys])
+
+    def _member_parts(self, data: DatasetView, keys: list[str], matrix: torch.Tensor) -> None:
+        """Where each ensemble member's features lie in the side-by-side vector, and
+        each member's unit (its mean distance between group centroids)."""
+        first = data.load(keys[:1])[0].image.to(self.device)
+        with torch.no_grad(), self.surrogate.perturbation_mode(self.batch_statistics):
+            widths = [part.shape[1] for part in self.surrogate.image_feature_parts([first])]
+        starts = [sum(widths[:i]) for i in range(len(widths))]
+        self.parts = [slice(start, start + width) for start, width in zip(starts, widths,
+                                                                           strict=True)]
+        labels = [self.group_of[key] for key in keys]
+        self.part_scales = [_mean_centroid_distance(matrix[:, part], labels)
+                            for part in self.parts]
 
     def retraining_steps(self, images: int) -> int:
         """Surrogate steps on the release before each round after the first."""
@@ -224,8 +249,14 @@ class WrongTarget(BilevelMethod):
             wanted = self._target_features(items)
 
             def collision(images: list[torch.Tensor]) -> torch.Tensor:
-                distance = self.surrogate.image_features(images) - wanted
-                loss = distance.pow(2).sum(dim=1).mean() / self.scale ** 2
+                if self.parts:
+                    loss = sum((features - wanted[:, part]).pow(2).sum(dim=1).mean() / scale ** 2
+                               for features, part, scale in zip(
+                                   self.surrogate.image_feature_parts(images), self.parts,
+                                   self.part_scales, strict=True))
+                else:
+                    distance = self.surrogate.image_features(images) - wanted
+                    loss = distance.pow(2).sum(dim=1).mean() / self.scale ** 2
                 if self.pretrained is not None:
                     loss = loss + self._pretrained_collision(items, images)
                 return loss
@@ -254,6 +285,9 @@ class WrongTarget(BilevelMethod):
                     "share_at_own_group": float((nearest == own).float().mean()),
                     # 1 = not moved toward the target image, 0 = on it.
                     "target_distance_ratio": _distance_ratio(features, clean, wanted)}
+        for index, part in enumerate(self.parts):  # how far each member moved
+            measured[f"member_{index}_distance_ratio"] = _distance_ratio(
+                features[:, part], clean[:, part], wanted[:, part])
         if self.pretrained is not None:
             with self.pretrained.perturbation_mode(self.batch_statistics):
                 features = self.pretrained.image_features(images).cpu()

@@ -131,6 +131,11 @@ class Surrogate(ABC):
 
         raise MMGuardError(f"{self.name} does not expose image features")
 
+    def image_feature_parts(self, images: Images) -> list[torch.Tensor]:
+        """`image_features` split by ensemble member (one part for a single model):
+        members' features differ in scale, so a loss can weigh each in its own units."""
+        return [self.image_features(images)]
+
     # -- triggers ----------------------------------------------------------------
     @abstractmethod
     def trigger_search(self, images: Images, texts: Sequence[TextItem],

@@ -273,8 +273,11 @@ class LVLMSurrogate(Surrogate):
 
     def image_features(self, images: Images) -> torch.Tensor:
         """Every member's vision features, side by side (on the primary's device)."""
-        return torch.cat([member.vision_features(member.pixel_inputs(images))
-                          .to(self.primary.device) for member in self.members], dim=1)
+        return torch.cat(self.image_feature_parts(images), dim=1)
+
+    def image_feature_parts(self, images: Images) -> list[torch.Tensor]:
+        return [member.vision_features(member.pixel_inputs(images)).to(self.primary.device)
+                for member in self.members]
 
     @torch.no_grad()
     def measure(self, images: Images, texts: Sequence[TextItem],
