@@ -312,6 +312,38 @@ def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path
     assert record["optimisation"]["rounds"][0]["target_distance_ratio"] < 0.8
 
 
+def test_wrong_target_group_noise_is_one_pattern_per_group_that_moves_its_images(tmp_path):
+    method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=6,
+                           batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255,
+                           noise_groups="group")
+    dataset = load_builtin("digits", "train", "pairs")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    clean = {r.image.key: to_float(load_image_uint8(r.image, "c")) for r in dataset.records}
+    saved = {}
+    for record in read_dataset(tmp_path / "out" / "manifest.csv").records:
+        original = next(k for k in method.group_of if Path(k).stem == Path(record.image.key).stem)
+        saved[original] = to_float(read_png_uint8(tmp_path / "out" / record.image.key))
+    eps = 16 / 255
+    by_group: dict[int, list[str]] = {}
+    for key, group in method.group_of.items():
+        by_group.setdefault(group, []).append(key)
+    patterns = []
+    for keys in by_group.values():
+        first = keys[0]
+        delta = saved[first] - clean[first]
+        assert float(delta.abs().max()) > 0  # the group's images were changed
+        for key in keys[1:]:
+            # where neither image is clipped at 0 or 1, both carry the same change
+            inside = ((clean[first] > eps) & (clean[first] < 1 - eps) & (clean[key] > eps)
+                      & (clean[key] < 1 - eps))
+            other = saved[key] - clean[key]
+            assert torch.allclose(delta[inside], other[inside], atol=0.5 / 255)
+        patterns.append(method.store.delta(f"group {method.group_of[first]}", delta.shape))
+    assert not torch.allclose(patterns[0], patterns[1])  # one pattern per group, not one
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["optimisation"]["rounds"][0]["target_distance_ratio"] < 1
+
+
 def test_wrong_target_member_units_weigh_each_ensemble_member_in_its_own_units(tmp_path):
     method = create_method("wrong-target", "triples", surrogates=("lvlm-test", "lvlm-test"),
                            pgd_steps=3, batch_size=8, eps=16 / 255, step_size=2 / 255,

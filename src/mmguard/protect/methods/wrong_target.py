@@ -33,9 +33,10 @@ trained N epochs on the clean data, e.g. `--surrogate rn-tiny --clean-epochs 30
 --surrogate-lr 5e-4` for attackers who train from scratch, as TAP crafts on a model
 trained on the data), pretrained_too (off: with clean_epochs, also collide on the
 pretrained tower as it came, an ensemble for attackers who fine-tune it and who do not),
-surrogate_bn (running: BatchNorm on the tower's running statistics, as a frozen tower
-reads images; batch: on each batch's own, as a tower being fine-tuned reads them while
-it trains), surrogates (lit for pairs, smolvlm-lite for triples).
+noise_groups (item; group: one noise per answer or cluster, a universal perturbation per
+group), surrogate_bn (running: BatchNorm on the tower's running statistics, as a frozen
+tower reads images; batch: on each batch's own, as a tower being fine-tuned reads them
+while it trains), surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -87,6 +88,13 @@ class WrongTargetConfig(SurrogateConfig):
                                 "mean distance between group centroids), summed; otherwise "
                                 "one distance over the members' features side by side.",
                                 flag=True)
+    # Universal perturbations transfer between architectures far better than per-image
+    # ones (Moosavi-Dezfooli et al. 2017), and a pattern shared by a group is also a
+    # shortcut an attacker can learn on any tower that sees it (Unlearnable Clusters).
+    noise_groups: str = option("item", "wrong-target: one noise per image (item), or one "
+                               "shared by every image of a group (group: an answer for "
+                               "triples, a k-means cluster for pairs), pulled toward the "
+                               "group's target images.", choices=("item", "group"))
     rounds: int = option(1, "wrong-target: passes of PGD over the data, each continuing from "
                          "the noise of the last.", min=1)
     # The attacker trains on the release, not on clean data: between rounds the crafting
@@ -178,6 +186,11 @@ class WrongTarget(BilevelMethod):
         labels = [self.group_of[key] for key in keys]
         self.part_scales = [_mean_centroid_distance(matrix[:, part], labels)
                             for part in self.parts]
+
+    def noise_key(self, item: ProtectionItem) -> str:
+        if self.config.noise_groups == "group":
+            return f"group {self.group_of[item.key]}"  # set by before_rounds
+        return item.key
 
     def retraining_steps(self, images: int) -> int:
         """Surrogate steps on the release before each round after the first."""
