@@ -11,7 +11,7 @@ from mmguard.data.budget import (
 from mmguard.data.images import DecodedImage
 from mmguard.data.stealth import linf_levels, psnr_db
 from mmguard.errors import MMGuardError
-from mmguard.protect.pgd import project_delta
+from mmguard.protect.pgd import pgd, project_delta
 
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.0314", 0.0314), ("1", 1.0),
@@ -108,3 +108,28 @@ def test_release_of_a_transparent_image_moves_only_its_colour_within_budget():
     opaque = DecodedImage(rgb, rgb)
     assert torch.equal(quantize_release(opaque, rgb.double() / 255 + change, 8 / 255),
                        quantize_within_budget(rgb, rgb.double() / 255 + change, 8 / 255))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_pgd_around_centers_stays_within_eps_of_each_center(shared):
+    # A loss that pulls every pixel to 0.5 drives the deltas to their bounds; each must
+    # end within eps of its center (and its image in [0, 1]), not within eps of zero.
+    generator = torch.Generator().manual_seed(1)
+    # away from 0 and 1, so no pixel is cut by the [0, 1] range
+    originals = [0.2 + 0.6 * torch.rand(3, 8, 8, generator=generator) for _ in range(2)]
+    centers = [torch.full((3, 8, 8), 0.1), torch.full((3, 8, 8), -0.1)]
+    eps = 0.05
+
+    def loss(images):
+        return sum((image - 0.5).pow(2).sum() for image in images)
+
+    deltas = pgd(originals, [c.clone() for c in centers], loss, eps=eps, step_size=0.02,
+                 steps=10, shared_by=[0, 1] if shared else None, centers=centers)
+    for x, d, c in zip(originals, deltas, centers, strict=True):
+        assert float((d - c).abs().max()) <= eps + 1e-6
+        assert float((d - c).abs().max()) > eps / 2  # it moved: the bound is the center's
+        if not shared:
+            assert float((x + d).min()) >= 0.0 and float((x + d).max()) <= 1.0
+    with pytest.raises(ValueError, match="centers"):
+        pgd(originals, centers, loss, eps=eps, step_size=0.02, steps=1, coarse=2,
+            centers=centers)

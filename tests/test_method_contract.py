@@ -574,3 +574,42 @@ def test_wrong_target_on_batch_statistics_moves_features_as_a_training_tower_rea
     assert batch < 0.8 and batch < running - 0.05, (running, batch)
     with pytest.raises(MMGuardError):
         create_method("wrong-target", "pairs", surrogate_bn="both", surrogates=("rn-test",))
+
+
+def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path):
+    eps, share = 16 / 255, 0.5
+    method = create_method("wrong-target", "triples", surrogates=("lvlm-test",), pgd_steps=8,
+                           batch_size=8, eps=eps, step_size=2 / 255, pattern_share=share)
+    dataset = load_builtin("digits", "train", "triples")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    clean = {r.image.key: (to_float(load_image_uint8(r.image, "c")), r.response)
+             for r in dataset.records}
+    pattern = create_method("class-pattern", "triples", eps=eps)
+    saved, with_pattern, keys = [], [], []
+    for record in read_dataset(tmp_path / "out" / "manifest.csv").records:
+        key = next(k for k in method.group_of if Path(k).stem == Path(record.image.key).stem)
+        if key in keys:
+            continue
+        image, answer = clean[key]
+        # the fixed part is class-pattern's pattern of the answer, at share * eps
+        center = share * pattern.pattern(f"answer {answer}", image)
+        delta = to_float(read_png_uint8(tmp_path / "out" / record.image.key)) - image
+        inside = (image > eps) & (image < 1 - eps)
+        assert float((delta - center)[inside].abs().max()) <= (1 - share) * eps + 0.5 / 255
+        assert float(delta.abs().max()) <= eps + 1e-6
+        # at share 0.5 the noise keeps the pattern's sign wherever it is not zero
+        moved = inside & (delta.abs() > 0.5 / 255)
+        assert bool((delta[moved].sign() == center[moved].sign()).all())
+        keys.append(key)
+        saved.append(image + delta)
+        with_pattern.append((image + center).clamp(0, 1))
+    # the rest of the budget collides: nearer the target images than the pattern alone
+    with torch.no_grad(), method.surrogate.perturbation_mode():
+        after = method.surrogate.image_features(saved)
+        start = method.surrogate.image_features(with_pattern)
+    wanted = torch.stack([method.features_of[method.target_image_of[k]] for k in keys])
+    assert float((after - wanted).norm(dim=1).mean()) < 0.9 * float(
+        (start - wanted).norm(dim=1).mean())
+    with pytest.raises(MMGuardError, match="pattern_share"):
+        create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_share=0.5,
+                      coarse=2)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from mmguard.protect.pgd import grid_size, upsample_noise
+from mmguard.protect.seeding import item_generator
 
 
 @dataclass
@@ -80,6 +81,16 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
     else:
         cells = torch.rand(shape, generator=generator) * (2 * eps) - eps
     return upsample_noise(cells, (height, width)).expand(channels, height, width)
+
+
+def group_pattern(image: torch.Tensor, group: str, eps: float, seed: int, coarse: int = 1,
+                  gray: bool = False, values: str = "sign") -> torch.Tensor:
+    """The fixed random pattern of `group` for an image of this size, in [-eps, eps]
+    (class-pattern's shortcut). Seeded by the group and the noise grid, so the images
+    of one group and one size share it."""
+    grid = (1 if gray else image.shape[0], *grid_size(image, coarse))
+    return random_noise(image, eps, coarse, gray, values,
+                        item_generator(seed, f"{group} {grid}"))
 
 
 def gray_noise_option() -> Any:

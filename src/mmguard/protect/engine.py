@@ -229,6 +229,17 @@ class BilevelMethod(ProtectionMethod):
         """The perturbation an item starts from (default: none)."""
         return torch.zeros_like(item.image)
 
+    def noise_center(self, item: ProtectionItem) -> torch.Tensor | None:
+        """A fixed part of the item's (or its noise group's) perturbation that PGD moves
+        around, within `noise_radius` of it (default: none, the ball around zero)."""
+        return None
+
+    @property
+    def noise_radius(self) -> float:
+        """How far PGD moves from `noise_center` (default: the whole budget); a method
+        with a center keeps |center| + radius within eps."""
+        return self.config.eps
+
     # -- shared pieces of the hooks ---------------------------------------------------
     def text_item(self, item: ProtectionItem, index: int) -> TextItem:
         response = item.responses[index] if item.responses else None
@@ -379,11 +390,15 @@ class BilevelMethod(ProtectionMethod):
                 if self.robust:
                     loss_fn = expectation_over(self.robust, loss_fn, generator,
                                                every=config.robust_every)
-                noises = pgd(originals, noises if shared else deltas, loss_fn, eps=config.eps,
-                             step_size=config.step_size, steps=config.pgd_steps,
-                             maximize=self.maximize, shared_by=shared_by if shared else None,
+                centers = [self.noise_center(owners[key]) for key in noise_keys]
+                noises = pgd(originals, noises if shared else deltas, loss_fn,
+                             eps=self.noise_radius, step_size=config.step_size,
+                             steps=config.pgd_steps, maximize=self.maximize,
+                             shared_by=shared_by if shared else None,
                              coarse=config.coarse, gray=config.gray_noise,
-                             schedule=config.step_schedule)
+                             schedule=config.step_schedule,
+                             centers=None if centers[0] is None
+                             else [c.to(self.device) for c in centers])
                 for key, noise in zip(noise_keys, noises, strict=True):
                     self.store.save_delta(key, noise)
                 deltas = _member_deltas(items, originals, noises, shared_by)

@@ -70,7 +70,8 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
         step_size: float, steps: int, maximize: bool = False,
         shared_by: Sequence[int] | None = None, coarse: int = 1,
-        gray: bool = False, schedule: str = "constant") -> list[torch.Tensor]:
+        gray: bool = False, schedule: str = "constant",
+        centers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
     Arguments:
@@ -89,17 +90,24 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             grid as its area average; the returned deltas are full size.
         gray: one noise channel for R, G and B (luma only); a given delta starts it as
             its channel mean.
+        centers: a fixed offset per delta (same indexing as `deltas`): each delta then
+            stays within eps of its center instead of zero (per pixel only; a center
+            with |center| <= budget - eps keeps the result within the budget).
     """
+    if centers is not None and (coarse > 1 or gray):
+        raise ValueError("pgd: centers need per-pixel noise (coarse 1, not gray)")
     if coarse > 1 or gray:
         return _grid_pgd(originals, deltas, loss_fn, eps=eps,
                          sizes=step_sizes(step_size, steps, schedule), maximize=maximize,
                          shared_by=shared_by, coarse=coarse, gray=gray)
     sign = 1.0 if maximize else -1.0
+    zero = [None] * len(deltas)
     if shared_by is None:
-        current = [project_delta(x, d.detach(), eps)
-                   for x, d in zip(originals, deltas, strict=True)]
+        current = [_project_around(x, d.detach(), c, eps)
+                   for x, d, c in zip(originals, deltas, centers or zero, strict=True)]
     else:
-        current = [d.detach().clamp(-eps, eps) for d in deltas]
+        current = [_clamp_around(d.detach(), c, eps)
+                   for d, c in zip(deltas, centers or zero, strict=True)]
     for size in step_sizes(step_size, steps, schedule):
         variables = [d.clone().requires_grad_(True) for d in current]
         if shared_by is None:
@@ -109,12 +117,27 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
                       for x, j in zip(originals, shared_by, strict=True)]
         grads = torch.autograd.grad(loss_fn(images), variables)
         if shared_by is None:
-            current = [project_delta(x, d.detach() + sign * size * g.sign(), eps)
-                       for x, d, g in zip(originals, current, grads, strict=True)]
+            current = [_project_around(x, d.detach() + sign * size * g.sign(), c, eps)
+                       for x, d, g, c in zip(originals, current, grads, centers or zero,
+                                             strict=True)]
         else:
-            current = [(d + sign * size * g.sign()).clamp(-eps, eps)
-                       for d, g in zip(current, grads, strict=True)]
+            current = [_clamp_around(d + sign * size * g.sign(), c, eps)
+                       for d, g, c in zip(current, grads, centers or zero, strict=True)]
     return current
+
+
+def _project_around(original: torch.Tensor, delta: torch.Tensor,
+                    center: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`delta` within eps of `center` (zero if None), with original + delta in [0, 1]."""
+    if center is None:
+        return project_delta(original, delta, eps)
+    return project_to_ball(original + delta, original + center, eps) - original
+
+
+def _clamp_around(delta: torch.Tensor, center: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if center is None:
+        return delta.clamp(-eps, eps)
+    return torch.minimum(torch.maximum(delta, center - eps), center + eps)
 
 
 def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],

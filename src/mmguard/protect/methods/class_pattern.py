@@ -45,13 +45,11 @@ from mmguard.protect.base import (
     ProtectionMethod,
     coarse_option,
     gray_noise_option,
+    group_pattern,
     noise_values_option,
     option,
-    random_noise,
 )
 from mmguard.protect.grouping import answer_of, dataset_features, kmeans_groups
-from mmguard.protect.pgd import grid_size
-from mmguard.protect.seeding import item_generator
 from mmguard.protect.surrogates import create_surrogate
 
 
@@ -91,13 +89,8 @@ class ClassPattern(ProtectionMethod):
 
     def pattern(self, group: str, image: torch.Tensor) -> torch.Tensor:
         """The group's pattern for an image of this size, in [-eps, eps]."""
-        # Seeded by the group and the noise grid, as before: one group's images of one
-        # size share the pattern.
-        grid = (1 if self.config.gray_noise else image.shape[0],
-                *grid_size(image, self.config.coarse))
-        return random_noise(image, self.config.eps, self.config.coarse, self.config.gray_noise,
-                            self.config.values, item_generator(self.config.seed,
-                                                               f"{group} {grid}"))
+        return group_pattern(image, group, self.config.eps, self.config.seed,
+                             self.config.coarse, self.config.gray_noise, self.config.values)
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         return [ProtectedItem(project_to_ball(item.image + self.pattern(self.group_of(item),

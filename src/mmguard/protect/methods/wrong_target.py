@@ -34,9 +34,11 @@ trained N epochs on the clean data, e.g. `--surrogate rn-tiny --clean-epochs 30
 trained on the data), pretrained_too (off: with clean_epochs, also collide on the
 pretrained tower as it came, an ensemble for attackers who fine-tune it and who do not),
 noise_groups (item; group: one noise per answer or cluster, a universal perturbation per
-group), surrogate_bn (running: BatchNorm on the tower's running statistics, as a frozen
-tower reads images; batch: on each batch's own, as a tower being fine-tuned reads them
-while it trains), surrogates (lit for pairs, smolvlm-lite for triples).
+group), pattern_share (0; s > 0: a fixed random sign pattern per group at s * eps, as
+class-pattern draws it, with the collision within (1 - s) * eps around it), surrogate_bn
+(running: BatchNorm on the tower's running statistics, as a frozen tower reads images;
+batch: on each batch's own, as a tower being fine-tuned reads them while it trains),
+surrogates (lit for pairs, smolvlm-lite for triples).
 
 Example:
     mmguard protect --dataset emoji --method wrong-target --surrogate lit --out out/
@@ -53,9 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from mmguard.errors import MMGuardError
-from mmguard.protect.base import DatasetView, ProtectionItem, option
+from mmguard.protect.base import DatasetView, ProtectionItem, group_pattern, option
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
-from mmguard.protect.grouping import answer_groups, dataset_features, kmeans_groups
+from mmguard.protect.grouping import answer_groups, answer_of, dataset_features, kmeans_groups
 from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
 
@@ -95,6 +97,14 @@ class WrongTargetConfig(SurrogateConfig):
                                "shared by every image of a group (group: an answer for "
                                "triples, a k-means cluster for pairs), pulled toward the "
                                "group's target images.", choices=("item", "group"))
+    # Collision moves the features of the towers it was made on and few others; a
+    # fixed pattern per group is a shortcut any tower that sees it can learn
+    # (class-pattern: -48% on the ResNet-50 black box, -12% on EfficientNet). Both in
+    # one budget: the collision moves within the rest of the ball, around the pattern.
+    pattern_share: float = option(0.0, "wrong-target: share of the budget given to a fixed "
+                                  "random sign pattern per group (class-pattern's); the "
+                                  "collision moves within the rest of the budget around it "
+                                  "(0: none; below 1).", min=0.0, max=0.95)
     rounds: int = option(1, "wrong-target: passes of PGD over the data, each continuing from "
                          "the noise of the last.", min=1)
     # The attacker trains on the release, not on clean data: between rounds the crafting
@@ -127,6 +137,9 @@ class WrongTarget(BilevelMethod):
             raise MMGuardError("wrong-target: member_units needs the image target")
         if self.config.retrain_steps and self.config.retrain_epochs:
             raise MMGuardError("wrong-target: give retrain_steps or retrain_epochs, not both")
+        if self.config.pattern_share and (self.config.coarse > 1 or self.config.gray_noise):
+            raise MMGuardError("wrong-target: pattern_share needs per-pixel noise (coarse 1, "
+                               "gray_noise off)")
         if (self.config.retrain_steps or self.config.retrain_epochs) and self.config.rounds < 2:
             raise MMGuardError("wrong-target: retraining happens between rounds; give "
                                "rounds 2 or more")
@@ -191,6 +204,25 @@ class WrongTarget(BilevelMethod):
         if self.config.noise_groups == "group":
             return f"group {self.group_of[item.key]}"  # set by before_rounds
         return item.key
+
+    def noise_center(self, item: ProtectionItem) -> torch.Tensor | None:
+        if not self.config.pattern_share:
+            return None
+        # Triples are named as class-pattern names them, so the pattern is its release's.
+        group = (f"answer {answer_of(item)}" if self.kind == "triples"
+                 else f"cluster {self.group_of[item.key]}")
+        return group_pattern(item.image, group, self.config.pattern_share * self.config.eps,
+                             self.config.seed)
+
+    @property
+    def noise_radius(self) -> float:
+        return (1.0 - self.config.pattern_share) * self.config.eps
+
+    def initial_noise(self, item: ProtectionItem) -> torch.Tensor:
+        center = self.noise_center(item)
+        if center is None:
+            return super().initial_noise(item)
+        return (item.image + center).clamp(0.0, 1.0) - item.image
 
     def retraining_steps(self, images: int) -> int:
         """Surrogate steps on the release before each round after the first."""
