@@ -312,17 +312,23 @@ def test_wrong_target_image_collides_with_one_image_of_the_target_group(tmp_path
     assert record["optimisation"]["rounds"][0]["target_distance_ratio"] < 0.8
 
 
+def _clean_and_saved(dataset, keys, out: Path) -> tuple[dict, dict]:
+    """The clean and the released image of each original key, as floats."""
+    clean = {r.image.key: to_float(load_image_uint8(r.image, "c")) for r in dataset.records}
+    saved = {}
+    for record in read_dataset(out / "manifest.csv").records:
+        original = next(k for k in keys if Path(k).stem == Path(record.image.key).stem)
+        saved[original] = to_float(read_png_uint8(out / record.image.key))
+    return clean, saved
+
+
 def test_wrong_target_group_noise_is_one_pattern_per_group_that_moves_its_images(tmp_path):
     method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=6,
                            batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255,
                            noise_groups="group")
     dataset = load_builtin("digits", "train", "pairs")
     protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
-    clean = {r.image.key: to_float(load_image_uint8(r.image, "c")) for r in dataset.records}
-    saved = {}
-    for record in read_dataset(tmp_path / "out" / "manifest.csv").records:
-        original = next(k for k in method.group_of if Path(k).stem == Path(record.image.key).stem)
-        saved[original] = to_float(read_png_uint8(tmp_path / "out" / record.image.key))
+    clean, saved = _clean_and_saved(dataset, method.group_of, tmp_path / "out")
     eps = 16 / 255
     by_group: dict[int, list[str]] = {}
     for key, group in method.group_of.items():
@@ -613,3 +619,36 @@ def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path):
     with pytest.raises(MMGuardError, match="pattern_share"):
         create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_share=0.5,
                       coarse=2)
+
+
+@pytest.mark.parametrize("kind, surrogate, direction", [("triples", "lvlm-test", "random"),
+                                                        ("pairs", "rn-test", "wrong")])
+def test_shift_pattern_moves_each_groups_features_along_its_direction(tmp_path, kind,
+                                                                       surrogate, direction):
+    eps = 16 / 255
+    method = create_method("shift-pattern", kind, surrogates=(surrogate,), pgd_steps=6,
+                           batch_size=8, groups=3, eps=eps, step_size=2 / 255,
+                           direction=direction)
+    dataset = load_builtin("digits", "train", kind)
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    clean, saved = _clean_and_saved(dataset, method.group_of, tmp_path / "out")
+    keys = list(method.group_of)
+    groups = sorted(set(method.group_of.values()))
+    assert len(groups) >= 2
+    # one pattern per group, distinct between groups, within the budget
+    patterns = [method.store.delta(f"group {g}", clean[keys[0]].shape) for g in groups]
+    assert not torch.allclose(patterns[0], patterns[1])
+    assert all(float(p.abs().max()) <= eps + 1e-6 for p in patterns)
+    if direction == "wrong":  # toward another group's centroid, unit length
+        assert torch.allclose(method.directions[0].norm(dim=1), torch.ones(len(groups)))
+    # the optimised patterns shift the features along their directions further than the
+    # random signs they started from
+    items = [ProtectionItem(k, clean[k], []) for k in keys]
+    start = [(clean[k] + method.initial_noise(item)).clamp(0, 1)
+             for k, item in zip(keys, items, strict=True)]
+    with torch.no_grad(), method.surrogate.perturbation_mode():
+        after = float(method._shift(items, [saved[k] for k in keys]))
+        before = float(method._shift(items, start))
+    assert after > before and after > 0
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["optimisation"]["rounds"][0]["shift_along_direction"] > 0

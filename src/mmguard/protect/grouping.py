@@ -43,3 +43,12 @@ def kmeans_groups(features: torch.Tensor, clusters: int, seed: int) -> list[int]
 
     fitted = KMeans(n_clusters=min(clusters, len(features)), n_init=4, random_state=seed)
     return [int(label) for label in fitted.fit_predict(features.double().numpy())]
+
+
+def mean_centroid_distance(matrix: torch.Tensor, labels: list[int]) -> float:
+    """The mean distance between the group centroids of `matrix`: the unit of the losses,
+    so a temperature or a sum of two towers' losses means the same in every feature space."""
+    label = torch.tensor(labels)
+    centroids = torch.stack([matrix[label == g].mean(dim=0) for g in sorted(set(labels))])
+    count = len(centroids)
+    return float(torch.cdist(centroids, centroids).sum() / max(1, count * (count - 1)))

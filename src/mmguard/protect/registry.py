@@ -14,6 +14,7 @@ from mmguard.protect.methods.em import ErrorMinimizing
 from mmguard.protect.methods.mem import MultiStepErrorMinimizing
 from mmguard.protect.methods.mmguard_binding import MMGuard
 from mmguard.protect.methods.random_noise import RandomNoise
+from mmguard.protect.methods.shift_pattern import ShiftPattern
 from mmguard.protect.methods.uap import ErrorMaximizing
 from mmguard.protect.methods.word_code import WordCode
 from mmguard.protect.methods.wrong_target import WrongTarget
@@ -27,6 +28,7 @@ METHODS: dict[str, type[ProtectionMethod]] = {
     WrongTarget.name: WrongTarget,
     ClusterErrorMinimizing.name: ClusterErrorMinimizing,
     ClassPattern.name: ClassPattern,
+    ShiftPattern.name: ShiftPattern,
     WordCode.name: WordCode,
 }
 

@@ -57,7 +57,13 @@ import torch.nn.functional as F
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import DatasetView, ProtectionItem, group_pattern, option
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
-from mmguard.protect.grouping import answer_groups, answer_of, dataset_features, kmeans_groups
+from mmguard.protect.grouping import (
+    answer_groups,
+    answer_of,
+    dataset_features,
+    kmeans_groups,
+    mean_centroid_distance,
+)
 from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
 
@@ -184,7 +190,7 @@ class WrongTarget(BilevelMethod):
                                                        self.config.batch_size, self.device,
                                                        self.batch_statistics)
             self.pretrained_features_of = dict(zip(keys, pretrained_matrix, strict=True))
-            self.pretrained_scale = _mean_centroid_distance(
+            self.pretrained_scale = mean_centroid_distance(
                 pretrained_matrix, [self.group_of[key] for key in keys])
 
     def _member_parts(self, data: DatasetView, keys: list[str], matrix: torch.Tensor) -> None:
@@ -197,7 +203,7 @@ class WrongTarget(BilevelMethod):
         self.parts = [slice(start, start + width) for start, width in zip(starts, widths,
                                                                            strict=True)]
         labels = [self.group_of[key] for key in keys]
-        self.part_scales = [_mean_centroid_distance(matrix[:, part], labels)
+        self.part_scales = [mean_centroid_distance(matrix[:, part], labels)
                             for part in self.parts]
 
     def noise_key(self, item: ProtectionItem) -> str:
@@ -266,7 +272,7 @@ class WrongTarget(BilevelMethod):
                 "target_image_of": target_image_of, "centroids": centroids.tolist(),
                 # Distances in units of the mean distance between centroids, so the
                 # temperature means the same in every feature space.
-                "scale": _mean_centroid_distance(matrix, labels.tolist())}
+                "scale": mean_centroid_distance(matrix, labels.tolist())}
 
     # -- the noise step -------------------------------------------------------------------
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -347,15 +353,6 @@ class WrongTarget(BilevelMethod):
         if hasattr(self, "centroids"):
             report["groups"] = int(self.centroids.shape[0])
         return report
-
-
-def _mean_centroid_distance(matrix: torch.Tensor, labels: list[int]) -> float:
-    """The mean distance between the group centroids of `matrix`: the unit of the losses,
-    so a temperature or a sum of two towers' losses means the same in every feature space."""
-    label = torch.tensor(labels)
-    centroids = torch.stack([matrix[label == g].mean(dim=0) for g in sorted(set(labels))])
-    count = len(centroids)
-    return float(torch.cdist(centroids, centroids).sum() / max(1, count * (count - 1)))
 
 
 def _distance_ratio(features: torch.Tensor, clean: torch.Tensor, wanted: torch.Tensor) -> float:
