@@ -14,6 +14,13 @@ def answer_of(item: ProtectionItem) -> str:
     return " | ".join(sorted({response.strip() for response in item.responses or []}))
 
 
+def pattern_name(item: ProtectionItem, kind: str, cluster: int) -> str:
+    """The name a group's fixed pattern is seeded by (`group_pattern`): its answer for
+    triples, its cluster otherwise. Methods that share class-pattern's patterns use it,
+    so the same group draws the same pattern in each."""
+    return f"answer {answer_of(item)}" if kind == "triples" else f"cluster {cluster}"
+
+
 def dataset_features(data: DatasetView, surrogate: Surrogate, batch_size: int,
                      device: torch.device | str = "cpu",
                      batch_statistics: bool = False) -> tuple[list[str], torch.Tensor,

@@ -50,6 +50,7 @@ from mmguard.protect.grouping import (
     answer_of,
     kmeans_groups,
     mean_centroid_distance,
+    pattern_name,
 )
 from mmguard.protect.surrogates import TextItem
 
@@ -132,8 +133,7 @@ class ShiftPattern(BilevelMethod):
     def initial_noise(self, item: ProtectionItem) -> torch.Tensor:
         if self.config.start == "zero":
             return super().initial_noise(item)
-        group = (f"answer {answer_of(item)}" if self.kind == "triples"
-                 else f"cluster {self.group_of[item.key]}")
+        group = pattern_name(item, self.kind, self.group_of[item.key])
         pattern = group_pattern(item.image, group, self.config.eps, self.config.seed)
         return (item.image + pattern).clamp(0.0, 1.0) - item.image
 

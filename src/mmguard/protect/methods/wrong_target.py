@@ -59,10 +59,10 @@ from mmguard.protect.base import DatasetView, ProtectionItem, group_pattern, opt
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig, clean_epochs_option
 from mmguard.protect.grouping import (
     answer_groups,
-    answer_of,
     dataset_features,
     kmeans_groups,
     mean_centroid_distance,
+    pattern_name,
 )
 from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
@@ -215,8 +215,7 @@ class WrongTarget(BilevelMethod):
         if not self.config.pattern_share:
             return None
         # Triples are named as class-pattern names them, so the pattern is its release's.
-        group = (f"answer {answer_of(item)}" if self.kind == "triples"
-                 else f"cluster {self.group_of[item.key]}")
+        group = pattern_name(item, self.kind, self.group_of[item.key])
         return group_pattern(item.image, group, self.config.pattern_share * self.config.eps,
                              self.config.seed)
 
