@@ -21,21 +21,34 @@ def pattern_name(item: ProtectionItem, kind: str, cluster: int) -> str:
     return f"answer {answer_of(item)}" if kind == "triples" else f"cluster {cluster}"
 
 
-def dataset_features(data: DatasetView, surrogate: Surrogate, batch_size: int,
-                     device: torch.device | str = "cpu",
-                     batch_statistics: bool = False) -> tuple[list[str], torch.Tensor,
-                                                              dict[str, str]]:
-    """Every image's frozen-tower features (N, D), with the keys in that order and each
-    key's answer (empty for pairs); one pass over the data, batch by batch."""
-    keys, features, answers = [], [], {}
+def dataset_feature_parts(data: DatasetView, surrogate: Surrogate, batch_size: int,
+                          device: torch.device | str = "cpu",
+                          batch_statistics: bool = False) -> tuple[list[str], list[torch.Tensor],
+                                                                   dict[str, str]]:
+    """Every image's frozen-tower features, one (N, D_k) matrix per ensemble member (one
+    for a single model), with the keys in that order and each key's answer (empty for
+    pairs); one pass over the data, batch by batch."""
+    keys, batches, answers = [], [], {}
     with torch.no_grad(), surrogate.perturbation_mode(batch_statistics):
         for start in range(0, len(data.keys), batch_size):
             items = data.load(data.keys[start:start + batch_size])
             keys += [item.key for item in items]
             answers.update({item.key: answer_of(item) for item in items})
-            features.append(surrogate.image_features([item.image.to(device)
-                                                      for item in items]).cpu())
-    return keys, torch.cat(features), answers
+            batches.append([part.cpu() for part in surrogate.image_feature_parts(
+                [item.image.to(device) for item in items])])
+    parts = [torch.cat([batch[k] for batch in batches]) for k in range(len(batches[0]))]
+    return keys, parts, answers
+
+
+def dataset_features(data: DatasetView, surrogate: Surrogate, batch_size: int,
+                     device: torch.device | str = "cpu",
+                     batch_statistics: bool = False) -> tuple[list[str], torch.Tensor,
+                                                              dict[str, str]]:
+    """`dataset_feature_parts` with the members' features side by side (N, D): what
+    `Surrogate.image_features` gives."""
+    keys, parts, answers = dataset_feature_parts(data, surrogate, batch_size, device,
+                                                 batch_statistics)
+    return keys, torch.cat(parts, dim=1), answers
 
 
 def answer_groups(keys: list[str], answers: dict[str, str]) -> list[int]:

@@ -47,7 +47,7 @@ from mmguard.protect.base import DatasetView, ProtectionItem, group_pattern, opt
 from mmguard.protect.engine import BilevelMethod, SurrogateConfig
 from mmguard.protect.grouping import (
     answer_groups,
-    answer_of,
+    dataset_feature_parts,
     kmeans_groups,
     mean_centroid_distance,
     pattern_name,
@@ -90,15 +90,9 @@ class ShiftPattern(BilevelMethod):
     def before_rounds(self, data: DatasetView) -> None:
         # One pass of the frozen towers over the clean data; deterministic, so a resumed
         # run recomputes it rather than storing it.
-        keys, parts, answers = [], [], {}
-        with torch.no_grad(), self.surrogate.perturbation_mode(self.batch_statistics):
-            for start in range(0, len(data.keys), self.config.batch_size):
-                items = data.load(data.keys[start:start + self.config.batch_size])
-                keys += [item.key for item in items]
-                answers.update({item.key: answer_of(item) for item in items})
-                parts.append([part.cpu() for part in self.surrogate.image_feature_parts(
-                    [item.image.to(self.device) for item in items])])
-        towers = [torch.cat([batch[k] for batch in parts]) for k in range(len(parts[0]))]
+        keys, towers, answers = dataset_feature_parts(data, self.surrogate,
+                                                      self.config.batch_size, self.device,
+                                                      self.batch_statistics)
         labels = (answer_groups(keys, answers) if self.kind == "triples"
                   else kmeans_groups(torch.cat(towers, dim=1), self.config.groups,
                                      self.config.seed))
