@@ -621,14 +621,17 @@ def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path):
                       coarse=2)
 
 
-@pytest.mark.parametrize("kind, surrogate, direction", [("triples", "lvlm-test", "random"),
-                                                        ("pairs", "rn-test", "wrong")])
+@pytest.mark.parametrize("kind, surrogate, direction, smooth", [
+    ("triples", "lvlm-test", "random", False), ("pairs", "rn-test", "wrong", False),
+    ("triples", "lvlm-test", "random", True)])
 def test_shift_pattern_moves_each_groups_features_along_its_direction(tmp_path, kind,
-                                                                       surrogate, direction):
+                                                                       surrogate, direction,
+                                                                       smooth):
     eps = 16 / 255
+    grid = {"coarse": 2, "gray_noise": True} if smooth else {}
     method = create_method("shift-pattern", kind, surrogates=(surrogate,), pgd_steps=6,
                            batch_size=8, groups=3, eps=eps, step_size=2 / 255,
-                           direction=direction)
+                           direction=direction, **grid)
     dataset = load_builtin("digits", "train", kind)
     protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
     clean, saved = _clean_and_saved(dataset, method.group_of, tmp_path / "out")
@@ -639,6 +642,11 @@ def test_shift_pattern_moves_each_groups_features_along_its_direction(tmp_path, 
     patterns = [method.store.delta(f"group {g}", clean[keys[0]].shape) for g in groups]
     assert not torch.allclose(patterns[0], patterns[1])
     assert all(float(p.abs().max()) <= eps + 1e-6 for p in patterns)
+    if smooth:  # luma only (one noise in R, G and B) and low-frequency: neighbours differ
+        # by at most half a grid cell's step (per-pixel signs differ by up to 2 eps)
+        assert all(torch.equal(p[0], p[1]) and torch.equal(p[0], p[2]) for p in patterns)
+        assert all(float(p.diff(dim=-1).abs().max()) <= eps + 1e-6 for p in patterns)
+        assert max(float(p.diff(dim=-1).abs().mean()) for p in patterns) < 0.75 * eps
     if direction == "wrong":  # toward another group's centroid, unit length
         assert torch.allclose(method.directions[0].norm(dim=1), torch.ones(len(groups)))
     # the optimised patterns shift the features along their directions further than the

@@ -1,0 +1,95 @@
+"""How much of a shared noise pattern survives the attacker's transformations? No model.
+
+For each pattern space (per pixel and channel, luma only, on a grid 2 or 4 times
+coarser, bilinear as the engine upsamples), a random sign pattern at eps is added to
+the first IMAGES training images of a set, saved to 8 bits, and put through each of
+the attacker's transformations (`mmguard.attack.augment`: Pillow JPEG-75, grayscale,
+resize 0.5, Gaussian blur sigma 1). The figure is the share of the pattern's energy
+still there, along the pattern: <T(x + p) - T(x), p> / <p, p>, summed over images.
+A shortcut an attacker's model can learn after T needs the pattern to survive T;
+this is the cheap half of that question (the other half, whether a tower passes the
+surviving pattern on, needs attacker runs).
+
+    .venv/bin/python benchmarks/pattern_survival.py [--dataset fashion-mnist] [--images 60]
+
+Writes benchmarks/results/pattern-survival.json and .md (one row per dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from mmguard.attack.augment import gaussian_blur, grayscale, jpeg, resize
+from mmguard.data.builtin import load_builtin
+from mmguard.data.images import load_image_uint8, to_float
+from mmguard.protect.base import group_pattern
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.results_file import load_results, save_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pattern-survival.json"
+EPS = 8 / 255
+SPACES = {"per pixel, colour": (1, False), "per pixel, luma": (1, True),
+          "coarse 2, colour": (2, False), "coarse 2, luma": (2, True),
+          "coarse 4, colour": (4, False), "coarse 4, luma": (4, True)}
+TRANSFORMS = {"jpeg:75": lambda x: jpeg(x, 75), "grayscale": grayscale,
+              "resize:0.5": lambda x: resize(x, 0.5), "blur:1": lambda x: gaussian_blur(x, 1.0)}
+
+
+def to_8bit(image: torch.Tensor) -> torch.Tensor:
+    return (image.clamp(0, 1) * 255).round() / 255
+
+
+def survival(images: list[torch.Tensor], coarse: int, gray: bool) -> dict[str, float]:
+    """Share of a sign pattern's energy kept by each transformation, over `images`."""
+    kept = {}
+    for name, transform in TRANSFORMS.items():
+        along = energy = 0.0
+        for index, image in enumerate(images):
+            pattern = group_pattern(image, f"image {index}", EPS, seed=0, coarse=coarse,
+                                    gray=gray)
+            protected = to_8bit(image + pattern)
+            pattern = protected - image  # what the saved file carries
+            along += float(((transform(protected) - transform(image)) * pattern).sum())
+            energy += float((pattern * pattern).sum())
+        kept[name] = round(along / energy, 3)
+    return kept
+
+
+def write_table(results: dict) -> None:
+    lines = ["# How much of a sign pattern at 8/255 survives the attacker's transformations",
+             "", "Share of the pattern's energy left along it (1 = all); "
+             "`benchmarks/pattern_survival.py`.", ""]
+    for dataset, row in results["rows"].items():
+        lines += [f"## {dataset} ({row['images']} images, {row['size']} px)", "",
+                  "| pattern | " + " | ".join(TRANSFORMS) + " |",
+                  "|---|" + "---|" * len(TRANSFORMS)]
+        lines += [f"| {space} | " + " | ".join(f"{kept[t]:.2f}" for t in TRANSFORMS) + " |"
+                  for space, kept in row["kept"].items()]
+        lines.append("")
+    RESULTS.with_suffix(".md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--images", type=int, default=60)
+    args = parser.parse_args()
+    records = load_builtin(args.dataset, "train", "triples").records[:args.images]
+    images = [to_float(load_image_uint8(r.image, r.image.key)) for r in records]
+    kept = {space: survival(images, *grid) for space, grid in SPACES.items()}
+    for space, row in kept.items():
+        print(f"{space:20s} " + "  ".join(f"{t} {v:.2f}" for t, v in row.items()), flush=True)
+    results = load_results(RESULTS)
+    results["rows"][args.dataset] = {"images": len(images),
+                                     "size": "x".join(map(str, images[0].shape[1:])),
+                                     "kept": kept}
+    save_results(RESULTS, results, write_table)
+
+
+if __name__ == "__main__":
+    main()
