@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmguard.data.budget import quantize_within_budget
@@ -14,7 +15,7 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.contrastive import info_nce
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
-from mmguard.protect.pgd import pgd, step_sizes
+from mmguard.protect.pgd import grid_of, grid_size, pgd, step_sizes, upsample_noise
 from mmguard.protect.surrogates import TextItem
 from mmguard.protect.surrogates.contrastive import ContrastiveSurrogate
 
@@ -419,3 +420,23 @@ def test_batch_statistics_mode_leaves_running_statistics_alone():
         eval_features = model.encode_images(images)
     # batch statistics really are used: the two modes disagree on a fresh model
     assert not torch.allclose(train_features, eval_features, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, coarse", [((3, 28, 28), 4), ((3, 30, 17), 4), ((3, 8, 8), 2)])
+def test_a_coarse_grid_resumes_where_it_was_left(shape, coarse):
+    # A shared pattern comes back to PGD at every batch that holds its group: its grid
+    # must start where the last visit left it, not an area average of it (which smooths
+    # the pattern a little more at every visit).
+    generator = torch.Generator().manual_seed(9)
+    grid = (torch.rand(3, *grid_size(torch.zeros(shape), coarse), generator=generator)
+            * 2 - 1) * EPS
+    noise = upsample_noise(grid, shape[1:])
+    assert torch.allclose(grid_of(noise, grid.shape[1:]), grid, atol=1e-6)
+    originals = [torch.full(shape, 0.5)]
+    again = noise
+    for _ in range(5):  # five visits of zero steps: nothing may change
+        again = pgd(originals, [again], squared_error(targets_for(originals, 3)), eps=EPS,
+                    step_size=1 / 255, steps=0, shared_by=[0], coarse=coarse)[0]
+    assert torch.allclose(again, noise, atol=1e-6)
+    pooled = upsample_noise(F.adaptive_avg_pool2d(noise[None], grid.shape[1:])[0], shape[1:])
+    assert float((pooled - noise).abs().max()) > 0.05 * EPS  # what an area average loses

@@ -52,6 +52,28 @@ def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def _interpolation_matrix(cells: int, size: int) -> torch.Tensor:
+    """(size, cells): 1-D linear upsampling as `upsample_noise` does it along one side."""
+    eye = torch.eye(cells)[None]  # row i: the unit vector of cell i
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
+
+
+def grid_of(noise: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+    """The (C, *cells) grid whose `upsample_noise` is nearest `noise` (least squares).
+
+    Bilinear upsampling is separable, noise = A_h grid A_w^T, so the grid is
+    pinv(A_h) noise pinv(A_w)^T: exact for noise that is an upsampled grid. A method
+    whose noise comes back to the optimiser several times (shared patterns, rounds)
+    then resumes the grid it left, where an area average would smooth it a little more
+    at every visit."""
+    height, width = noise.shape[-2:]
+    if (height, width) == tuple(cells):
+        return noise
+    rows = torch.linalg.pinv(_interpolation_matrix(cells[0], height).to(noise))
+    cols = torch.linalg.pinv(_interpolation_matrix(cells[1], width).to(noise))
+    return rows @ noise @ cols.T
+
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -87,7 +109,8 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             [0, 1] in the forward pass instead, and the caller clamps the output.
         coarse: optimise a grid this many times coarser than each delta and upsample
             it (low-frequency noise, see the module note). A given delta starts the
-            grid as its area average; the returned deltas are full size.
+            grid as its least-squares grid (`grid_of`: exact for a delta this function
+            returned); the returned deltas are full size.
         gray: one noise channel for R, G and B (luma only); a given delta starts it as
             its channel mean.
         centers: a fixed offset per delta (same indexing as `deltas`): each delta then
@@ -148,8 +171,7 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
     shapes = [tuple(d.shape) for d in deltas]
     starts = [d.detach().mean(dim=0, keepdim=True) if gray else d.detach() for d in deltas]
-    grids = [F.adaptive_avg_pool2d(d[None], grid_size(d, coarse))[0].clamp(-eps, eps)
-             for d in starts]
+    grids = [grid_of(d, grid_size(d, coarse)).clamp(-eps, eps) for d in starts]
 
     def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return upsample_noise(grid, shape[-2:]).expand(shape)

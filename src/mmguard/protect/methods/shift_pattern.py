@@ -30,9 +30,8 @@ where the attacker's transformations leave it: on the 28-px Fashion-MNIST images
 Pillow's JPEG-75 keeps 34% of a random colour sign pattern's energy, 74% of a
 luma one and 91-92% of a luma one on a 2- or 4-times coarser grid; resizing by
 0.5 and blur (sigma 1) keep 24% / 30% per pixel, 59% / 68% at coarse 2 and
-81% / 86% at coarse 4 (benchmarks/pattern_survival.py). A coarse pattern's grid is
-re-read from the saved pattern (area average) each time a batch holds the group,
-which smooths it slightly between visits.
+81% / 86% at coarse 4 (benchmarks/pattern_survival.py). A coarse pattern resumes
+its own grid each time a batch holds the group (`pgd.grid_of`).
 
 Config (ShiftPatternConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), rounds (1), groups (32, pairs), direction (random), start (signs),
