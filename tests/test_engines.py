@@ -440,3 +440,13 @@ def test_a_coarse_grid_resumes_where_it_was_left(shape, coarse):
     assert torch.allclose(again, noise, atol=1e-6)
     pooled = upsample_noise(F.adaptive_avg_pool2d(noise[None], grid.shape[1:])[0], shape[1:])
     assert float((pooled - noise).abs().max()) > 0.05 * EPS  # what an area average loses
+
+
+def test_a_very_large_grid_falls_back_to_the_area_average(monkeypatch):
+    import mmguard.protect.pgd as pgd_module
+
+    noise = torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(10))
+    exact = grid_of(noise, (4, 3))
+    monkeypatch.setattr(pgd_module, "EXACT_GRID_ENTRIES", 16 * 4 - 1)
+    assert torch.equal(grid_of(noise, (4, 3)), F.adaptive_avg_pool2d(noise[None], (4, 3))[0])
+    assert not torch.allclose(exact, grid_of(noise, (4, 3)))

@@ -25,6 +25,7 @@ decaying one settles it there.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -52,10 +53,19 @@ def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def _interpolation_matrix(cells: int, size: int) -> torch.Tensor:
-    """(size, cells): 1-D linear upsampling as `upsample_noise` does it along one side."""
+# Above this many entries (cells x side) an exact grid costs more than it is worth
+# (a 4000-px side at coarse 2 would multiply by a 2000 x 4000 matrix at every visit):
+# such noise falls back to the area average, which smooths it slightly per visit.
+EXACT_GRID_ENTRIES = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _upsampling_inverse(cells: int, size: int) -> torch.Tensor:
+    """(cells, size): the pseudo-inverse of 1-D linear upsampling from `cells` to `size`
+    values, as `upsample_noise` does it along one side."""
     eye = torch.eye(cells)[None]  # row i: the unit vector of cell i
-    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
+    upsampling = F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
+    return torch.linalg.pinv(upsampling)
 
 
 def grid_of(noise: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
@@ -65,12 +75,14 @@ def grid_of(noise: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
     pinv(A_h) noise pinv(A_w)^T: exact for noise that is an upsampled grid. A method
     whose noise comes back to the optimiser several times (shared patterns, rounds)
     then resumes the grid it left, where an area average would smooth it a little more
-    at every visit."""
+    at every visit (the fallback for very large grids, see EXACT_GRID_ENTRIES)."""
     height, width = noise.shape[-2:]
     if (height, width) == tuple(cells):
         return noise
-    rows = torch.linalg.pinv(_interpolation_matrix(cells[0], height).to(noise))
-    cols = torch.linalg.pinv(_interpolation_matrix(cells[1], width).to(noise))
+    if max(cells[0] * height, cells[1] * width) > EXACT_GRID_ENTRIES:
+        return F.adaptive_avg_pool2d(noise[None], cells)[0]
+    rows = _upsampling_inverse(cells[0], height).to(noise)
+    cols = _upsampling_inverse(cells[1], width).to(noise)
     return rows @ noise @ cols.T
 
 
