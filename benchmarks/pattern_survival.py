@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mmguard.attack.augment import gaussian_blur, grayscale, jpeg, resize
+from mmguard.data.budget import quantize_within_budget
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.protect.base import group_pattern
@@ -40,24 +41,20 @@ TRANSFORMS = {"jpeg:75": lambda x: jpeg(x, 75), "grayscale": grayscale,
               "resize:0.5": lambda x: resize(x, 0.5), "blur:1": lambda x: gaussian_blur(x, 1.0)}
 
 
-def to_8bit(image: torch.Tensor) -> torch.Tensor:
-    return (image.clamp(0, 1) * 255).round() / 255
-
-
 def survival(images: list[torch.Tensor], coarse: int, gray: bool) -> dict[str, float]:
-    """Share of a sign pattern's energy kept by each transformation, over `images`."""
-    kept = {}
-    for name, transform in TRANSFORMS.items():
-        along = energy = 0.0
-        for index, image in enumerate(images):
-            pattern = group_pattern(image, f"image {index}", EPS, seed=0, coarse=coarse,
-                                    gray=gray)
-            protected = to_8bit(image + pattern)
-            pattern = protected - image  # what the saved file carries
-            along += float(((transform(protected) - transform(image)) * pattern).sum())
-            energy += float((pattern * pattern).sum())
-        kept[name] = round(along / energy, 3)
-    return kept
+    """Share of a sign pattern's energy kept by each transformation, over `images`
+    (uint8, as stored); the protected image is saved as the writer saves it."""
+    along = dict.fromkeys(TRANSFORMS, 0.0)
+    energy = 0.0
+    for index, stored in enumerate(images):
+        image = to_float(stored)
+        pattern = group_pattern(image, f"image {index}", EPS, seed=0, coarse=coarse, gray=gray)
+        protected = to_float(quantize_within_budget(stored, image + pattern, EPS))
+        pattern = protected - image  # what the saved file carries
+        energy += float((pattern * pattern).sum())
+        for name, transform in TRANSFORMS.items():
+            along[name] += float(((transform(protected) - transform(image)) * pattern).sum())
+    return {name: round(value / energy, 3) for name, value in along.items()}
 
 
 def write_table(results: dict) -> None:
@@ -80,7 +77,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60)
     args = parser.parse_args()
     records = load_builtin(args.dataset, "train", "triples").records[:args.images]
-    images = [to_float(load_image_uint8(r.image, r.image.key)) for r in records]
+    images = [load_image_uint8(r.image, r.image.key) for r in records]
     kept = {space: survival(images, *grid) for space, grid in SPACES.items()}
     for space, row in kept.items():
         print(f"{space:20s} " + "  ".join(f"{t} {v:.2f}" for t, v in row.items()), flush=True)
