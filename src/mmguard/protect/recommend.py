@@ -58,7 +58,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         "is unknown, shift-pattern made on two towers (--surrogate smolvlm-lite --surrogate "
         "smolvlm-lite-c) took an attacker on a third, ResNet-50, from 72.5% to 33.2% (3 "
         "seeds), at 0.4 images/s; with --coarse 4 --gray-noise to 40.8% (3 seeds), and it "
-        "kept 64% of that effect against an attacker who JPEG-compresses (2 seeds)"),
+        "kept 58% of that effect against an attacker who JPEG-compresses (3 seeds)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
