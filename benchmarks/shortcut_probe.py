@@ -15,8 +15,15 @@ Reported per tower: held-out accuracy after training on clean / uniform / releas
 and the release's drop relative to the better control. The LoRA attacker rows
 check the prediction; this probe only ranks releases.
 
+`--augment SPEC` (repeatable; `none` is the plain row) puts all three training sets
+through an attacker's transformation (`mmguard.attack.augment`, e.g. jpeg:75)
+before the tower reads them, as `mmguard lab --augment` does to the attacker's data;
+the held-out images stay clean. Comparing a release's drop under SPEC with its drop
+under `none` says how much of the shortcut the tower still sees after it.
+
     .venv/bin/python benchmarks/shortcut_probe.py --release runs/cp/protected \\
-        --tower smolvlm-lite --tower smolvlm-lite-c --out runs/probe.json
+        --tower smolvlm-lite --tower smolvlm-lite-c [--augment none --augment jpeg:75] \
+        --out runs/probe.json
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.feature_probe import tower_features  # noqa: E402
+from mmguard.attack.augment import parse_augment  # noqa: E402
 from mmguard.data.budget import project_to_ball  # noqa: E402
 from mmguard.data.builtin import load_builtin  # noqa: E402
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float  # noqa: E402
@@ -61,8 +69,9 @@ def read_release(release: Path, train: list, dataset: str, limit: int) -> list[t
 
 
 def probe(releases: list[Path], dataset: str, limit: int, held_out: int, towers: list[str],
-          eps: float, seed: int) -> list[dict]:
-    """One row per release and tower; the controls are read once per tower."""
+          eps: float, seed: int, augments: tuple[str, ...] = ("none",)) -> list[dict]:
+    """One row per release, tower and transformation; the controls are read once per
+    tower and transformation."""
     records = load_builtin(dataset, "train", "triples").records
     if len(records) < limit + held_out:
         raise SystemExit(f"{dataset} has {len(records)} training triples, fewer than "
@@ -77,21 +86,25 @@ def probe(releases: list[Path], dataset: str, limit: int, held_out: int, towers:
     uniform = [project_to_ball(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps,
                                x, eps) for x in clean]
     held = [to_float(load_image_uint8(r.image, r.image.key)) for r in test]
+    sets = (("clean", clean), ("uniform", uniform), *released.items())
     rows = []
     for tower in towers:
         surrogate = create_surrogate([tower])
         test_f = tower_features(surrogate, held)
-        scores = {name: held_out_accuracy(tower_features(surrogate, images), labels, test_f,
-                                          test_labels)
-                  for name, images in (("clean", clean), ("uniform", uniform),
-                                       *released.items())}
-        controls = {"clean": scores["clean"], "uniform": scores["uniform"]}
-        for release in releases:
-            score = scores[release]
-            rows.append({"path": str(release), "tower": tower, **controls, "release": score,
-                         "relative_drop": 1 - score / max(controls.values()),
-                         "train": limit, "held_out": held_out})
-            print(json.dumps(rows[-1]), flush=True)
+        for augment in augments:
+            pipeline = parse_augment(augment)
+            transform = torch.Generator().manual_seed(seed)  # only crop-flip draws from it
+            scores = {name: held_out_accuracy(
+                tower_features(surrogate, [pipeline(x, transform) for x in images]), labels,
+                test_f, test_labels) for name, images in sets}
+            controls = {"clean": scores["clean"], "uniform": scores["uniform"]}
+            for release in releases:
+                score = scores[release]
+                rows.append({"path": str(release), "tower": tower, "augment": pipeline.spec,
+                             **controls, "release": score,
+                             "relative_drop": 1 - score / max(controls.values()),
+                             "train": limit, "held_out": held_out})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -103,13 +116,16 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=600,
                         help="clean training triples after the release's, scored")
     parser.add_argument("--tower", action="append", required=True)
+    parser.add_argument("--augment", action="append", default=None,
+                        help="attacker transformation of the training sets (repeatable; "
+                        "none: as released)")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # beside a running benchmark; features are cheap
     rows = probe(args.release, args.dataset, args.limit, args.held_out, args.tower, args.eps,
-                 args.seed)
+                 args.seed, tuple(args.augment or ["none"]))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

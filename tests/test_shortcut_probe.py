@@ -62,3 +62,14 @@ def test_a_release_missing_an_image_is_named(releases, tmp_path):
     missing.unlink()
     with pytest.raises(SystemExit, match=missing.name):
         probe([broken], "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"], 8 / 255, 0)
+
+
+def test_a_transformation_is_applied_to_every_training_set_and_named(releases):
+    originals, _ = releases
+    plain, blurred = probe([originals], "fashion-mnist", LIMIT, HELD_OUT, ["lvlm-test"],
+                           8 / 255, 0, augments=("none", "blur:3"))
+    assert (plain["augment"], blurred["augment"]) == ("none", "blur:3")
+    # The originals go through the same transformation as the clean set...
+    assert blurred["release"] == blurred["clean"]
+    # ...and a strong blur of the training images changes what the classifier learns.
+    assert blurred["clean"] != plain["clean"]
