@@ -15,7 +15,14 @@ from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, to_float
 from mmguard.models.contrastive import info_nce
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
-from mmguard.protect.pgd import grid_of, grid_size, pgd, step_sizes, upsample_noise
+from mmguard.protect.pgd import (
+    at_full_budget,
+    grid_of,
+    grid_size,
+    pgd,
+    step_sizes,
+    upsample_noise,
+)
 from mmguard.protect.surrogates import TextItem
 from mmguard.protect.surrogates.contrastive import ContrastiveSurrogate
 
@@ -450,3 +457,22 @@ def test_a_very_large_grid_falls_back_to_the_area_average(monkeypatch):
     monkeypatch.setattr(pgd_module, "EXACT_GRID_ENTRIES", 16 * 4 - 1)
     assert torch.equal(grid_of(noise, (4, 3)), F.adaptive_avg_pool2d(noise[None], (4, 3))[0])
     assert not torch.allclose(exact, grid_of(noise, (4, 3)))
+
+
+def test_full_budget_pushes_each_free_value_to_the_bound_by_its_sign():
+    generator = torch.Generator().manual_seed(11)
+    noise = (torch.rand(3, 9, 7, generator=generator) * 2 - 1) * EPS * 0.4
+    noise[1, 2, 3] = 0.0
+    full = at_full_budget(noise, EPS)
+    assert torch.equal(full, noise.sign() * EPS)  # per pixel: +-eps, zero stays zero
+    assert full[1, 2, 3] == 0.0
+    # A luma grid 4 times coarser: each cell goes to +-eps, the result is upsampled
+    # again, one value for R, G and B.
+    grid = (torch.rand(1, *grid_size(torch.zeros(3, 28, 28), 4), generator=generator)
+            * 2 - 1) * EPS * 0.3
+    smooth = upsample_noise(grid, (28, 28)).expand(3, 28, 28)
+    full = at_full_budget(smooth, EPS, coarse=4, gray=True)
+    assert torch.allclose(full, upsample_noise(grid.sign() * EPS, (28, 28)).expand(3, 28, 28),
+                          atol=1e-6)
+    assert float(full.abs().max()) <= EPS + 1e-6
+    assert float(full.abs().mean()) > 2 * float(smooth.abs().mean())

@@ -22,6 +22,7 @@ from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import ProtectionItem, option
 from mmguard.protect.engine import BilevelConfig, BilevelMethod
+from mmguard.protect.pgd import at_full_budget
 from mmguard.protect.registry import METHODS, create_method, register_method
 from mmguard.protect.run import protect_dataset
 from mmguard.protect.surrogates import TextItem
@@ -660,3 +661,23 @@ def test_shift_pattern_moves_each_groups_features_along_its_direction(tmp_path, 
     assert after > before and after > 0
     record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
     assert record["optimisation"]["rounds"][0]["shift_along_direction"] > 0
+
+
+def test_shift_pattern_at_full_budget_releases_each_pattern_at_the_bound(tmp_path):
+    eps = 16 / 255
+    method = create_method("shift-pattern", "triples", surrogates=("lvlm-test",), pgd_steps=3,
+                           batch_size=8, eps=eps, step_size=2 / 255, coarse=2, gray_noise=True,
+                           full_budget=True)
+    dataset = load_builtin("digits", "train", "triples")
+    protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
+    clean, saved = _clean_and_saved(dataset, method.group_of, tmp_path / "out")
+    for key, image in clean.items():
+        if key not in saved:
+            continue
+        optimised = method.store.delta(f"group {method.group_of[key]}", image.shape)
+        wanted = at_full_budget(optimised, eps, coarse=2, gray=True)
+        inside = (image + wanted > 0) & (image + wanted < 1)  # not clipped
+        released = saved[key] - image
+        # the optimised pattern, each grid cell pushed to +-eps (up to 8-bit rounding)
+        assert float((released - wanted)[inside].abs().max()) <= 0.5 / 255 + 1e-6
+        assert float(wanted.abs().mean()) > float(optimised.abs().mean())

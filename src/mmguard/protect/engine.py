@@ -486,10 +486,16 @@ class BilevelMethod(ProtectionMethod):
                 for text, key in zip(texts, keys, strict=True)], changed
 
     # -- output ----------------------------------------------------------------------
+    def released_noise(self, item: ProtectionItem, delta: torch.Tensor) -> torch.Tensor:
+        """The noise `item` is released with, from its optimised `delta` (hook; the
+        writer clips the image to [0, 1] and the budget)."""
+        return delta
+
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         protected = []
         for item in batch:
-            delta = self.store.delta(self.noise_key(item), item.image.shape)
+            delta = self.released_noise(item, self.store.delta(self.noise_key(item),
+                                                                item.image.shape))
             trigger = None
             if self.trigger_len:
                 trigger = self.surrogate.decode_trigger(self._trigger_ids(item))

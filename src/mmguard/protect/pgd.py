@@ -86,6 +86,19 @@ def grid_of(noise: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
     return rows @ noise @ cols.T
 
 
+def at_full_budget(noise: torch.Tensor, eps: float, coarse: int = 1,
+                   gray: bool = False) -> torch.Tensor:
+    """`noise` with each free value pushed to +-eps by its sign: per pixel and channel,
+    or, for noise of a coarse grid (`coarse`, `gray`, as `pgd` makes it), per grid cell,
+    upsampled again. The largest perturbation the budget allows in the noise's own
+    space and direction; a cell at exactly zero stays zero."""
+    if coarse == 1 and not gray:
+        return noise.sign() * eps
+    start = noise.mean(dim=0, keepdim=True) if gray else noise
+    grid = grid_of(start, grid_size(noise, coarse)).sign() * eps
+    return upsample_noise(grid, tuple(noise.shape[-2:])).expand(noise.shape).contiguous()
+
+
 SCHEDULES = ("constant", "cosine")
 
 

@@ -33,10 +33,15 @@ luma one and 91-92% of a luma one on a 2- or 4-times coarser grid; resizing by
 81% / 86% at coarse 4 (benchmarks/pattern_survival.py). A coarse pattern resumes
 its own grid each time a batch holds the group (`pgd.grid_of`).
 
+`full_budget` releases each optimised pattern at +-eps by its sign (per grid cell):
+the optimiser leaves many values inside the budget (a luma coarse-4 pattern moves
+its pixels by 3 of 8 levels on average), and a weak pattern is what an attacker's
+transformation masks first.
+
 Config (ShiftPatternConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), rounds (1), groups (32, pairs), direction (random), start (signs),
-coarse (1), gray_noise (off), surrogates (lit for pairs, smolvlm-lite for triples;
-several for an ensemble).
+full_budget (off), coarse (1), gray_noise (off), surrogates (lit for pairs,
+smolvlm-lite for triples; several for an ensemble).
 
 Example:
     mmguard protect --dataset fashion-mnist --kind triples --method shift-pattern \\
@@ -62,6 +67,7 @@ from mmguard.protect.grouping import (
     mean_centroid_distance,
     pattern_name,
 )
+from mmguard.protect.pgd import at_full_budget
 from mmguard.protect.surrogates import TextItem
 
 
@@ -77,6 +83,10 @@ class ShiftPatternConfig(SurrogateConfig):
                             "(wrong).", choices=("random", "wrong"))
     start: str = option("signs", "shift-pattern: start each pattern from class-pattern's "
                         "random signs at eps (signs) or from zero.", choices=("signs", "zero"))
+    full_budget: bool = option(False, "shift-pattern: release each optimised pattern at the "
+                               "full budget, +-eps by the sign of each of its values (each "
+                               "grid cell with coarse / gray_noise): more energy, same "
+                               "direction.", flag=True)
 
 
 class ShiftPattern(BilevelMethod):
@@ -136,6 +146,12 @@ class ShiftPattern(BilevelMethod):
         pattern = group_pattern(item.image, group, self.config.eps, self.config.seed,
                                 self.config.coarse, self.config.gray_noise)
         return (item.image + pattern).clamp(0.0, 1.0) - item.image
+
+    def released_noise(self, item: ProtectionItem, delta: torch.Tensor) -> torch.Tensor:
+        if not self.config.full_budget:
+            return delta
+        return at_full_budget(delta, self.config.eps, self.config.coarse,
+                              self.config.gray_noise)
 
     def _shift(self, items: list[ProtectionItem], images: list[torch.Tensor]) -> torch.Tensor:
         """Mean over the items of their displacement along their group's direction, in
