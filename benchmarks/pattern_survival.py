@@ -37,6 +37,7 @@ from mmguard.data.budget import quantize_within_budget
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
 from mmguard.data.release import read_run_record
+from mmguard.errors import MMGuardError
 from mmguard.evaluate.audit import recorded_originals
 from mmguard.protect.base import group_pattern
 
@@ -156,4 +157,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MMGuardError as error:  # a bad folder or dataset: its message, not a traceback
+        raise SystemExit(f"pattern_survival: {error}") from None

@@ -42,6 +42,7 @@ from mmguard.attack.augment import parse_augment  # noqa: E402
 from mmguard.data.budget import project_to_ball  # noqa: E402
 from mmguard.data.builtin import load_builtin  # noqa: E402
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float  # noqa: E402
+from mmguard.errors import MMGuardError  # noqa: E402
 from mmguard.protect.grouping import answer_groups  # noqa: E402
 from mmguard.protect.surrogates import create_surrogate  # noqa: E402
 
@@ -124,6 +125,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # beside a running benchmark; features are cheap
+    for spec in args.augment or []:
+        try:
+            parse_augment(spec)  # a bad spec is named before any tower is loaded
+        except MMGuardError as error:
+            parser.error(str(error))
     rows = probe(args.release, args.dataset, args.limit, args.held_out, args.tower, args.eps,
                  args.seed, tuple(args.augment or ["none"]))
     if args.out:
