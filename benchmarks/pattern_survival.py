@@ -36,7 +36,7 @@ from mmguard.attack.augment import gaussian_blur, grayscale, jpeg, resize
 from mmguard.data.budget import quantize_within_budget
 from mmguard.data.builtin import load_builtin
 from mmguard.data.images import load_image_uint8, read_png_uint8, to_float
-from mmguard.data.release import read_run_record
+from mmguard.data.release import RunRecord, read_run_record
 from mmguard.errors import MMGuardError
 from mmguard.evaluate.audit import recorded_originals
 from mmguard.protect.base import group_pattern
@@ -88,9 +88,11 @@ def survival(images: list[torch.Tensor], coarse: int, gray: bool) -> dict[str, f
     return kept_shares(pairs())
 
 
-def release_survival(folder: Path, count: int) -> dict[str, float]:
-    """`kept_shares` (with artefacts) of the first `count` files of a protected folder."""
-    record = read_run_record(folder)
+def release_survival(folder: Path, count: int,
+                     record: RunRecord | None = None) -> dict[str, float]:
+    """`kept_shares` (with artefacts) of the first `count` files of a protected folder
+    (`record`: its run record, if already read)."""
+    record = record or read_run_record(folder)
     originals = recorded_originals(record)
     by_key = originals.records_by_image()
 
@@ -131,7 +133,7 @@ def main() -> None:
     if args.release:
         record = read_run_record(args.release)
         items = record.items[:args.images]
-        kept = release_survival(args.release, len(items))
+        kept = release_survival(args.release, len(items), record)
         print("  ".join(f"{t} {v:.2f}" for t, v in kept.items()), flush=True)
         first = read_png_uint8(args.release / items[0].file)
         config = record.config
