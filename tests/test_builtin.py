@@ -26,6 +26,7 @@ from mmguard.data.builtin import digits as digits_module
 from mmguard.data.builtin import emoji as emoji_module
 from mmguard.data.builtin import emoji_captions as captions_module
 from mmguard.data.builtin import emoji_categories as categories_module
+from mmguard.data.builtin import emoji_groups as groups_module
 from mmguard.data.builtin import emoji_scenes as scenes_module
 from mmguard.data.builtin import fashion_mnist as fashion_module
 from mmguard.data.builtin.emoji import EmojiEntry, parse_emoji_test
@@ -47,7 +48,8 @@ needs_fashion = pytest.mark.skipif(
     reason="dataset-fashion-mnist not installed")
 
 SMALL = [pytest.param("emoji", marks=needs_emoji), pytest.param("emoji-scenes", marks=needs_emoji),
-         pytest.param("emoji-categories", marks=needs_emoji), "digits"]
+         pytest.param("emoji-categories", marks=needs_emoji),
+         pytest.param("emoji-groups", marks=needs_emoji), "digits"]
 
 
 def keys(dataset) -> list[str]:
@@ -96,6 +98,7 @@ def test_prompts_are_the_module_prompts():
     assert BUILTINS["emoji"].prompt == emoji_module.PROMPT
     assert BUILTINS["emoji-scenes"].prompt == scenes_module.PROMPT
     assert BUILTINS["emoji-categories"].prompt == categories_module.PROMPT
+    assert BUILTINS["emoji-groups"].prompt == groups_module.PROMPT
     assert BUILTINS["digits"].prompt == digits_module.PROMPT
     assert BUILTINS["fashion-mnist"].prompt == fashion_module.PROMPT
 
@@ -455,6 +458,61 @@ def test_emoji_scenes_without_the_font_names_the_package(monkeypatch, tmp_path: 
     assert result.exit_code == 1
     assert "error: the emoji-scenes dataset needs" in result.output
     assert "fonts-noto-color-emoji" in result.output and "Traceback" not in result.output
+
+
+# --- emoji-groups ----------------------------------------------------------------------
+
+GROUP_ANSWERS = ["smileys and emotion", "people and body", "animals and nature",
+                 "food and drink", "travel and places", "activities", "objects", "symbols",
+                 "flags"]
+
+
+@needs_emoji
+def test_emoji_groups_answer_each_emoji_with_its_group_and_keep_the_emoji_split():
+    by_key = {emoji_module.image_key(entry.symbol): entry for entry in emoji_module.all_emoji()}
+    for split in ("train", "test"):
+        records = load_builtin("emoji-groups", split, "triples").records
+        # Every emoji of the split once (same split as `emoji`), answered with its group.
+        assert sorted(keys(load_builtin("emoji-groups", split))) == sorted(
+            keys(load_builtin("emoji", split)))
+        for record in records:
+            entry = by_key[record.image.key]
+            assert record.raw["emoji_name"] == entry.name
+            assert record.response == GROUP_ANSWERS[
+                ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
+                 "Travel & Places", "Activities", "Objects", "Symbols", "Flags"].index(entry.group)]
+        # Round-robin: any prefix holds every group about equally.
+        counts = Counter(record.response for record in records[:135])
+        assert sorted(counts) == sorted(GROUP_ANSWERS) and set(counts.values()) == {15}
+    pairs = load_builtin("emoji-groups", "test", "pairs").records
+    assert pairs[0].captions[0] == groups_module.CAPTION.format(
+        load_builtin("emoji-groups", "test", "triples").records[0].response)
+
+
+@needs_emoji
+def test_emoji_groups_draw_the_glyph_at_its_planned_place_on_a_512_px_canvas():
+    records = load_builtin("emoji-groups", "train", "triples").records
+    by_key = {emoji_module.image_key(entry.symbol): entry for entry in emoji_module.all_emoji()}
+    sides = []
+    for record in records[:4]:
+        plan = groups_module.plan_image(by_key[record.image.key])
+        assert plan.key == record.image.key and len(plan.glyphs) == 1
+        glyph = plan.glyphs[0]
+        sides.append(glyph.side)
+        assert groups_module.MIN_SIDE <= glyph.side <= groups_module.MAX_SIDE
+        pixels = np.asarray(open_pil(record.image, record.where))
+        assert pixels.shape == (512, 512, 3)
+        drawn, (left, top) = scenes_module.placed_glyph(glyph)
+        rgba = np.asarray(drawn)
+        region = pixels[top:top + rgba.shape[0], left:left + rgba.shape[1]]
+        opaque = rgba[..., 3] == 255
+        assert opaque.sum() > 1000 and np.array_equal(region[opaque], rgba[..., :3][opaque])
+        # Outside the glyph's box the canvas is the background.
+        background = scenes_module.background_pixels(plan.background)
+        outside = np.ones((512, 512), dtype=bool)
+        outside[glyph.top:glyph.top + glyph.side, glyph.left:glyph.left + glyph.side] = False
+        assert np.array_equal(pixels[outside], background[outside])
+    assert len(set(sides)) > 1  # sizes vary
 
 
 # --- emoji-categories ------------------------------------------------------------------

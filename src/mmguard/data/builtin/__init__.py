@@ -16,6 +16,7 @@ from mmguard.data.builtin import (
     emoji,
     emoji_captions,
     emoji_categories,
+    emoji_groups,
     emoji_scenes,
     fashion_mnist,
 )
@@ -43,6 +44,8 @@ BUILTINS: dict[str, BuiltinSpec] = {
                     emoji_captions.PROMPT, emoji_captions.items),
         BuiltinSpec("emoji-categories", emoji_categories.DESCRIPTION, emoji_categories.SOURCE,
                     emoji_categories.PROMPT, emoji_categories.items),
+        BuiltinSpec("emoji-groups", emoji_groups.DESCRIPTION, emoji_groups.SOURCE,
+                    emoji_groups.PROMPT, emoji_groups.items),
         BuiltinSpec("emoji-scenes", emoji_scenes.DESCRIPTION, emoji_scenes.SOURCE,
                     emoji_scenes.PROMPT, emoji_scenes.items),
         BuiltinSpec("fashion-mnist", fashion_mnist.DESCRIPTION, fashion_mnist.SOURCE,

@@ -44,8 +44,8 @@ MIN_GLYPHS, MAX_GLYPHS = 2, 4
 MIN_SIDE = 128  # 16 px at a 64-px model input
 MAX_OVERLAP = 0.15  # of the smaller of two glyph boxes
 _TRIES = 100  # random places tried per glyph size before shrinking it
-_PASTEL = (170, 255)  # range of each background channel
-_GRADIENTS = ((1, 0), (0, 1), (1, 1), (1, -1))  # x and y weights: across, down, two diagonals
+PASTEL = (170, 255)  # range of each background channel
+GRADIENTS = ((1, 0), (0, 1), (1, 1), (1, -1))  # x and y weights: across, down, two diagonals
 
 
 class Glyph(NamedTuple):
@@ -58,7 +58,7 @@ class Glyph(NamedTuple):
 class Background(NamedTuple):
     start: tuple[int, int, int]
     end: tuple[int, int, int]  # the same as start for a plain background
-    direction: tuple[int, int]  # one of _GRADIENTS
+    direction: tuple[int, int]  # one of GRADIENTS
 
 
 class Scene(NamedTuple):
@@ -121,10 +121,10 @@ def plan_scene(split: str, index: int, pool: list[emoji.EmojiEntry]) -> Scene:
     boxes: list[tuple[int, int, int]] = []
     for side in sides:
         boxes.append(_place(rng, side, boxes))
-    start = tuple(rng.randint(*_PASTEL) for _ in range(3))
+    start = tuple(rng.randint(*PASTEL) for _ in range(3))
     plain = rng.random() < 1 / 3
-    end = start if plain else tuple(rng.randint(*_PASTEL) for _ in range(3))
-    background = Background(start, end, rng.choice(_GRADIENTS))
+    end = start if plain else tuple(rng.randint(*PASTEL) for _ in range(3))
+    background = Background(start, end, rng.choice(GRADIENTS))
     glyphs = tuple(Glyph(entry, *box) for entry, box in zip(entries, boxes, strict=True))
     return Scene(f"{split}-{index:04d}.png", glyphs, background)
 
