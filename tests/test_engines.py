@@ -17,6 +17,7 @@ from mmguard.models.contrastive import info_nce
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
 from mmguard.protect.pgd import (
     at_full_budget,
+    fit_noise,
     grid_of,
     grid_size,
     pgd,
@@ -449,6 +450,38 @@ def test_a_coarse_grid_resumes_where_it_was_left(shape, coarse):
     assert float((pooled - noise).abs().max()) > 0.05 * EPS  # what an area average loses
 
 
+def test_a_fixed_grid_of_cells_is_shared_by_images_of_different_sizes():
+    # One pattern of 3 x 3 cells for a 12 x 9 and a 30 x 40 image: each image gets the
+    # same grid at its own size, and the gradient of both moves it.
+    generator = torch.Generator().manual_seed(12)
+    originals = [0.3 + 0.4 * torch.rand(shape, generator=generator)
+                 for shape in ((3, 12, 9), (3, 30, 40))]
+    targets = [torch.where(t > 0.5, 2.0, -1.0) for t in targets_for(originals, 13)]
+    only_large = squared_error([originals[0], targets[1]])  # the small image adds nothing
+    zeros = [torch.zeros_like(originals[0])]
+    [noise] = pgd(originals, zeros, only_large, eps=EPS, step_size=2 / 255, steps=4,
+                  shared_by=[0, 0], cells=3)
+    assert noise.shape == originals[0].shape  # kept at the given delta's size
+    grid = grid_of(noise, (3, 3))
+    assert torch.allclose(upsample_noise(grid, (12, 9)), noise, atol=1e-6)
+    assert float(grid.abs().max()) > EPS / 2  # moved by the large image's gradient alone
+    large = fit_noise(noise, originals[1].shape, cells=3)
+    assert torch.allclose(large, upsample_noise(grid, (30, 40)), atol=1e-6)
+    before = float(only_large(originals))
+    assert float(only_large([originals[0], originals[1] + large])) < before
+    # Per image (no sharing), each image gets its own 3 x 3 grid.
+    deltas = pgd(originals, [torch.zeros_like(x) for x in originals], squared_error(targets),
+                 eps=EPS, step_size=2 / 255, steps=3, cells=3)
+    check_in_budget(originals, deltas, EPS)
+    for d in deltas:
+        assert torch.allclose(upsample_noise(grid_of(d, (3, 3)), d.shape[1:]), d, atol=1e-6)
+    assert grid_size(torch.zeros(3, 500, 20), 1, cells=8) == (8, 8)
+    with pytest.raises(ValueError, match="not both"):
+        grid_size(torch.zeros(3, 8, 8), 2, cells=4)
+    with pytest.raises(ValueError, match="fixed grid"):
+        fit_noise(noise, (3, 30, 40), cells=0)
+
+
 def test_a_very_large_grid_falls_back_to_the_area_average(monkeypatch):
     import mmguard.protect.pgd as pgd_module
 
@@ -476,3 +509,8 @@ def test_full_budget_pushes_each_free_value_to_the_bound_by_its_sign():
                           atol=1e-6)
     assert float(full.abs().max()) <= EPS + 1e-6
     assert float(full.abs().mean()) > 2 * float(smooth.abs().mean())
+    # On a fixed grid of cells the same, whatever the size.
+    full = at_full_budget(upsample_noise(grid, (40, 30)).expand(3, 40, 30), EPS, gray=True,
+                          cells=7)
+    assert torch.allclose(full, upsample_noise(grid.sign() * EPS, (40, 30)).expand(3, 40, 30),
+                          atol=1e-6)

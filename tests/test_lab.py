@@ -39,6 +39,7 @@ from mmguard.lab import (
     split_training,
     training_sets,
     training_spec,
+    uniform_options,
 )
 from mmguard.protect.registry import create_method, parse_options
 from tests.conftest import write_manifest
@@ -198,6 +199,9 @@ def test_a_coarse_method_row_gets_a_uniform_control_on_the_same_grid(tmp_path):
         f"{attacker} on clean"]
     record = json.loads((tmp_path / "b" / "uniform" / "mmguard-run.json").read_text())
     assert record["config"]["coarse"] == 4
+    # A fixed grid of cells, luma only: the control is drawn on the same grid.
+    cells = dataclasses.replace(plain, options={"cells": 8, "gray_noise": True})
+    assert uniform_options(cells) == {"seed": 0, "cells": 8, "gray_noise": True}
 
 
 def test_robustness_rows_transform_every_set_and_keep_their_own_controls(tmp_path):

@@ -22,7 +22,7 @@ from mmguard.data.stealth import linf_levels
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import ProtectionItem, option
 from mmguard.protect.engine import BilevelConfig, BilevelMethod
-from mmguard.protect.pgd import at_full_budget
+from mmguard.protect.pgd import at_full_budget, grid_of, upsample_noise
 from mmguard.protect.registry import METHODS, create_method, register_method
 from mmguard.protect.run import protect_dataset
 from mmguard.protect.surrogates import TextItem
@@ -122,24 +122,55 @@ def test_a_run_that_fails_while_preparing_leaves_a_final_run_record(tmp_path):
     assert record["optimisation"] == {"surrogates": ["rn-test"], "rounds": []}
 
 
-def test_shared_noise_on_images_of_different_sizes_names_the_item(tmp_path):
-    root = tmp_path / "data"
+def _mixed_size_folder(root: Path) -> Path:
+    """Two images of different sizes with one answer (one noise group), two with another."""
     root.mkdir()
     rows = []
-    for name, size in (("small.png", (8, 8)), ("large.png", (12, 10))):
-        pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    for name, size, answer in (("small.png", (8, 8), "a test"), ("large.png", (12, 10), "a test"),
+                               ("other.png", (9, 9), "a cat"), ("wide.png", (16, 6), "a cat")):
+        pixels = np.random.default_rng(0).integers(40, 216, (size[1], size[0], 3), np.uint8)
         Image.fromarray(pixels).save(root / name)
-        rows.append({"image": name, "prompt": "What is this?", "response": "a test"})
+        rows.append({"image": name, "prompt": "What is this?", "response": answer})
     with (root / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+def test_shared_noise_on_images_of_different_sizes_names_the_item(tmp_path):
+    manifest = _mixed_size_folder(tmp_path / "data")
     method = create_method("mmguard", "triples", surrogates=("lvlm-test",), rounds=1,
                            pgd_steps=1, batch_size=2, components="image",
                            noise_groups="response")
-    with pytest.raises(MMGuardError, match=r"(small|large)\.png: one noise pattern is shared"):
-        protect_dataset(read_dataset(root / "manifest.csv"), method, tmp_path / "out",
-                        progress=False)
+    with pytest.raises(MMGuardError, match=r"(small|large)\.png: one noise pattern is shared"
+                       r".*--cells N"):
+        protect_dataset(read_dataset(manifest), method, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("name", ["shift-pattern", "class-pattern"])
+def test_a_fixed_grid_of_cells_lets_images_of_different_sizes_share_a_pattern(tmp_path, name):
+    manifest = _mixed_size_folder(tmp_path / "data")
+    options = ({"surrogates": ("lvlm-test",), "pgd_steps": 3, "batch_size": 2}
+               if name == "shift-pattern" else {})
+    method = create_method(name, "triples", cells=2, gray_noise=True, **options)
+    protect_dataset(read_dataset(manifest), method, tmp_path / "out", progress=False)
+    record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
+    assert record["config"]["cells"] == 2
+    deltas = {}
+    for item in record["items"]:
+        original = read_png_uint8(tmp_path / "data" / item["key"]).float()
+        saved = read_png_uint8(tmp_path / "out" / item["file"]).float()
+        deltas[item["key"]] = (saved - original) / 255
+        assert 0 < float(deltas[item["key"]].abs().max()) <= 8 / 255 + 1e-6
+    # Both files carry one 2 x 2 luma grid, each at its own size (to 8-bit rounding).
+    small, large = deltas["small.png"], deltas["large.png"]
+    grid = grid_of(large.mean(dim=0, keepdim=True), (2, 2))
+    assert float((upsample_noise(grid, (8, 8)) - small.mean(dim=0, keepdim=True)).abs().max()
+                 ) <= 1.01 / 255
+    assert float((upsample_noise(grid, (10, 12)) - large).abs().max()) <= 1.01 / 255
+    with pytest.raises(MMGuardError, match="coarse.*or as cells.*not both"):
+        create_method(name, "triples", cells=2, coarse=2, **options)
 
 
 @pytest.mark.parametrize("kind, surrogate", [("pairs", "rn-test"), ("triples", "lvlm-test")])

@@ -344,12 +344,14 @@ def _summary(runs: list[dict[str, Any]], spec: str) -> dict[str, Any]:
 
 # -- one row -----------------------------------------------------------------------------
 def uniform_options(setting: LabSetting) -> dict[str, Any]:
-    """The uniform control of a method run with low-frequency (`coarse`) or luma-only
+    """The uniform control of a method run with low-frequency (`coarse`, `cells`) or luma-only
     (`gray_noise`) noise is drawn alike, so the row compares optimised and random noise
     of one kind."""
     coarse = int(setting.options.get("coarse", 1))
+    cells = int(setting.options.get("cells", 0))
     gray = bool(setting.options.get("gray_noise", False))
     return {"seed": 0, **({"coarse": coarse} if coarse > 1 else {}),
+            **({"cells": cells} if cells else {}),
             **({"gray_noise": True} if gray else {})}
 
 

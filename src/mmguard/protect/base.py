@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from mmguard.errors import MMGuardError
 from mmguard.protect.pgd import grid_size, upsample_noise
 from mmguard.protect.seeding import item_generator
 
@@ -63,6 +64,15 @@ def coarse_option() -> Any:
                   min=1, max=64)
 
 
+def cells_option() -> Any:
+    """The fixed noise grid of `pgd(cells=...)`: a size relative to the picture."""
+    return option(0, "Noise on a grid of this many x this many cells whatever each image's "
+                  "size, stretched to it (bilinear; 0: off, use coarse): the pattern keeps "
+                  "its size relative to the picture, which is what a model sees after "
+                  "resizing, and images of different sizes can share a group's pattern; "
+                  "give the uniform control the same value.", min=0, max=1024)
+
+
 def noise_values_option(default: str = "uniform") -> Any:
     """How the random methods (the uniform control, class-pattern) draw each cell."""
     return option(default, "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
@@ -71,11 +81,12 @@ def noise_values_option(default: str = "uniform") -> Any:
 
 
 def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, values: str,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, cells: int = 0) -> torch.Tensor:
     """Random noise for `image` in [-eps, eps]: cells drawn as `noise_values_option` says,
-    on a grid `coarse` times coarser (bilinearly upsampled), in one channel if `gray`."""
+    on a grid `coarse` times coarser (or of `cells` x `cells`; bilinearly upsampled), in
+    one channel if `gray`."""
     channels, height, width = image.shape
-    shape = (1 if gray else channels, *grid_size(image, coarse))
+    shape = (1 if gray else channels, *grid_size(image, coarse, cells))
     if values == "sign":
         cells = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
     else:
@@ -84,13 +95,13 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
 
 
 def group_pattern(image: torch.Tensor, group: str, eps: float, seed: int, coarse: int = 1,
-                  gray: bool = False, values: str = "sign") -> torch.Tensor:
+                  gray: bool = False, values: str = "sign", cells: int = 0) -> torch.Tensor:
     """The fixed random pattern of `group` for an image of this size, in [-eps, eps]
     (class-pattern's shortcut). Seeded by the group and the noise grid, so the images
-    of one group and one size share it."""
-    grid = (1 if gray else image.shape[0], *grid_size(image, coarse))
+    of one group and one size share it (with `cells`, of every size: one grid)."""
+    grid = (1 if gray else image.shape[0], *grid_size(image, coarse, cells))
     return random_noise(image, eps, coarse, gray, values,
-                        item_generator(seed, f"{group} {grid}"))
+                        item_generator(seed, f"{group} {grid}"), cells)
 
 
 def gray_noise_option() -> Any:
@@ -139,6 +150,9 @@ class ProtectionMethod(ABC):
             raise TypeError(f"{self.name} takes a {self.Config.__name__}, not "
                             f"{type(self.config).__name__}")
         self.kind = kind or self.kinds[0]
+        if getattr(self.config, "cells", 0) and getattr(self.config, "coarse", 1) > 1:
+            raise MMGuardError(f"{self.name}: give the noise grid as coarse (a factor of each "
+                               f"image's size) or as cells (a fixed grid), not both")
 
     @property
     def batch_size(self) -> int:

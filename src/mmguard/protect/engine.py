@@ -37,12 +37,13 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
+    cells_option,
     coarse_option,
     gray_noise_option,
     option,
 )
 from mmguard.protect.hotflip import beam_search, hotflip_candidates, update_triggers
-from mmguard.protect.pgd import SCHEDULES, pgd
+from mmguard.protect.pgd import SCHEDULES, fit_noise, pgd
 from mmguard.protect.robust import expectation_over, parse_robust
 from mmguard.protect.seeding import item_generator
 from mmguard.protect.state import PerturbationStore
@@ -86,6 +87,7 @@ class SurrogateConfig(MethodConfig):
                                "triggers: the surrogate's running ones, or each batch's own, "
                                "as an attacker trains.", choices=("running", "batch"))
     coarse: int = coarse_option()
+    cells: int = cells_option()
     gray_noise: bool = gray_noise_option()
 
 
@@ -370,7 +372,7 @@ class BilevelMethod(ProtectionMethod):
         shared = any(self.noise_key(item) != item.key for item in items)
         owners = {key: items[shared_by.index(j)] for j, key in enumerate(noise_keys)}
         noises = [self._noise(owners[key]) for key in noise_keys]
-        deltas = _member_deltas(items, originals, noises, shared_by)
+        deltas = _member_deltas(items, originals, noises, shared_by, self.config.cells)
         generator = item_generator(config.seed, f"round {round_index} {items[0].key}")
         texts = self.texts(items, round_index, generator)
         # (1) the surrogate learns the current protected batch
@@ -396,12 +398,13 @@ class BilevelMethod(ProtectionMethod):
                              steps=config.pgd_steps, maximize=self.maximize,
                              shared_by=shared_by if shared else None,
                              coarse=config.coarse, gray=config.gray_noise,
+                             cells=config.cells,
                              schedule=config.step_schedule,
                              centers=None if centers[0] is None
                              else [c.to(self.device) for c in centers])
                 for key, noise in zip(noise_keys, noises, strict=True):
                     self.store.save_delta(key, noise)
-                deltas = _member_deltas(items, originals, noises, shared_by)
+                deltas = _member_deltas(items, originals, noises, shared_by, self.config.cells)
         bound = config.eps - 0.5 / 255  # within half a level of the budget
         for delta in deltas:
             self._noise_stats["sum_abs"] += float(delta.abs().sum())
@@ -421,7 +424,8 @@ class BilevelMethod(ProtectionMethod):
             for items in self._batches(data, order_seed):
                 originals = [item.image.to(self.device) for item in items]
                 noises = [self._noise(item) for item in items]
-                deltas = _member_deltas(items, originals, noises, list(range(len(items))))
+                deltas = _member_deltas(items, originals, noises, list(range(len(items))),
+                                        self.config.cells)
                 generator = item_generator(self.config.seed, f"train {order_seed} {items[0].key}")
                 self.surrogate.train_step([x + d for x, d in zip(originals, deltas, strict=True)],
                                           self.texts(items, round_index, generator))
@@ -494,8 +498,9 @@ class BilevelMethod(ProtectionMethod):
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         protected = []
         for item in batch:
-            delta = self.released_noise(item, self.store.delta(self.noise_key(item),
-                                                                item.image.shape))
+            stored = self.store.delta(self.noise_key(item), item.image.shape)
+            delta = self.released_noise(item, fit_noise(stored, item.image.shape,
+                                                        self.config.cells))
             trigger = None
             if self.trigger_len:
                 trigger = self.surrogate.decode_trigger(self._trigger_ids(item))
@@ -511,17 +516,20 @@ class BilevelMethod(ProtectionMethod):
 
 
 def _member_deltas(items: Sequence[ProtectionItem], originals: Sequence[torch.Tensor],
-                   noises: Sequence[torch.Tensor], shared_by: Sequence[int]) -> list[torch.Tensor]:
-    """Each item's effective perturbation: its (group's) noise, cut so the image stays
-    in [0, 1] (noise shared by several images, and noise stored as float16, can leave it)."""
+                   noises: Sequence[torch.Tensor], shared_by: Sequence[int],
+                   cells: int = 0) -> list[torch.Tensor]:
+    """Each item's effective perturbation: its (group's) noise, stretched to the item's
+    size if the noise is on a fixed grid of `cells`, cut so the image stays in [0, 1]
+    (noise shared by several images, and noise stored as float16, can leave it)."""
     deltas = []
     for item, x, j in zip(items, originals, shared_by, strict=True):
-        if noises[j].shape != x.shape:
+        if noises[j].shape != x.shape and not cells:
             raise MMGuardError(f"{item.key}: one noise pattern is shared per group, but this "
                                f"image is {tuple(x.shape[1:])} and its group's noise "
-                               f"{tuple(noises[j].shape[1:])}; resize the images to one size "
-                               "or use --noise-groups item")
-        deltas.append((x + noises[j]).clamp(0.0, 1.0) - x)
+                               f"{tuple(noises[j].shape[1:])}; resize the images to one size, "
+                               "give the noise a fixed grid (--cells N) or use --noise-groups "
+                               "item")
+        deltas.append((x + fit_noise(noises[j], x.shape, cells)).clamp(0.0, 1.0) - x)
     return deltas
 
 

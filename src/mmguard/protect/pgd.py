@@ -13,6 +13,12 @@ convex, so the upsampled noise stays inside the same L-infinity ball. (On
 Fashion-MNIST VQA neither helped wrong-target survive JPEG or transfer:
 docs/findings-lvlm.md.)
 
+With `cells=n > 0` the grid is n x n cells whatever the image's size, stretched
+to each image: the pattern keeps its size relative to the picture, which is what
+a model sees after resizing it to its input (a photo of 2000 px at `coarse=4`
+has cells of 4 px, which a 128-px model averages away), and images of different
+sizes can share one grid (a group's pattern, upsampled to each member's size).
+
 With `gray=True` one noise channel is added to R, G and B alike: luma-only noise,
 which grayscale conversion keeps whole and JPEG codes with its fine luma tables
 rather than its coarse, subsampled chroma ones.
@@ -40,10 +46,31 @@ def project_delta(original: torch.Tensor, delta: torch.Tensor, eps: float) -> to
     return project_to_ball(original + delta, original, eps) - original
 
 
-def grid_size(image: torch.Tensor, coarse: int) -> tuple[int, int]:
-    """(h, w) of the noise grid `coarse` times coarser than the image (rounded up)."""
+def grid_size(image: torch.Tensor, coarse: int, cells: int = 0) -> tuple[int, int]:
+    """(h, w) of the noise grid: `cells` x `cells` if `cells`, else `coarse` times
+    coarser than the image (rounded up)."""
+    if cells:
+        if coarse > 1:
+            raise ValueError("a noise grid is either coarse or of fixed cells, not both")
+        return cells, cells
     return (max(1, math.ceil(image.shape[-2] / coarse)),
             max(1, math.ceil(image.shape[-1] / coarse)))
+
+
+def is_grid(coarse: int, cells: int, gray: bool) -> bool:
+    """Whether noise of these settings lives on a grid (else per pixel and channel)."""
+    return coarse > 1 or cells > 0 or gray
+
+
+def fit_noise(noise: torch.Tensor, shape: Sequence[int], cells: int) -> torch.Tensor:
+    """Grid noise of another image (fixed `cells`) stretched to an image of `shape`:
+    its grid, upsampled to that size (exact for noise that is an upsampled grid)."""
+    if tuple(noise.shape) == tuple(shape):
+        return noise
+    if not cells:
+        raise ValueError("only noise on a fixed grid of cells fits images of other sizes")
+    grid = grid_of(noise, (cells, cells))
+    return upsample_noise(grid, tuple(shape[-2:])).expand(tuple(shape)).contiguous()
 
 
 def upsample_noise(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -87,15 +114,15 @@ def grid_of(noise: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
 
 
 def at_full_budget(noise: torch.Tensor, eps: float, coarse: int = 1,
-                   gray: bool = False) -> torch.Tensor:
+                   gray: bool = False, cells: int = 0) -> torch.Tensor:
     """`noise` with each free value pushed to +-eps by its sign: per pixel and channel,
     or, for noise of a coarse grid (`coarse`, `gray`, as `pgd` makes it), per grid cell,
     upsampled again. The largest perturbation the budget allows in the noise's own
     space and direction; a cell at exactly zero stays zero."""
-    if coarse == 1 and not gray:
+    if not is_grid(coarse, cells, gray):
         return noise.sign() * eps
     start = noise.mean(dim=0, keepdim=True) if gray else noise
-    grid = grid_of(start, grid_size(noise, coarse)).sign() * eps
+    grid = grid_of(start, grid_size(noise, coarse, cells)).sign() * eps
     return upsample_noise(grid, tuple(noise.shape[-2:])).expand(noise.shape).contiguous()
 
 
@@ -117,7 +144,7 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
         step_size: float, steps: int, maximize: bool = False,
         shared_by: Sequence[int] | None = None, coarse: int = 1,
-        gray: bool = False, schedule: str = "constant",
+        gray: bool = False, schedule: str = "constant", cells: int = 0,
         centers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """`steps` signed-gradient steps on each delta; returns the new (detached) deltas.
 
@@ -136,18 +163,22 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             it (low-frequency noise, see the module note). A given delta starts the
             grid as its least-squares grid (`grid_of`: exact for a delta this function
             returned); the returned deltas are full size.
+        cells: optimise a grid of this many cells per side whatever each delta's size
+            (instead of `coarse`); a shared grid is then stretched to each sharer's
+            size, so images of different sizes can share it (the returned noise has
+            the given delta's size).
         gray: one noise channel for R, G and B (luma only); a given delta starts it as
             its channel mean.
         centers: a fixed offset per delta (same indexing as `deltas`): each delta then
             stays within eps of its center instead of zero (per pixel only; a center
             with |center| <= budget - eps keeps the result within the budget).
     """
-    if centers is not None and (coarse > 1 or gray):
-        raise ValueError("pgd: centers need per-pixel noise (coarse 1, not gray)")
-    if coarse > 1 or gray:
+    if centers is not None and is_grid(coarse, cells, gray):
+        raise ValueError("pgd: centers need per-pixel noise (coarse 1, no cells, not gray)")
+    if is_grid(coarse, cells, gray):
         return _grid_pgd(originals, deltas, loss_fn, eps=eps,
                          sizes=step_sizes(step_size, steps, schedule), maximize=maximize,
-                         shared_by=shared_by, coarse=coarse, gray=gray)
+                         shared_by=shared_by, coarse=coarse, gray=gray, cells=cells)
     sign = 1.0 if maximize else -1.0
     zero = [None] * len(deltas)
     if shared_by is None:
@@ -191,23 +222,28 @@ def _clamp_around(delta: torch.Tensor, center: torch.Tensor | None, eps: float) 
 def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
               loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
               sizes: list[float], maximize: bool,
-              shared_by: Sequence[int] | None, coarse: int, gray: bool) -> list[torch.Tensor]:
+              shared_by: Sequence[int] | None, coarse: int, gray: bool,
+              cells: int = 0) -> list[torch.Tensor]:
     sign = 1.0 if maximize else -1.0
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
     shapes = [tuple(d.shape) for d in deltas]
     starts = [d.detach().mean(dim=0, keepdim=True) if gray else d.detach() for d in deltas]
-    grids = [grid_of(d, grid_size(d, coarse)).clamp(-eps, eps) for d in starts]
+    grids = [grid_of(d, grid_size(d, coarse, cells)).clamp(-eps, eps) for d in starts]
 
     def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return upsample_noise(grid, shape[-2:]).expand(shape)
 
     for size in sizes:
         variables = [g.clone().requires_grad_(True) for g in grids]
-        noise = [full_size(v, shape) for v, shape in zip(variables, shapes, strict=True)]
-        # [0, 1] is kept by clamping in the forward pass, as for shared noise: the
-        # grid cannot be projected pixel by pixel.
-        images = [(x + noise[j]).clamp(0.0, 1.0)
-                  for x, j in zip(originals, owner, strict=True)]
+        noise: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        images = []
+        for x, j in zip(originals, owner, strict=True):
+            # Each image gets its grid at its own size (a fixed-cells grid may be
+            # shared by images of several sizes). [0, 1] is kept by clamping in the
+            # forward pass, as for shared noise: a grid cannot be projected per pixel.
+            if (j, tuple(x.shape)) not in noise:
+                noise[j, tuple(x.shape)] = full_size(variables[j], tuple(x.shape))
+            images.append((x + noise[j, tuple(x.shape)]).clamp(0.0, 1.0))
         grads = torch.autograd.grad(loss_fn(images), variables)
         grids = [(g + sign * size * d.sign()).clamp(-eps, eps)
                  for g, d in zip(grids, grads, strict=True)]

@@ -43,6 +43,7 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
+    cells_option,
     coarse_option,
     gray_noise_option,
     group_pattern,
@@ -56,6 +57,7 @@ from mmguard.protect.surrogates import create_surrogate
 @dataclass
 class ClassPatternConfig(MethodConfig):
     coarse: int = coarse_option()
+    cells: int = cells_option()
     gray_noise: bool = gray_noise_option()
     values: str = noise_values_option("sign")
     clusters: int = option(32, "class-pattern: k-means clusters sharing one pattern (pairs; "
@@ -90,7 +92,8 @@ class ClassPattern(ProtectionMethod):
     def pattern(self, group: str, image: torch.Tensor) -> torch.Tensor:
         """The group's pattern for an image of this size, in [-eps, eps]."""
         return group_pattern(image, group, self.config.eps, self.config.seed,
-                             self.config.coarse, self.config.gray_noise, self.config.values)
+                             self.config.coarse, self.config.gray_noise, self.config.values,
+                             self.config.cells)
 
     def protect_batch(self, batch: list[ProtectionItem]) -> list[ProtectedItem]:
         return [ProtectedItem(project_to_ball(item.image + self.pattern(self.group_of(item),

@@ -10,6 +10,7 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
+    cells_option,
     coarse_option,
     gray_noise_option,
     noise_values_option,
@@ -21,6 +22,7 @@ from mmguard.protect.seeding import item_generator
 @dataclass
 class RandomConfig(MethodConfig):
     coarse: int = coarse_option()
+    cells: int = cells_option()
     gray_noise: bool = gray_noise_option()
     values: str = noise_values_option()
 
@@ -50,6 +52,7 @@ class RandomNoise(ProtectionMethod):
         protected = []
         for item in batch:
             noise = random_noise(item.image, eps, coarse, self.config.gray_noise,
-                                 self.config.values, item_generator(self.config.seed, item.key))
+                                 self.config.values, item_generator(self.config.seed, item.key),
+                                 self.config.cells)
             protected.append(ProtectedItem(project_to_ball(item.image + noise, item.image, eps)))
         return protected

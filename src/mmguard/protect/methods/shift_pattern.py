@@ -144,14 +144,15 @@ class ShiftPattern(BilevelMethod):
             return super().initial_noise(item)
         group = pattern_name(item, self.kind, self.group_of[item.key])
         pattern = group_pattern(item.image, group, self.config.eps, self.config.seed,
-                                self.config.coarse, self.config.gray_noise)
+                                self.config.coarse, self.config.gray_noise,
+                                cells=self.config.cells)
         return (item.image + pattern).clamp(0.0, 1.0) - item.image
 
     def released_noise(self, item: ProtectionItem, delta: torch.Tensor) -> torch.Tensor:
         if not self.config.full_budget:
             return delta
         return at_full_budget(delta, self.config.eps, self.config.coarse,
-                              self.config.gray_noise)
+                              self.config.gray_noise, self.config.cells)
 
     def _shift(self, items: list[ProtectionItem], images: list[torch.Tensor]) -> torch.Tensor:
         """Mean over the items of their displacement along their group's direction, in

@@ -43,6 +43,7 @@ from mmguard.protect.base import (
     ProtectedItem,
     ProtectionItem,
     ProtectionMethod,
+    cells_option,
     coarse_option,
     gray_noise_option,
 )
@@ -60,6 +61,7 @@ def words_of(texts: list[str]) -> list[str]:
 @dataclass
 class WordCodeConfig(MethodConfig):
     coarse: int = coarse_option()
+    cells: int = cells_option()
     gray_noise: bool = gray_noise_option()
 
 
@@ -77,8 +79,8 @@ class WordCode(ProtectionMethod):
     def code(self, item: ProtectionItem) -> torch.Tensor:
         """The item's noise in [-eps, eps], at the image's size."""
         channels, height, width = item.image.shape
-        shape = (1 if self.config.gray_noise else channels, *grid_size(item.image,
-                                                                      self.config.coarse))
+        shape = (1 if self.config.gray_noise else channels,
+                 *grid_size(item.image, self.config.coarse, self.config.cells))
         texts = item.responses if item.responses else item.texts
         words = words_of(texts)
         total = torch.zeros(shape)

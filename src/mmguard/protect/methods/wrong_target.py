@@ -64,6 +64,7 @@ from mmguard.protect.grouping import (
     mean_centroid_distance,
     pattern_name,
 )
+from mmguard.protect.pgd import is_grid
 from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
 
@@ -143,9 +144,10 @@ class WrongTarget(BilevelMethod):
             raise MMGuardError("wrong-target: member_units needs the image target")
         if self.config.retrain_steps and self.config.retrain_epochs:
             raise MMGuardError("wrong-target: give retrain_steps or retrain_epochs, not both")
-        if self.config.pattern_share and (self.config.coarse > 1 or self.config.gray_noise):
+        if self.config.pattern_share and is_grid(self.config.coarse, self.config.cells,
+                                                 self.config.gray_noise):
             raise MMGuardError("wrong-target: pattern_share needs per-pixel noise (coarse 1, "
-                               "gray_noise off)")
+                               "no cells, gray_noise off)")
         if (self.config.retrain_steps or self.config.retrain_epochs) and self.config.rounds < 2:
             raise MMGuardError("wrong-target: retraining happens between rounds; give "
                                "rounds 2 or more")
