@@ -1,11 +1,14 @@
 """How much of a shared noise pattern survives the attacker's transformations? No model.
 
 For each pattern space (per pixel and channel, luma only, on a grid 2 or 4 times
-coarser, bilinear as the engine upsamples), a random sign pattern at eps is added to
+coarser, or of 8 x 8 cells whatever the size (`--cells 8`), bilinear as the engine
+upsamples), a random sign pattern at eps is added to
 the first IMAGES training images of a set, saved to 8 bits, and put through each of
 the attacker's transformations (`mmguard.attack.augment`: Pillow JPEG-75, grayscale,
-resize 0.5, Gaussian blur sigma 1). The figure is the share of the pattern's energy
-still there, along the pattern: <T(x + p) - T(x), p> / <p, p>, summed over images.
+resize 0.5, Gaussian blur sigma 1), and a resize to a quarter and back: what a model
+with a 128-px input keeps of a 512-px image (the real-size sets). The figure is the
+share of the pattern's energy still there, along the pattern:
+<T(x + p) - T(x), p> / <p, p>, summed over images.
 A shortcut an attacker's model can learn after T needs the pattern to survive T;
 this is the cheap half of that question (the other half, whether a tower passes the
 surviving pattern on, needs attacker runs).
@@ -46,11 +49,13 @@ from benchmarks.results_file import load_results, save_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pattern-survival.json"
 EPS = 8 / 255
-SPACES = {"per pixel, colour": (1, False), "per pixel, luma": (1, True),
-          "coarse 2, colour": (2, False), "coarse 2, luma": (2, True),
-          "coarse 4, colour": (4, False), "coarse 4, luma": (4, True)}
+SPACES = {"per pixel, colour": (1, False, 0), "per pixel, luma": (1, True, 0),
+          "coarse 2, colour": (2, False, 0), "coarse 2, luma": (2, True, 0),
+          "coarse 4, colour": (4, False, 0), "coarse 4, luma": (4, True, 0),
+          "8 x 8 cells, luma": (1, True, 8)}
 TRANSFORMS = {"jpeg:75": lambda x: jpeg(x, 75), "grayscale": grayscale,
-              "resize:0.5": lambda x: resize(x, 0.5), "blur:1": lambda x: gaussian_blur(x, 1.0)}
+              "resize:0.5": lambda x: resize(x, 0.5), "blur:1": lambda x: gaussian_blur(x, 1.0),
+              "resize:0.25": lambda x: resize(x, 0.25)}
 
 
 def kept_shares(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -76,14 +81,15 @@ def kept_shares(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     return shares
 
 
-def survival(images: list[torch.Tensor], coarse: int, gray: bool) -> dict[str, float]:
+def survival(images: list[torch.Tensor], coarse: int, gray: bool,
+             cells: int = 0) -> dict[str, float]:
     """Share of a sign pattern's energy kept by each transformation, over `images`
     (uint8, as stored); the protected image is saved as the writer saves it."""
     def pairs():
         for index, stored in enumerate(images):
             image = to_float(stored)
             pattern = group_pattern(image, f"image {index}", EPS, seed=0, coarse=coarse,
-                                    gray=gray)
+                                    gray=gray, cells=cells)
             yield image, to_float(quantize_within_budget(stored, image + pattern, EPS))
     return kept_shares(pairs())
 
@@ -104,6 +110,10 @@ def release_survival(folder: Path, count: int,
     return kept_shares(pairs(), artefacts=True)
 
 
+def _cell(kept: dict[str, float], name: str) -> str:
+    return f"{kept[name]:.2f}" if name in kept else "—"  # rows from before a column
+
+
 def write_table(results: dict) -> None:
     lines = ["# How much of a sign pattern at 8/255 survives the attacker's transformations",
              "", "Share of the pattern's energy left along it (1 = all); "
@@ -112,11 +122,11 @@ def write_table(results: dict) -> None:
         lines += [f"## {dataset} ({row['images']} images, {row['size']} px)", "",
                   "| pattern | " + " | ".join(TRANSFORMS) + " |",
                   "|---|" + "---|" * len(TRANSFORMS)]
-        lines += [f"| {space} | " + " | ".join(f"{kept[t]:.2f}" for t in TRANSFORMS) + " |"
+        lines += [f"| {space} | " + " | ".join(_cell(kept, t) for t in TRANSFORMS) + " |"
                   for space, kept in row["kept"].items()]
         lines += [f"| {space}: the transformation's own change of the clean images, per "
                   "unit of the perturbation's energy | "
-                  + " | ".join(f"{kept[t + ' artefacts']:.2f}" for t in TRANSFORMS) + " |"
+                  + " | ".join(_cell(kept, t + " artefacts") for t in TRANSFORMS) + " |"
                   for space, kept in row["kept"].items()
                   if any(key.endswith(" artefacts") for key in kept)]
         lines.append("")
@@ -137,9 +147,10 @@ def main() -> None:
         print("  ".join(f"{t} {v:.2f}" for t, v in kept.items()), flush=True)
         first = read_png_uint8(args.release / items[0].file)
         config = record.config
-        label = (f"{config.get('input')}, {record.method} release (coarse "
-                 f"{config.get('coarse', 1)}{', luma' if config.get('gray_noise') else ''}) "
-                 f"in {args.release}")
+        grid = (f"{config['cells']} x {config['cells']} cells" if config.get("cells")
+                else f"coarse {config.get('coarse', 1)}")
+        label = (f"{config.get('input')}, {record.method} release ({grid}"
+                 f"{', luma' if config.get('gray_noise') else ''}) in {args.release}")
         results = load_results(RESULTS)
         results["rows"][label] = {
             "images": len(items), "size": "x".join(map(str, first.shape[1:])),

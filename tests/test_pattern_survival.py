@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.pattern_survival import kept_shares, release_survival
+from benchmarks.pattern_survival import kept_shares, release_survival, survival
 from tests.conftest import cli_env
 
 EPS = 8 / 255
@@ -37,6 +37,18 @@ def test_a_gray_pattern_survives_grayscale_whole_and_a_checkerboard_does_not_sur
     assert "grayscale artefacts" not in colour
     with pytest.raises(SystemExit, match="nothing to measure"):
         kept_shares([(gray_image, gray_image.clone())])
+
+
+def test_a_grid_of_8_cells_survives_a_model_that_reads_a_quarter_of_the_side():
+    # A 128-px image seen at 32 px (as a 128-px model sees a 512-px photo): per-pixel
+    # signs average away, 8 x 8 cells of 16 px stay.
+    generator = torch.Generator().manual_seed(1)
+    stored = [(torch.rand(3, 128, 128, generator=generator) * 128 + 64).to(torch.uint8)
+              for _ in range(2)]
+    per_pixel = survival(stored, coarse=1, gray=True)
+    cells = survival(stored, coarse=1, gray=True, cells=8)
+    assert per_pixel["resize:0.25"] < 0.15 < 0.9 < cells["resize:0.25"]
+    assert cells["grayscale"] == pytest.approx(per_pixel["grayscale"], abs=0.05)
 
 
 @pytest.mark.parametrize("options, luma", [((), False), (("--gray-noise", "--coarse", "4"), True)])
