@@ -31,7 +31,10 @@ Pillow's JPEG-75 keeps 34% of a random colour sign pattern's energy, 74% of a
 luma one and 91-92% of a luma one on a 2- or 4-times coarser grid; resizing by
 0.5 and blur (sigma 1) keep 24% / 30% per pixel, 59% / 68% at coarse 2 and
 81% / 86% at coarse 4 (benchmarks/pattern_survival.py). A coarse pattern resumes
-its own grid each time a batch holds the group (`pgd.grid_of`).
+its own grid each time a batch holds the group (`pgd.grid_of`). For large photos,
+`cells` fixes the grid (8 x 8 cells whatever the size): a model reading a 512-px image
+at 128 px keeps 4% of a per-pixel pattern and 99% of an 8 x 8 luma one, and images of
+different sizes share their group's pattern, each at its own size.
 
 `full_budget` releases each optimised pattern at +-eps by its sign (per grid cell):
 the optimiser leaves many values inside the budget (a luma coarse-4 pattern moves
@@ -40,7 +43,7 @@ transformation masks first.
 
 Config (ShiftPatternConfig): eps (8/255), step_size (1/255), pgd_steps (40),
 batch_size (32), rounds (1), groups (32, pairs), direction (random), start (signs),
-full_budget (off), coarse (1), gray_noise (off), surrogates (lit for pairs,
+full_budget (off), coarse (1), cells (0), gray_noise (off), surrogates (lit for pairs,
 smolvlm-lite for triples; several for an ensemble).
 
 Example:
