@@ -88,10 +88,10 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
     if values == "sign":
-        cells = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
+        grid = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
     else:
-        cells = torch.rand(shape, generator=generator) * (2 * eps) - eps
-    return upsample_noise(cells, (height, width)).expand(channels, height, width)
+        grid = torch.rand(shape, generator=generator) * (2 * eps) - eps
+    return upsample_noise(grid, (height, width)).expand(channels, height, width)
 
 
 def group_pattern(image: torch.Tensor, group: str, eps: float, seed: int, coarse: int = 1,
