@@ -10,6 +10,9 @@ by a tone swatch. Captions are the official CLDR short names ("grinning face",
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,6 +108,20 @@ def image_key(symbol: str) -> str:
 def in_split(entry: EmojiEntry, split: str) -> bool:
     # By the name, so every caption set built on these images splits them alike.
     return split_of(entry.name) == split
+
+
+def round_robin(entries: Iterable[EmojiEntry], class_of: Callable[[EmojiEntry], str],
+                classes: Iterable[str]) -> list[EmojiEntry]:
+    """`entries` taken one per class in turn (`classes` order), each class in a fixed
+    hashed-name order: any prefix holds every class about equally until the small ones
+    run out, so `--limit N` samples the classes evenly."""
+    by_class: dict[str, list[EmojiEntry]] = {name: [] for name in classes}
+    for entry in entries:
+        by_class[class_of(entry)].append(entry)
+    queues = [sorted(members, key=lambda entry: hashlib.sha256(entry.name.encode("utf-8"))
+                     .digest()) for members in by_class.values()]
+    return [entry for layer in itertools.zip_longest(*queues) for entry in layer
+            if entry is not None]
 
 
 def items(split: str) -> list[BuiltinItem]:

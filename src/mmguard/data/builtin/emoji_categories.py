@@ -46,8 +46,6 @@ comes from.
 from __future__ import annotations
 
 import functools
-import hashlib
-import itertools
 from collections import Counter
 
 from mmguard.data.builtin import emoji
@@ -132,11 +130,6 @@ def phrase(subgroup: str) -> str:
     return PHRASES.get(subgroup) or default_phrase(subgroup)
 
 
-def _order_key(entry: emoji.EmojiEntry) -> bytes:
-    return hashlib.sha256(entry.name.encode("utf-8")).digest()
-
-
-@functools.lru_cache(maxsize=1)
 def kept_classes() -> tuple[str, ...]:
     """The answers with enough images on both sides, in emoji-test.txt order."""
     counts = {split: Counter(phrase(entry.subgroup) for entry in emoji.all_emoji()
@@ -153,12 +146,7 @@ def kept_classes() -> tuple[str, ...]:
 
 def interleave(entries: list[emoji.EmojiEntry]) -> list[emoji.EmojiEntry]:
     """Round-robin over the classes in `kept_classes` order, each in hashed-name order."""
-    by_class: dict[str, list[emoji.EmojiEntry]] = {answer: [] for answer in kept_classes()}
-    for entry in entries:
-        by_class[phrase(entry.subgroup)].append(entry)
-    queues = [sorted(members, key=_order_key) for members in by_class.values()]
-    return [entry for layer in itertools.zip_longest(*queues) for entry in layer
-            if entry is not None]
+    return emoji.round_robin(entries, lambda entry: phrase(entry.subgroup), kept_classes())
 
 
 def items(split: str) -> list[BuiltinItem]:

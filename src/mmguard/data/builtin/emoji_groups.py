@@ -22,8 +22,6 @@ images: 26-27 per group). The pairs caption is "an emoji from the group: <answer
 from __future__ import annotations
 
 import functools
-import hashlib
-import itertools
 import random
 
 from mmguard.data.builtin import emoji
@@ -55,20 +53,13 @@ def plan_image(entry: emoji.EmojiEntry) -> scenes.Scene:
     return scenes.Scene(emoji.image_key(entry.symbol), (glyph,), background)
 
 
-def _order_key(entry: emoji.EmojiEntry) -> bytes:
-    return hashlib.sha256(entry.name.encode("utf-8")).digest()
-
-
 def interleaved(split: str) -> list[emoji.EmojiEntry]:
     """The split's emoji round-robin over the groups (emoji-test.txt order), each group
     in hashed-name order."""
-    by_group: dict[str, list[emoji.EmojiEntry]] = {}
-    for entry in emoji.all_emoji():
-        if emoji.in_split(entry, split):
-            by_group.setdefault(entry.group, []).append(entry)
-    queues = [sorted(members, key=_order_key) for members in by_group.values()]
-    return [entry for layer in itertools.zip_longest(*queues) for entry in layer
-            if entry is not None]
+    groups = dict.fromkeys(entry.group for entry in emoji.all_emoji())
+    return emoji.round_robin((entry for entry in emoji.all_emoji()
+                              if emoji.in_split(entry, split)),
+                             lambda entry: entry.group, groups)
 
 
 def items(split: str) -> list[BuiltinItem]:
