@@ -130,6 +130,7 @@ def phrase(subgroup: str) -> str:
     return PHRASES.get(subgroup) or default_phrase(subgroup)
 
 
+@functools.lru_cache(maxsize=1)
 def kept_classes() -> tuple[str, ...]:
     """The answers with enough images on both sides, in emoji-test.txt order."""
     counts = {split: Counter(phrase(entry.subgroup) for entry in emoji.all_emoji()
