@@ -535,6 +535,36 @@ def test_sign_noise_is_the_per_image_control_of_class_pattern():
     assert torch.allclose(uniform, drawn, atol=1e-6)
 
 
+def test_grating_values_are_one_oriented_wave_per_group_at_the_grids_scale():
+    method = create_method("class-pattern", "triples", cells=16, gray_noise=True,
+                           values="grating")
+    image = torch.full((3, 128, 128), 0.5)
+    pattern = method.pattern("answer a", image)
+    assert torch.equal(pattern[0], pattern[1]) and torch.equal(pattern[1], pattern[2])
+    assert float(pattern.abs().max()) <= 8 / 255 + 1e-7
+    assert float(pattern.abs().max()) > 0.95 * 8 / 255  # amplitude eps, not a faint wave
+    # one sinusoid: its spectrum is a single peak at 16 / 2 = 8 cycles across the image
+    spectrum = torch.fft.fft2(pattern[0]).abs()
+    spectrum[0, 0] = 0
+    row, col = divmod(int(spectrum.argmax()), 128)
+    radius = (min(row, 128 - row) ** 2 + min(col, 128 - col) ** 2) ** 0.5
+    assert abs(radius - 8) < 1.0
+    assert float(spectrum.pow(2).sum()) * 0.9 < float(
+        spectrum.pow(2).flatten().topk(8).values.sum())  # energy in the peak's few bins
+    # other groups get other waves; the same group the same wave at another size's scale
+    assert not torch.allclose(pattern, method.pattern("answer b", image))
+    large = method.pattern("answer a", torch.full((3, 512, 512), 0.5))
+    assert torch.allclose(torch.nn.functional.avg_pool2d(large, 4), pattern, atol=1e-3)
+    # colour gratings draw a wave per channel; the per-image control draws them per image
+    colour = create_method("class-pattern", "triples", cells=16, values="grating")
+    assert not torch.allclose(colour.pattern("answer a", image)[0],
+                              colour.pattern("answer a", image)[1])
+    items = [ProtectionItem(key, image, ["q"], ["a"]) for key in ("x", "y")]
+    waves = [out.image - image for out in create_method(
+        "random", "triples", cells=16, gray_noise=True, values="grating").protect_batch(items)]
+    assert not torch.allclose(waves[0], waves[1])
+
+
 def test_word_code_spells_each_image_code_from_the_words_of_its_text():
     image = torch.full((3, 32, 32), 0.5)
     method = create_method("word-code", "pairs", seed=1)

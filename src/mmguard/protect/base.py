@@ -20,6 +20,7 @@ never into a dataset-sized tensor, and the work folder lets a killed run resume.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,11 +74,16 @@ def cells_option() -> Any:
                   "give the uniform control the same value.", min=0, max=1024)
 
 
+NOISE_VALUES = ("uniform", "sign", "grating")
+
+
 def noise_values_option(default: str = "uniform") -> Any:
     """How the random methods (the uniform control, class-pattern) draw each cell."""
     return option(default, "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
-                  "(sign: the largest change the budget allows everywhere).",
-                  choices=("uniform", "sign"))
+                  "(sign: the largest change the budget allows everywhere), or a grating: "
+                  "a sinusoid of amplitude eps, random orientation and phase, one period "
+                  "per two cells of the grid (texture, not brightness).",
+                  choices=NOISE_VALUES)
 
 
 def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, values: str,
@@ -87,11 +93,32 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
     one channel if `gray`."""
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
+    if values == "grating":
+        return grating(shape, (height, width), eps, generator).expand(channels, height, width)
     if values == "sign":
         grid = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
     else:
         grid = torch.rand(shape, generator=generator) * (2 * eps) - eps
     return upsample_noise(grid, (height, width)).expand(channels, height, width)
+
+
+def grating(grid: tuple[int, int, int], size: tuple[int, int], eps: float,
+            generator: torch.Generator) -> torch.Tensor:
+    """(C, H, W) sinusoids of amplitude eps, one per channel of `grid` (C, h, w), each of a
+    random orientation and phase, with one period per two grid cells along each axis'
+    share of it: a texture whose scale is the grid's, where a grid of cells is a
+    brightness map. Why: a model trained to ignore brightness and colour jitter (DINOv2)
+    may still read oriented texture at its patch scale."""
+    count, rows, cols = grid
+    height, width = size
+    angle = torch.rand(count, 1, 1, generator=generator) * math.pi
+    phase = torch.rand(count, 1, 1, generator=generator) * (2 * math.pi)
+    y = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    x = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    # cycles across the image: half the grid's cells, along the wave's direction
+    wave = (angle.cos() * x.view(1, 1, width) * (cols / 2)
+            + angle.sin() * y.view(1, height, 1) * (rows / 2))
+    return torch.sin(2 * math.pi * wave + phase) * eps
 
 
 def group_pattern(image: torch.Tensor, group: str, eps: float, seed: int, coarse: int = 1,
