@@ -25,7 +25,7 @@ not rank those two apart cannot screen anything else.
         --tower smolvlm-lite-d --tower smolvlm-lite-c \\
         --pattern luma-cells8-sign --pattern luma-cells16-grating
 
-Pattern names: `<luma|colour>-<cellsN|coarseN>-<sign|uniform|grating>`.
+Pattern names: `<luma|colour>-<cellsN|coarseN>-<sign|uniform|grating|square|plaid>`.
 Writes benchmarks/results/pattern-visibility.json and .md (one row per set, tower,
 transformation and pattern; re-running a row replaces it).
 """
@@ -49,11 +49,18 @@ from mmguard.data.budget import quantize_within_budget  # noqa: E402
 from mmguard.data.builtin import load_builtin  # noqa: E402
 from mmguard.data.images import load_image_uint8, to_float  # noqa: E402
 from mmguard.errors import MMGuardError  # noqa: E402
-from mmguard.protect.base import NOISE_VALUES, group_pattern  # noqa: E402
+from mmguard.protect.base import NOISE_VALUES, grating, group_pattern  # noqa: E402
+from mmguard.protect.pgd import grid_size  # noqa: E402
+from mmguard.protect.seeding import item_generator  # noqa: E402
 from mmguard.protect.surrogates import create_surrogate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pattern-visibility.json"
-PATTERN = re.compile(r"^(luma|colour)-(cells|coarse)(\d+)-(" + "|".join(NOISE_VALUES) + r")$")
+# Prototype values, tried here before any joins the library's NOISE_VALUES: a plaid (the
+# sign of two gratings' sum: a second orientation might make groups less alike; it was
+# read less well through DINOv2 than the square wave, session 42).
+PROTOTYPES = ("plaid",)
+PATTERN = re.compile(r"^(luma|colour)-(cells|coarse)(\d+)-("
+                     + "|".join(NOISE_VALUES + PROTOTYPES) + r")$")
 
 
 def parse_pattern(name: str) -> dict:
@@ -61,7 +68,7 @@ def parse_pattern(name: str) -> dict:
     match = PATTERN.match(name)
     if not match:
         raise MMGuardError(f"pattern {name!r}: expected <luma|colour>-<cellsN|coarseN>-"
-                           f"<{'|'.join(NOISE_VALUES)}>, e.g. luma-cells8-sign")
+                           f"<{'|'.join(NOISE_VALUES + PROTOTYPES)}>, e.g. luma-cells8-sign")
     space, grid, size, values = match.groups()
     size = int(size)
     if size < 1:
@@ -70,15 +77,32 @@ def parse_pattern(name: str) -> dict:
             "cells": size if grid == "cells" else 0, "coarse": size if grid == "coarse" else 1}
 
 
+def plaid_pattern(image: torch.Tensor, group: str, eps: float, seed: int, gray: bool,
+                  values: str, cells: int, coarse: int) -> torch.Tensor:
+    """The plaid of `group` for this image, in [-eps, eps]."""
+    rows, cols = grid_size(image, coarse, cells)
+    shape = (1 if gray else image.shape[0], rows, cols)
+    generator = item_generator(seed, f"{group} {shape}")
+    wave = grating(shape, tuple(image.shape[-2:]), eps, generator)
+    wave = wave + grating(shape, tuple(image.shape[-2:]), eps, generator)
+    return (torch.sign(wave) * eps).expand(image.shape)
+
+
+def pattern_of(image: torch.Tensor, group: str, eps: float, seed: int,
+               settings: dict) -> torch.Tensor:
+    if settings["values"] in PROTOTYPES:
+        return plaid_pattern(image, group, eps, seed, **settings)
+    return group_pattern(image, group, eps, seed, **settings)
+
+
 def patterned(stored: list[torch.Tensor], groups: np.ndarray, settings: dict | None,
               eps: float, seed: int) -> list[torch.Tensor]:
     """Each image plus its group's pattern, saved to 8 bits within the budget (None: clean).
     Kept as uint8: a set of 480 float images of 512 px is 1.5 GB."""
     if settings is None:
         return stored
-    return [quantize_within_budget(image, group_pattern(to_float(image), f"group {group}", eps,
-                                                        seed, **settings) + to_float(image),
-                                   eps)
+    return [quantize_within_budget(image, pattern_of(to_float(image), f"group {group}", eps,
+                                                     seed, settings) + to_float(image), eps)
             for image, group in zip(stored, groups, strict=True)]
 
 

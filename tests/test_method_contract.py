@@ -563,6 +563,10 @@ def test_grating_values_are_one_oriented_wave_per_group_at_the_grids_scale():
     waves = [out.image - image for out in create_method(
         "random", "triples", cells=16, gray_noise=True, values="grating").protect_batch(items)]
     assert not torch.allclose(waves[0], waves[1])
+    # square: the same wave's sign, every pixel at the bound
+    square = create_method("class-pattern", "triples", cells=16, gray_noise=True,
+                           values="square").pattern("answer a", image)
+    assert torch.equal(square, torch.sign(pattern) * (8 / 255))
 
 
 def test_word_code_spells_each_image_code_from_the_words_of_its_text():

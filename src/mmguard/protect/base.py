@@ -74,7 +74,7 @@ def cells_option() -> Any:
                   "give the uniform control the same value.", min=0, max=1024)
 
 
-NOISE_VALUES = ("uniform", "sign", "grating")
+NOISE_VALUES = ("uniform", "sign", "grating", "square")
 
 
 def noise_values_option(default: str = "uniform") -> Any:
@@ -82,7 +82,8 @@ def noise_values_option(default: str = "uniform") -> Any:
     return option(default, "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
                   "(sign: the largest change the budget allows everywhere), or a grating: "
                   "a sinusoid of amplitude eps, random orientation and phase, one period "
-                  "per two cells of the grid (texture, not brightness).",
+                  "per two cells of the grid (texture, not brightness); square: the "
+                  "grating's sign (+-eps everywhere).",
                   choices=NOISE_VALUES)
 
 
@@ -93,8 +94,11 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
     one channel if `gray`."""
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
-    if values == "grating":
-        return grating(shape, (height, width), eps, generator).expand(channels, height, width)
+    if values in ("grating", "square"):
+        wave = grating(shape, (height, width), eps, generator)
+        if values == "square":
+            wave = torch.sign(wave) * eps
+        return wave.expand(channels, height, width)
     if values == "sign":
         grid = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
     else:
