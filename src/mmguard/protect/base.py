@@ -90,8 +90,8 @@ def noise_values_option(default: str = "uniform") -> Any:
 def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, values: str,
                  generator: torch.Generator, cells: int = 0) -> torch.Tensor:
     """Random noise for `image` in [-eps, eps]: cells drawn as `noise_values_option` says,
-    on a grid `coarse` times coarser (or of `cells` x `cells`; bilinearly upsampled), in
-    one channel if `gray`."""
+    on a grid `coarse` times coarser (or of `cells` x `cells`; bilinearly upsampled), or
+    a wave at that grid's scale (grating, square), in one channel if `gray`."""
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
     if values in ("grating", "square"):

@@ -18,7 +18,10 @@ it needs no pass over the data); pairs by k-means on a frozen tower's features
 (`cluster_features`, like cluster-em). The pattern is drawn once per group
 from the run's seed, as signs (each cell ±eps, the largest change the budget
 allows) or uniform values, on a grid `coarse` times coarser than the image and
-bilinearly upsampled, so large images keep it through the model's resize.
+bilinearly upsampled, so large images keep it through the model's resize; or as an
+oriented wave at that grid's scale (`values` grating or square: texture, which a
+tower trained to ignore brightness and colour jitter, DINOv2, still reads; see
+benchmarks/pattern_visibility.py).
 Images of one group and one size carry the same pattern; other sizes get the
 same group's pattern drawn for their grid.
 
