@@ -12,9 +12,9 @@ ignores stays at chance however faint or strong it is on the pixels.
 
 Pattern spaces are those of `class-pattern` (`mmguard.protect.base.group_pattern`):
 a grid of `coarse`-times-coarser or `cells` x `cells` cells, luma or colour, with
-sign, uniform or grating values. `--augment SPEC` puts every image through an
-attacker's transformation first (`mmguard.attack.augment`), as a transforming
-attacker would.
+sign, uniform, grating or square values (and a prototype, plaid, kept here only).
+`--augment SPEC` puts every image through an attacker's transformation first
+(`mmguard.attack.augment`), as a transforming attacker would.
 
 Calibration against the LoRA attacker (docs/findings-lvlm.md, session 42): the
 luma 8 x 8 sign grid took the ResNet-50 attacker (`smolvlm-lite-d`) 37% below clean
@@ -101,9 +101,12 @@ def patterned(stored: list[torch.Tensor], groups: np.ndarray, settings: dict | N
     Kept as uint8: a set of 480 float images of 512 px is 1.5 GB."""
     if settings is None:
         return stored
-    return [quantize_within_budget(image, pattern_of(to_float(image), f"group {group}", eps,
-                                                     seed, settings) + to_float(image), eps)
-            for image, group in zip(stored, groups, strict=True)]
+    released = []
+    for image, group in zip(stored, groups, strict=True):
+        pixels = to_float(image)
+        pattern = pattern_of(pixels, f"group {group}", eps, seed, settings)
+        released.append(quantize_within_budget(image, pixels + pattern, eps))
+    return released
 
 
 def visibility(dataset: str, towers: list[str], patterns: list[str], augments: list[str],
