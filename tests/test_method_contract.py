@@ -648,15 +648,18 @@ def test_wrong_target_on_batch_statistics_moves_features_as_a_training_tower_rea
         create_method("wrong-target", "pairs", surrogate_bn="both", surrogates=("rn-test",))
 
 
-def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path):
+@pytest.mark.parametrize("drawn", [{}, {"cells": 4, "gray_noise": True, "values": "square"}],
+                         ids=["per-pixel-signs", "luma-square-wave-grid"])
+def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path, drawn):
     eps, share = 16 / 255, 0.5
     method = create_method("wrong-target", "triples", surrogates=("lvlm-test",), pgd_steps=8,
-                           batch_size=8, eps=eps, step_size=2 / 255, pattern_share=share)
+                           batch_size=8, eps=eps, step_size=2 / 255, pattern_share=share,
+                           **{f"pattern_{name}": value for name, value in drawn.items()})
     dataset = load_builtin("digits", "train", "triples")
     protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
     clean = {r.image.key: (to_float(load_image_uint8(r.image, "c")), r.response)
              for r in dataset.records}
-    pattern = create_method("class-pattern", "triples", eps=eps)
+    pattern = create_method("class-pattern", "triples", eps=eps, **drawn)
     saved, with_pattern, keys = [], [], []
     for record in read_dataset(tmp_path / "out" / "manifest.csv").records:
         key = next(k for k in method.group_of if Path(k).stem == Path(record.image.key).stem)
@@ -685,6 +688,8 @@ def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path):
     with pytest.raises(MMGuardError, match="pattern_share"):
         create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_share=0.5,
                       coarse=2)
+    with pytest.raises(MMGuardError, match="give pattern_share"):
+        create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_cells=8)
 
 
 @pytest.mark.parametrize("kind, surrogate, direction, smooth", [

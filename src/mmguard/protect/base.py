@@ -77,9 +77,10 @@ def cells_option() -> Any:
 NOISE_VALUES = ("uniform", "sign", "grating", "square")
 
 
-def noise_values_option(default: str = "uniform") -> Any:
-    """How the random methods (the uniform control, class-pattern) draw each cell."""
-    return option(default, "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
+def noise_values_option(default: str = "uniform", about: str = "") -> Any:
+    """How the random methods (the uniform control, class-pattern) draw each cell;
+    `about` starts the help (which method and option it is for)."""
+    return option(default, about + "Random noise cells uniform in [-eps, eps] (uniform) or +-eps "
                   "(sign: the largest change the budget allows everywhere), or a grating: "
                   "a sinusoid of amplitude eps, random orientation and phase, one period "
                   "per two cells of the grid (texture, not brightness); square: the "
