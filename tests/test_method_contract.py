@@ -569,6 +569,51 @@ def test_grating_values_are_one_oriented_wave_per_group_at_the_grids_scale():
     assert torch.equal(square, torch.sign(pattern) * (8 / 255))
 
 
+def _wave_peak(pattern: torch.Tensor) -> tuple[float, float]:
+    """The orientation (degrees in [0, 180)) and cycles across the image of a square
+    pattern's strongest Fourier peak."""
+    size = pattern.shape[-1]
+    spectrum = torch.fft.fft2(pattern).abs()
+    spectrum[0, 0] = 0
+    row, col = divmod(int(spectrum.argmax()), size)
+    row, col = (row if row <= size // 2 else row - size), (col if col <= size // 2 else col - size)
+    return float(np.degrees(np.arctan2(row, col))) % 180, float(np.hypot(row, col))
+
+
+def test_class_pattern_spread_layout_gives_each_answer_a_wave_of_its_own_orientation(tmp_path):
+    dataset = load_builtin("fashion-mnist", "train", "triples")
+    method = create_method("class-pattern", "triples", cells=16, gray_noise=True,
+                           values="grating", layout="spread", seed=2)
+    protect_dataset(dataset, method, tmp_path / "out", limit=40, progress=False)
+    answers = sorted({dataset.records[i].response for i in range(40)})
+    assert sorted(method.wave_of) == [f"answer {a}" for a in answers] and len(answers) >= 8
+    # each answer's wave, read back from its spectrum: orientations evenly spread (180/n
+    # degrees apart), neighbours alternately at 8 and 12 cycles (1 and 1.5 x 16 / 2)
+    probe = torch.zeros(3, 128, 128)
+    peaks = sorted(_wave_peak(method.pattern(group, probe)[0]) for group in method.wave_of)
+    step = 180 / len(answers)
+    gaps = [(peaks[(i + 1) % len(peaks)][0] - peaks[i][0]) % 180 for i in range(len(peaks))]
+    assert all(abs(gap - step) < 0.45 * step for gap in gaps), gaps
+    radii = [round(radius / 4) * 4 for _, radius in peaks]
+    assert set(radii) == {8, 12}
+    assert all(radii[i] != radii[i + 1] for i in range(len(radii) - 1)), peaks
+    # random orientations (the default) do not keep them apart on this seed
+    drawn = create_method("class-pattern", "triples", cells=16, gray_noise=True,
+                          values="grating", seed=2)
+    random_peaks = sorted(_wave_peak(drawn.pattern(group, probe)[0])[0]
+                          for group in method.wave_of)
+    assert min((random_peaks[(i + 1) % len(peaks)] - random_peaks[i]) % 180
+               for i in range(len(peaks))) < 0.45 * step
+    # the release carries its answer's wave (quantised to whole levels)
+    deltas, originals = _saved_deltas(dataset, tmp_path / "out", 40)
+    for i, key in enumerate(deltas):
+        inside = (originals[key] >= 8) & (originals[key] <= 247)
+        wave = method.pattern(f"answer {dataset.records[i].response}", originals[key]) * 255
+        assert float((deltas[key] - wave)[inside].abs().max()) <= 0.51
+    with pytest.raises(MMGuardError, match="give values grating or square"):
+        create_method("class-pattern", "triples", layout="spread")
+
+
 def test_word_code_spells_each_image_code_from_the_words_of_its_text():
     image = torch.full((3, 32, 32), 0.5)
     method = create_method("word-code", "pairs", seed=1)

@@ -88,18 +88,46 @@ def noise_values_option(default: str = "uniform", about: str = "") -> Any:
                   choices=NOISE_VALUES)
 
 
+@dataclass(frozen=True)
+class Wave:
+    """A grating's orientation in radians and its frequency relative to the grid's (1: one
+    period per two cells), when they are set rather than drawn (class-pattern's spread
+    layout)."""
+
+    angle: float
+    frequency: float = 1.0
+
+
+def spread_waves(count: int, seed: int) -> list[Wave]:
+    """`count` waves whose orientations are evenly spread over the half turn (from a
+    seeded offset), alternately at frequency 1 and 1.5, dealt to the groups in a seeded
+    order. Why: a pooled CNN feature hardly sees a wave's phase, so two groups whose
+    random orientations fall a few degrees apart (10 random angles: the closest pair is
+    about 2 degrees apart on average) carry nearly the same pattern; spread, every pair
+    differs by 180/count degrees, or in frequency."""
+    generator = item_generator(seed, f"spread waves {count}")
+    offset = torch.rand(1, generator=generator).item() * math.pi / count
+    order = torch.randperm(count, generator=generator).tolist()
+    return [Wave(offset + math.pi * slot / count, 1.0 if slot % 2 == 0 else 1.5)
+            for slot in order]
+
+
 def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, values: str,
-                 generator: torch.Generator, cells: int = 0) -> torch.Tensor:
+                 generator: torch.Generator, cells: int = 0,
+                 wave: Wave | None = None) -> torch.Tensor:
     """Random noise for `image` in [-eps, eps]: cells drawn as `noise_values_option` says,
     on a grid `coarse` times coarser (or of `cells` x `cells`; bilinearly upsampled), or
-    a wave at that grid's scale (grating, square), in one channel if `gray`."""
+    a wave at that grid's scale (grating, square; of orientation and frequency `wave`
+    if given), in one channel if `gray`."""
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
+    if wave is not None and values not in ("grating", "square"):
+        raise ValueError(f"a set wave needs values grating or square, not {values}")
     if values in ("grating", "square"):
-        wave = grating(shape, (height, width), eps, generator)
+        pattern = grating(shape, (height, width), eps, generator, wave)
         if values == "square":
-            wave = torch.sign(wave) * eps
-        return wave.expand(channels, height, width)
+            pattern = torch.sign(pattern) * eps
+        return pattern.expand(channels, height, width)
     if values == "sign":
         grid = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float() * eps
     else:
@@ -108,32 +136,38 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
 
 
 def grating(grid: tuple[int, int, int], size: tuple[int, int], eps: float,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, wave: Wave | None = None) -> torch.Tensor:
     """(C, H, W) sinusoids of amplitude eps, one per channel of `grid` (C, h, w), each of a
     random orientation and phase, with one period per two grid cells along each axis'
     share of it: a texture whose scale is the grid's, where a grid of cells is a
     brightness map. Why: a model trained to ignore brightness and colour jitter (DINOv2)
-    may still read oriented texture at its patch scale."""
+    may still read oriented texture at its patch scale. `wave` sets the orientation of
+    every channel and scales the frequency; the phases are the same draws either way."""
     count, rows, cols = grid
     height, width = size
     angle = torch.rand(count, 1, 1, generator=generator) * math.pi
     phase = torch.rand(count, 1, 1, generator=generator) * (2 * math.pi)
+    if wave is not None:
+        angle = torch.full_like(angle, wave.angle)
+        rows, cols = rows * wave.frequency, cols * wave.frequency
     y = (torch.arange(height, dtype=torch.float32) + 0.5) / height
     x = (torch.arange(width, dtype=torch.float32) + 0.5) / width
     # cycles across the image: half the grid's cells, along the wave's direction
-    wave = (angle.cos() * x.view(1, 1, width) * (cols / 2)
-            + angle.sin() * y.view(1, height, 1) * (rows / 2))
-    return torch.sin(2 * math.pi * wave + phase) * eps
+    cycles = (angle.cos() * x.view(1, 1, width) * (cols / 2)
+              + angle.sin() * y.view(1, height, 1) * (rows / 2))
+    return torch.sin(2 * math.pi * cycles + phase) * eps
 
 
 def group_pattern(image: torch.Tensor, group: str, eps: float, seed: int, coarse: int = 1,
-                  gray: bool = False, values: str = "sign", cells: int = 0) -> torch.Tensor:
+                  gray: bool = False, values: str = "sign", cells: int = 0,
+                  wave: Wave | None = None) -> torch.Tensor:
     """The fixed random pattern of `group` for an image of this size, in [-eps, eps]
     (class-pattern's shortcut). Seeded by the group and the noise grid, so the images
-    of one group and one size share it (with `cells`, of every size: one grid)."""
+    of one group and one size share it (with `cells`, of every size: one grid); a wave
+    pattern takes the orientation and frequency of `wave` if given."""
     grid = (1 if gray else image.shape[0], *grid_size(image, coarse, cells))
     return random_noise(image, eps, coarse, gray, values,
-                        item_generator(seed, f"{group} {grid}"), cells)
+                        item_generator(seed, f"{group} {grid}"), cells, wave)
 
 
 def gray_noise_option() -> Any:

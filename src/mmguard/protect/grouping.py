@@ -14,6 +14,12 @@ def answer_of(item: ProtectionItem) -> str:
     return " | ".join(sorted({response.strip() for response in item.responses or []}))
 
 
+def dataset_answers(data: DatasetView, batch_size: int) -> dict[str, str]:
+    """Every good image's answer (`answer_of`) by key, loading the data batch by batch."""
+    return {item.key: answer_of(item) for start in range(0, len(data.keys), batch_size)
+            for item in data.load(data.keys[start:start + batch_size])}
+
+
 def pattern_name(item: ProtectionItem, kind: str, cluster: int) -> str:
     """The name a group's fixed pattern is seeded by (`group_pattern`): its answer for
     triples, its cluster otherwise. Methods that share class-pattern's patterns use it,

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from mmguard.protect.base import DatasetView, ProtectionItem, option
-from mmguard.protect.grouping import answer_groups, answer_of, dataset_features, kmeans_groups
+from mmguard.protect.grouping import (
+    answer_groups,
+    dataset_answers,
+    dataset_features,
+    kmeans_groups,
+)
 from mmguard.protect.methods.em import EMConfig, ErrorMinimizing
 from mmguard.protect.surrogates import create_surrogate
 
@@ -62,10 +67,7 @@ class ClusterErrorMinimizing(ErrorMinimizing):
 
     def _cluster(self, data: DatasetView) -> dict[str, int]:
         if self.kind == "triples":
-            keys = data.keys
-            answers = {item.key: answer_of(item) for start in range(0, len(keys),
-                                                                    self.config.batch_size)
-                       for item in data.load(keys[start:start + self.config.batch_size])}
+            answers = dataset_answers(data, self.config.batch_size)
             keys = list(answers)
             return dict(zip(keys, answer_groups(keys, answers), strict=True))
         tower = create_surrogate((self.config.cluster_features,), device=self.config.device,
