@@ -52,7 +52,9 @@ RECOMMENDED: dict[str, Recommendation] = {
         "budget (3 seeds; benchmarks/results/lab-bench.md); on 73-answer emoji categories, "
         "5.5% against 35.3% clean and 28.2% uniform (test split, 3 seeds)",
         "measured with the attacker's own vision tower as the surrogate (white box); against "
-        "an attacker on another tower family (DINOv2) it cost 7 points, and an attacker who "
+        "an attacker on another tower family (DINOv2) it cost 7 points (made on both towers, "
+        "--surrogate smolvlm-lite --surrogate smolvlm-lite-c --member-units, it cost the "
+        "EfficientNet attacker 63% and the DINOv2 one 40%, 3 seeds), and an attacker who "
         "JPEG-compresses the images undid it; optimising through JPEG (--robust jpeg) kept "
         "6 of the 58 points (one seed each; docs/findings-lvlm.md); if the attacker's tower "
         "is unknown, shift-pattern made on two towers (--surrogate smolvlm-lite --surrogate "
