@@ -104,7 +104,8 @@ def spread_waves(count: int, seed: int) -> list[Wave]:
     order. Why: a pooled CNN feature hardly sees a wave's phase, so two groups whose
     random orientations fall a few degrees apart (10 random angles: the closest pair is
     about 2 degrees apart on average) carry nearly the same pattern; spread, every pair
-    differs by 180/count degrees, or in frequency."""
+    differs by 180/count degrees, or in frequency. Measured on Fashion-MNIST: no better
+    than random orientations (docs/findings-lvlm.md, "Spread waves")."""
     generator = item_generator(seed, f"spread waves {count}")
     offset = torch.rand(1, generator=generator).item() * math.pi / count
     order = torch.randperm(count, generator=generator).tolist()

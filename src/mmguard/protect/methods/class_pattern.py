@@ -74,7 +74,8 @@ class ClassPatternConfig(MethodConfig):
                          "group's wave of a random orientation (random), or the groups' "
                          "orientations evenly spread over the half turn, alternately at 1 "
                          "and 1.5 times the frequency (spread), so no two groups carry "
-                         "nearly the same wave.", choices=LAYOUTS)
+                         "nearly the same wave (measured: no better than random).",
+                         choices=LAYOUTS)
     clusters: int = option(32, "class-pattern: k-means clusters sharing one pattern (pairs; "
                            "triples are grouped by their answers).", min=2)
     cluster_features: str = option("lit", "class-pattern: the pretrained contrastive model "
