@@ -74,7 +74,8 @@ def cells_option() -> Any:
                   "give the uniform control the same value.", min=0, max=1024)
 
 
-NOISE_VALUES = ("uniform", "sign", "grating", "square")
+WAVE_VALUES = ("grating", "square")  # the values drawn as a wave, which a `Wave` can set
+NOISE_VALUES = ("uniform", "sign", *WAVE_VALUES)
 
 
 def noise_values_option(default: str = "uniform", about: str = "") -> Any:
@@ -122,9 +123,9 @@ def random_noise(image: torch.Tensor, eps: float, coarse: int, gray: bool, value
     if given), in one channel if `gray`."""
     channels, height, width = image.shape
     shape = (1 if gray else channels, *grid_size(image, coarse, cells))
-    if wave is not None and values not in ("grating", "square"):
+    if wave is not None and values not in WAVE_VALUES:
         raise ValueError(f"a set wave needs values grating or square, not {values}")
-    if values in ("grating", "square"):
+    if values in WAVE_VALUES:
         pattern = grating(shape, (height, width), eps, generator, wave)
         if values == "square":
             pattern = torch.sign(pattern) * eps

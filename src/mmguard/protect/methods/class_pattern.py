@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import torch
 from mmguard.data.budget import project_to_ball
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import (
+    WAVE_VALUES,
     DatasetView,
     MethodConfig,
     ProtectedItem,
@@ -90,7 +92,7 @@ class ClassPattern(ProtectionMethod):
 
     def __init__(self, config: ClassPatternConfig | None = None, kind: str | None = None):
         super().__init__(config, kind)
-        if self.config.layout == "spread" and self.config.values not in ("grating", "square"):
+        if self.config.layout == "spread" and self.config.values not in WAVE_VALUES:
             raise MMGuardError("class-pattern: layout spread sets the waves' orientations; "
                                "give values grating or square")
         self.wave_of: dict[str, Wave] = {}
@@ -111,7 +113,7 @@ class ClassPattern(ProtectionMethod):
         if self.config.layout == "spread":
             self._spread(f"cluster {label}" for label in set(labels))
 
-    def _spread(self, groups) -> None:
+    def _spread(self, groups: Iterable[str]) -> None:
         """Deal the groups (in sorted order) spread waves."""
         names = sorted(groups)
         self.wave_of = dict(zip(names, spread_waves(len(names), self.config.seed), strict=True))
