@@ -65,6 +65,10 @@ def test_lab_row_has_every_control_with_final_and_best_scores(tmp_path):
     append_row(tmp_path / "lab.json", tmp_path / "lab.md", "second", row)
     assert list(json.loads((tmp_path / "lab.json").read_text())["rows"]) == ["first", "second"]
     assert (tmp_path / "lab.md").read_text().count("| first | validation |") == 4
+    # A release that changes no image (text only) has no finite PSNR: the table says so.
+    row["protect"].update(mean_psnr_db=None, mean_ssim=1.0)
+    append_row(tmp_path / "lab.json", tmp_path / "lab.md", "text only", row)
+    assert (tmp_path / "lab.md").read_text().count("| ∞ / 1.000 |") == 4
 
 
 def test_controls_swap_images_and_texts_of_the_protected_and_clean_sets(tmp_path):

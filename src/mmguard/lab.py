@@ -500,6 +500,14 @@ def append_row(results: Path, table: Path, name: str, row: dict[str, Any]) -> No
     table.write_text(markdown(data["rows"]))
 
 
+def _stealth_cell(stealth: dict) -> str:
+    """"PSNR / SSIM" of a release; PSNR is None when no image changed (a text-only
+    release: infinite PSNR)."""
+    psnr, ssim = stealth.get("mean_psnr_db"), stealth.get("mean_ssim")
+    return (("∞" if psnr is None else f"{psnr:.1f}") + " / "
+            + ("n/a" if ssim is None else f"{ssim:.3f}"))
+
+
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
     """One line per row, attacker and metric: final (best over epochs) mean ± s.e. per set."""
     lines = ["# Efficacy lab", "",
@@ -512,10 +520,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
              "|---|---|---|---|" + "---|" * len(CONTROLS) + "---|"]
     for name, row in rows.items():
         setting = row["setting"]
-        stealth = row["protect"]
-        quality = (f"{stealth['mean_psnr_db']:.1f} / "
-                   f"{stealth['mean_ssim']:.3f}" if stealth.get("mean_ssim") is not None
-                   else f"{stealth['mean_psnr_db']:.1f} / n/a")
+        quality = _stealth_cell(row["protect"])
         for spec, results in row["attackers"].items():
             family = family_of(parse_attacker(spec)[0], "attacker")
             for metric, _ in METRICS[family]:
