@@ -121,10 +121,14 @@ def load_vgg_hed(path: Path | None = None) -> VggHed:
     path = hed_file() if path is None else path
     tower = VggHed()
     try:
+        arrays: dict[str, np.ndarray] = {}
+
+        def keep(name: str, item) -> None:
+            if isinstance(item, h5py.Dataset):
+                arrays[name] = item[()]
+
         with h5py.File(path, "r") as file:
-            arrays: dict[str, np.ndarray] = {}
-            file.visititems(lambda name, item: arrays.__setitem__(name, item[()])
-                            if isinstance(item, h5py.Dataset) else None)
+            file.visititems(keep)
         for (block, index), prefix in _keras_prefixes():
             _keras_conv(tower.blocks[block][index], arrays, prefix)
         for index, side in enumerate(tower.sides):
