@@ -78,3 +78,20 @@ def real_images():
 
     records = load_builtin("emoji", "test", "triples").records[:4]
     return [to_float(load_image_uint8(r.image, r.image.key)) for r in records]
+
+
+def assert_gradients_reach_the_pixels(adapter, images, tower: str) -> None:
+    """An embedded LVLM on `tower`: 17 image tokens, a finite loss whose gradient reaches
+    every pixel input, and a frozen tower (no gradient kept for its weights)."""
+    import torch
+
+    from mmguard.models.lvlm.base import TextExample
+
+    assert adapter.model.tokens_per_image() == 17
+    assert adapter.model.spec.tower == tower
+    images = [image.clone().requires_grad_(True) for image in images[:2]]
+    out = adapter.loss(images, [TextExample("Describe the image.", "a red apple")] * 2)
+    assert torch.isfinite(out.loss).all()
+    grads = torch.autograd.grad(out.loss.sum(), images)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert all(not p.requires_grad for p in adapter.model.vision.parameters())

