@@ -85,10 +85,10 @@ MEM_REFERENCE = {**MEM3, "noise_per": "caption", "round_train_steps": 200, "trai
                  "trigger_rounds": 2}
 
 
-def lvlm_row(options: dict, split_controls: bool = False,
-             attacker: str = LVLM_ATTACKER) -> LabSetting:
-    return LabSetting(dataset="fashion-mnist", kind="triples", method="mmguard",
-                      options=options, attackers=(attacker,), limit=240,
+def lvlm_row(options: dict, split_controls: bool = False, attacker: str = LVLM_ATTACKER,
+             dataset: str = "fashion-mnist", limit: int = 240) -> LabSetting:
+    return LabSetting(dataset=dataset, kind="triples", method="mmguard",
+                      options=options, attackers=(attacker,), limit=limit,
                       evaluate_on="test", limit_test=200, split_controls=split_controls)
 
 
@@ -108,6 +108,7 @@ ROWS = {
     "text-only": lvlm_row({**PAPER, "components": "text"}),
     "black-box": lvlm_row({**PAPER, "surrogates": ("smolvlm-lite", "smolvlm-lite-b")},
                           attacker=LVLM_ATTACKER.replace("smolvlm-lite:", "smolvlm-lite-c:")),
+    "emoji-paper": lvlm_row(PAPER, dataset="emoji-categories", limit=480),
     "mem-image": mem_row(MEM3),
     "mem-caption": mem_row({**MEM3, "noise_per": "caption"}),
     "mem-reference": mem_row(MEM_REFERENCE),
