@@ -18,9 +18,12 @@ last epoch). They answer the paper's qualitative claims:
 - image-only / text-only: paper optimised on one modality;
 - black-box: paper on the paper's black-box ensemble of two surrogates that
   excludes the attacker (smolvlm-lite and smolvlm-lite-b, both on
-  EfficientNet-Lite0), attacked by smolvlm-lite-c (a DINOv2 tower).
-Only the paper row trains on its noise alone and its trigger alone; the
-ablations leave those two controls out (`split_controls`, two LoRA runs per
+  EfficientNet-Lite0), attacked by smolvlm-lite-c (a DINOv2 tower);
+- emoji-paper: the paper row on the second, harder set (emoji-categories: 73
+  answers, every test emoji unseen in training), first 480 training images, the
+  slice whose controls the wrong-target benchmark cached.
+Only the paper and black-box rows train on their noise alone and their trigger
+alone; the ablations leave those two controls out (`split_controls`, two LoRA runs per
 seed that do not rank the variants). A variant that beats the paper row gets
 them by turning the flag on: its release and method runs are resumed.
 Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
@@ -43,7 +46,8 @@ scratch (30 epochs), the whole clean test split:
   triggers, triggers updated in the first quarter of the rounds).
 
 A finished row is written to benchmarks/results/lab-fidelity.json (+ .md) and
-skipped on a rerun; a killed row resumes from its last finished attacker run
+skipped on a rerun unless its setting changed (then its release and runs are reused
+where they still apply); a killed row resumes from its last finished attacker run
 (its work folder is benchmarks/work/fidelity-ROW). Rows run in the order below.
 
 An LVLM row takes about 2 h on 2 cores (the protection alone 30-80 min, by the
@@ -107,6 +111,7 @@ ROWS = {
     "image-only": lvlm_row({**PAPER, "components": "image"}),
     "text-only": lvlm_row({**PAPER, "components": "text"}),
     "black-box": lvlm_row({**PAPER, "surrogates": ("smolvlm-lite", "smolvlm-lite-b")},
+                          split_controls=True,  # its seed 0 beat the prediction: which part did it?
                           attacker=LVLM_ATTACKER.replace("smolvlm-lite:", "smolvlm-lite-c:")),
     "emoji-paper": lvlm_row(PAPER, dataset="emoji-categories", limit=480),
     "mem-image": mem_row(MEM3),
@@ -135,6 +140,15 @@ def _release_setting(setting: LabSetting) -> str:
     fields = dataclasses.asdict(setting)
     return json.dumps({name: fields[name] for name in RELEASE_FIELDS}, sort_keys=True,
                       default=list)
+
+
+def _unchanged(written: dict, setting: LabSetting) -> bool:
+    """Whether a finished row was run with `setting` (a field the row predates had its
+    default; the results file holds tuples as lists)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(LabSetting)
+                if field.default is not dataclasses.MISSING}
+    as_json = json.loads(json.dumps(dataclasses.asdict(setting)))
+    return json.loads(json.dumps({**defaults, **written})) == as_json
 
 
 def restore(work: Path, kept: Path, setting: LabSetting) -> bool:
@@ -168,10 +182,10 @@ def run(names: list[str], seeds: tuple[int, ...]) -> None:
     done = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
     for name in names:
         label = f"fidelity/{name} seeds {','.join(map(str, seeds))}"
-        if label in done:
+        setting = dataclasses.replace(ROWS[name], seeds=seeds)
+        if label in done and _unchanged(done[label]["setting"], setting):
             print(f"{label}: done", flush=True)
             continue
-        setting = dataclasses.replace(ROWS[name], seeds=seeds)
         work, kept = WORK / f"fidelity-{name}", CARRY / f"fidelity-{name}"
         if not restore(work, kept, setting) and (kept / "protected").exists():
             shutil.rmtree(kept / "protected")  # made for another setting: replaced when done

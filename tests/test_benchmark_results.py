@@ -99,3 +99,18 @@ def test_a_fidelity_row_keeps_its_finished_release_and_runs_for_a_new_machine(tm
     assert (fresh / "protected" / "mmguard-run.json").read_bytes() == \
         (work / "protected" / "mmguard-run.json").read_bytes()  # the release's identity
     assert set(json.loads((fresh / RUNS).read_text())) == {"run 1", "run 2"}
+
+
+def test_a_finished_fidelity_row_runs_again_only_when_its_setting_changed():
+    import dataclasses
+
+    from benchmarks.fidelity import ROWS, _unchanged
+
+    setting = ROWS["paper"]
+    written = json.loads(json.dumps(dataclasses.asdict(setting)))
+    assert _unchanged(written, setting)
+    # a row written before a field existed had that field's default
+    assert _unchanged({k: v for k, v in written.items() if k != "strip_rare_words"}, setting)
+    assert not _unchanged(written, dataclasses.replace(setting, split_controls=False))
+    assert not _unchanged({**written, "options": {**written["options"], "inner_steps": 0}},
+                          setting)
