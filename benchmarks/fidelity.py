@@ -22,8 +22,8 @@ last epoch). They answer the paper's qualitative claims:
 - emoji-paper: the paper row on the second, harder set (emoji-categories: 73
   answers, every test emoji unseen in training), first 480 training images, the
   slice whose controls the wrong-target benchmark cached.
-Only the paper and black-box rows train on their noise alone and their trigger
-alone; the ablations leave those two controls out (`split_controls`, two LoRA runs per
+Only the paper, black-box and emoji-paper rows train on their noise alone and their
+trigger alone; the ablations leave those two controls out (`split_controls`, two LoRA runs per
 seed that do not rank the variants). A variant that beats the paper row gets
 them by turning the flag on: its release and method runs are resumed.
 Effort is the earlier benchmark's for every row (2 rounds of HotFlip top-4 then
@@ -113,7 +113,8 @@ ROWS = {
     "black-box": lvlm_row({**PAPER, "surrogates": ("smolvlm-lite", "smolvlm-lite-b")},
                           split_controls=True,  # its seed 0 beat the prediction: which part did it?
                           attacker=LVLM_ATTACKER.replace("smolvlm-lite:", "smolvlm-lite-c:")),
-    "emoji-paper": lvlm_row(PAPER, dataset="emoji-categories", limit=480),
+    "emoji-paper": lvlm_row(PAPER, dataset="emoji-categories", limit=480,
+                            split_controls=True),  # the strongest MMGuard row: which part?
     "mem-image": mem_row(MEM3),
     "mem-caption": mem_row({**MEM3, "noise_per": "caption"}),
     "mem-reference": mem_row(MEM_REFERENCE),
