@@ -12,19 +12,25 @@ per round and batch of the engine (`protect/engine.py`):
    candidate is decoded, inserted as text, re-tokenised, rejected unless it
    tokenises back to the same ids, and scored by the exact loss; the current
    trigger is always a candidate, so no item's loss rises;
-3. the image noise takes PGD steps that *minimise* the loss through each
-   surrogate's differentiable image processor.
+3. the image noise takes PGD steps through each surrogate's differentiable
+   image processor.
 
-The loss is the response-only training loss plus `binding_weight` times the
-binding disruption loss (`binding`: bph, crs or none; see protect/binding.py),
-so the noise and trigger become a shortcut the fine-tuned model relies on
-instead of the content. `components` image / text are the paper's
-single-modality ablations; `binding none` the one without binding disruption.
+By default the steps follow the paper's -Max (`objective max`, Eq 32): they
+raise the response-only training loss while lowering `binding_weight` times the
+binding disruption loss (`binding`: bph-exact, Eq 27 on the first
+`binding_layers` layers; crs-kl, Eq 29; the simplified bph and crs; or none), on
+the surrogate after `inner_steps` LoRA steps on the protected batch (the
+paper's Q), which are discarded after every round. `objective min` lowers the
+training loss instead (error-minimising), so the noise and trigger become a
+shortcut. `components` image / text are the paper's single-modality ablations;
+`binding none` the one without binding disruption. What each of these did on
+our data: docs/findings-lvlm.md, "Fidelity: the summary of the rows".
 Beyond the paper, `trigger_groups response` and `noise_groups response` share
 one trigger, or one noise pattern, among all items with the same responses.
 
-Config (MMGuardConfig): eps (8/255), trigger_len (3), trigger_position
-("end"), binding ("bph"), binding_weight (0.5), components ("image+text"),
+Config (MMGuardConfig): eps (8/255), trigger_len (5), trigger_position
+("end"), binding ("bph-exact"), binding_layers (2), perturbation_share (0.25),
+binding_weight (2.0), objective ("max"), inner_steps (1), components ("image+text"),
 rounds (3), trigger_rounds (all), pgd_steps (8), step_size (1/255), top_k (8),
 beam_width (1), batch_size (8), surrogates (["smolvlm-lite"]), bilevel (off),
 train_steps (1), surrogate_lr (1e-4), trigger_groups / noise_groups ("item"),
@@ -60,24 +66,28 @@ class MMGuardConfig(BilevelConfig, TriggerConfig):
     batch_size: int = option(8, "Images per optimisation batch.", min=2)
     rounds: int = option(3, "Outer rounds of bilevel optimisation.", min=1)
     top_k: int = option(8, "HotFlip candidates per trigger position.", min=1)
-    binding: str = option("bph", "Cross-modal binding disruption: Bridge Path Hijack or "
+    # The defaults are the paper's method (its Eq 27, -Max, Q = 1, 5-token triggers) with
+    # the weight its own sweep found best (2.0), as benchmarks/fidelity.py measured it;
+    # the simplified losses (bph, crs) are kept by name for the earlier benchmark.
+    trigger_len: int = option(5, "Text trigger length in tokens (the paper's 5).", min=1, max=32)
+    binding: str = option("bph-exact", "Cross-modal binding disruption: Bridge Path Hijack or "
                           "Contrastive Routing Shift, simplified (bph, crs: all layers' mean "
                           "attention) or as the paper defines them (bph-exact: Eq 27, crs-kl: "
                           "Eq 29, on the first --binding-layers layers), or none.",
                           choices=BINDINGS)
-    binding_weight: float = option(0.5, "Weight of the binding loss.", min=0.0)
+    binding_weight: float = option(2.0, "Weight of the binding loss.", min=0.0)
     binding_layers: int = option(2, "bph-exact / crs-kl: the first N attention layers the "
                                  "binding loss reads (the paper prefers 1-2).", min=1)
     perturbation_share: float = option(0.25, "bph-exact: share of the image tokens, those "
                                        "whose pixels change most, that form the perturbation "
                                        "tokens (the paper's tau_delta; provisional default).",
                                        min=0.0, max=1.0)
-    inner_steps: int = option(0, "Inner adaptation: LoRA steps (rank 8, attention and MLP "
+    inner_steps: int = option(1, "Inner adaptation: LoRA steps (rank 8, attention and MLP "
                               "projections, batch 2) on the protected batch before each outer "
-                              "update, discarded after every round (the paper's Q; it uses 1; "
-                              "0 until our benchmark measures it).", min=0)
+                              "update, discarded after every round (the paper's Q; 0 turns it "
+                              "off).", min=0)
     inner_lr: float = option(1e-4, "Learning rate of the inner LoRA steps.", min=0.0)
-    objective: str = option("min", "min: minimise the training loss (error-minimising); max: "
+    objective: str = option("max", "min: minimise the training loss (error-minimising); max: "
                             "maximise it while minimising the binding loss (the paper's -Max).",
                             choices=OBJECTIVES)
     components: str = option("image+text", "Perturb the image, insert a trigger, or both.",
