@@ -80,7 +80,8 @@ class MMGuardConfig(BilevelConfig, TriggerConfig):
                                  "binding loss reads (the paper prefers 1-2).", min=1)
     perturbation_share: float = option(0.25, "bph-exact: share of the image tokens, those "
                                        "whose pixels change most, that form the perturbation "
-                                       "tokens (the paper's tau_delta; provisional default).",
+                                       "tokens (the paper's tau_delta, which it does not state; "
+                                       "not swept here).",
                                        min=0.0, max=1.0)
     inner_steps: int = option(1, "Inner adaptation: LoRA steps (rank 8, attention and MLP "
                               "projections, batch 2) on the protected batch before each outer "
