@@ -31,6 +31,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_FILES = ("lab-blackbox.json", "lab-bench.json", "lab-fidelity.json")
+# A lab row's three arms per attacker (the release is "method"), in a cell's tuple order.
+ARMS = ("method", "clean", "uniform")
+RELEASE, CLEAN, UNIFORM = range(len(ARMS))
 
 
 @dataclass
@@ -52,8 +55,8 @@ class Cell:
         return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
     def text(self) -> str:
-        protected, clean, uniform = (self.mean(arm) for arm in range(3))
-        spread = f" ± {self.sem(0):.1f}" if self.seeds > 1 else ""
+        protected, clean, uniform = (self.mean(arm) for arm in (RELEASE, CLEAN, UNIFORM))
+        spread = f" ± {self.sem(RELEASE):.1f}" if self.seeds > 1 else ""
         change = 100 * (protected - clean) / clean if clean else 0.0
         below = uniform - protected
         score = f"{protected:.1f}{spread}"
@@ -107,8 +110,7 @@ def collect(rows: list[dict], dataset: str, metric: str, score: str,
         made_on = surrogates_of(row)
         for spec, arms in (row.get("attackers") or {}).items():
             try:
-                runs = [arms[arm][score][metric]["runs"] for arm in ("method", "clean",
-                                                                     "uniform")]
+                runs = [arms[arm][score][metric]["runs"] for arm in ARMS]
             except KeyError:
                 continue  # unfinished attacker runs, or another metric (pairs rows)
             seeds = setting.get("seeds") or []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.transfer_matrix import collect, main, table
+from benchmarks.transfer_matrix import CLEAN, RELEASE, collect, main, table
 
 LORA = "lora:epochs=8,lr=1e-3,batch_size=8"
 
@@ -42,9 +42,9 @@ def test_rows_split_over_seeds_join_into_one_cell_with_its_mean_and_standard_err
     cell = collect(rows, "fashion-mnist", "exact_match", "final", "test")["`wrong-target`"][
         "tower-a"]
     assert cell.seeds == 3
-    assert cell.mean(0) == pytest.approx(22.1667, abs=1e-3)
-    assert cell.sem(0) == pytest.approx(1.0138, abs=1e-3)  # stdev 1.756 / sqrt 3
-    assert cell.mean(1) == pytest.approx(76.6667, abs=1e-3)
+    assert cell.mean(RELEASE) == pytest.approx(22.1667, abs=1e-3)
+    assert cell.sem(RELEASE) == pytest.approx(1.0138, abs=1e-3)  # stdev 1.756 / sqrt 3
+    assert cell.mean(CLEAN) == pytest.approx(76.6667, abs=1e-3)
     # 22.2 is 71% below clean (76.7) and 56.3 points below uniform (78.5)
     assert cell.text() == "**22.2 ± 1.0** (3); -71%, 56.3 below uniform, WB"
 
