@@ -26,8 +26,12 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.results_file import load_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_FILES = ("lab-blackbox.json", "lab-bench.json", "lab-fidelity.json")
@@ -153,7 +157,7 @@ def main() -> None:
         if not path.exists():
             parser.error(f"{path}: no such results file")
         try:
-            rows.extend(json.loads(path.read_text()).get("rows", {}).values())
+            rows.extend(load_results(path).get("rows", {}).values())
         except (json.JSONDecodeError, AttributeError) as error:
             parser.error(f"{path}: not a results file ({error})")
     matrix = collect(rows, args.dataset, args.metric, args.score, args.on)
