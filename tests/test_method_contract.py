@@ -354,6 +354,25 @@ def _clean_and_saved(dataset, keys, out: Path) -> tuple[dict, dict]:
     return clean, saved
 
 
+def test_wrong_target_nearest_pairing_picks_nearer_targets_than_random(tmp_path):
+    dataset = load_builtin("digits", "train", "pairs")
+    distance, shift = {}, {}
+    for pairing in ("random", "nearest"):
+        method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=1,
+                               batch_size=8, groups=4, pairing=pairing)
+        protect_dataset(dataset, method, tmp_path / pairing, limit=24, progress=False)
+        targets = method.target_image_of
+        assert all(method.group_of[targets[k]] == method.target_of[k] != method.group_of[k]
+                   for k in targets)
+        distance[pairing] = float(torch.stack([
+            (method.features_of[k] - method.features_of[t]).norm()
+            for k, t in targets.items()]).mean())
+        shift[pairing] = {g: method.target_of[k] for k, g in method.group_of.items()}
+    assert distance["nearest"] < 0.9 * distance["random"]
+    # every group still goes to another, and no two groups to the same one
+    assert sorted(shift["nearest"].values()) == sorted(shift["nearest"])
+
+
 def test_wrong_target_group_noise_is_one_pattern_per_group_that_moves_its_images(tmp_path):
     method = create_method("wrong-target", "pairs", surrogates=("rn-test",), pgd_steps=6,
                            batch_size=8, groups=3, eps=16 / 255, step_size=2 / 255,

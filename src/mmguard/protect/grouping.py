@@ -78,3 +78,44 @@ def mean_centroid_distance(matrix: torch.Tensor, labels: list[int]) -> float:
     centroids = torch.stack([matrix[label == g].mean(dim=0) for g in sorted(set(labels))])
     count = len(centroids)
     return float(torch.cdist(centroids, centroids).sum() / max(1, count * (count - 1)))
+
+
+def nearest_derangement(distances: torch.Tensor) -> list[int]:
+    """A permutation with no fixed point that maps each group to a near one: greedy over
+    the off-diagonal entries of the (G, G) group `distances`, nearest pair first.
+
+    Greedy leaves at most one group unplaced, and only when the one target left is
+    itself; it then takes the target of a placed group, which takes it instead."""
+    count = len(distances)
+    if count < 2:
+        raise ValueError("a derangement needs at least two groups")
+    target: dict[int, int] = {}
+    taken: set[int] = set()
+    order = sorted((float(distances[g, h]), g, h) for g in range(count) for h in range(count)
+                   if g != h)
+    for _, g, h in order:
+        if g not in target and h not in taken:
+            target[g] = h
+            taken.add(h)
+    for g in range(count):
+        if g not in target:  # only g itself is left: swap with a placed group
+            other = next(iter(target))
+            target[g], target[other] = target[other], g
+    return [target[g] for g in range(count)]
+
+
+def balanced_nearest(distances: torch.Tensor) -> list[int]:
+    """For each row (a source image) a column (a target image) near it, each column used
+    by at most ceil(rows / columns) rows: greedy over `distances`, nearest pair first."""
+    rows, columns = distances.shape
+    capacity = -(-rows // columns)
+    chosen: dict[int, int] = {}
+    uses = [0] * columns
+    for flat in torch.argsort(distances.flatten()).tolist():
+        row, column = divmod(flat, columns)
+        if row not in chosen and uses[column] < capacity:
+            chosen[row] = column
+            uses[column] += 1
+            if len(chosen) == rows:
+                break
+    return [chosen[row] for row in range(rows)]
