@@ -434,6 +434,16 @@ def test_wrong_target_member_units_weigh_each_ensemble_member_in_its_own_units(t
     record = json.loads((tmp_path / "out" / "mmguard-run.json").read_text())
     first = record["optimisation"]["rounds"][0]
     assert first["member_0_distance_ratio"] < 1 and first["member_1_distance_ratio"] < 1
+    # nearest pairing weighs the members alike too: shrinking one member's features a
+    # thousandfold does not hand the choice of targets to the other
+    labels = torch.tensor([method.group_of[k] for k in keys])
+    mixed = matrix.clone()
+    mixed[:, method.parts[1]] = torch.randn(mixed[:, method.parts[1]].shape,
+                                            generator=torch.Generator().manual_seed(0))
+    shrunk = mixed.clone()
+    shrunk[:, method.parts[0]] *= 1e-3
+    assert method._nearest_targets(keys, shrunk, labels) == method._nearest_targets(
+        keys, mixed, labels)
     with pytest.raises(MMGuardError, match="member_units needs the image target"):
         create_method("wrong-target", "triples", surrogates=("lvlm-test",), target="centroid",
                       member_units=True)
