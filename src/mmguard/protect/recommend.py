@@ -50,7 +50,9 @@ RECOMMENDED: dict[str, Recommendation] = {
         "on Fashion-MNIST VQA a LoRA-fine-tuned smolvlm-lite answered 22.2% right after "
         "training on it, against 76.7% on clean data and 78.5% on uniform noise of the same "
         "budget (3 seeds; benchmarks/results/lab-bench.md); on 73-answer emoji categories, "
-        "5.5% against 35.3% clean and 28.2% uniform (test split, 3 seeds)",
+        "5.5% against 35.3% clean and 28.2% uniform (test split, 3 seeds); on 512-px "
+        "photos of emoji (emoji-groups, 9 answers), 8.2% against 59.0% clean and 57.0% "
+        "uniform (3 seeds; benchmarks/results/lab-real-size.md)",
         "measured with the attacker's own vision tower as the surrogate (white box). It "
         "protects against the tower families in its surrogate ensemble and no others: made "
         "on EfficientNet and DINOv2 (--surrogate smolvlm-lite --surrogate smolvlm-lite-c "
@@ -62,8 +64,11 @@ RECOMMENDED: dict[str, Recommendation] = {
         "per answer (--method class-pattern --cells 8 --gray-noise --values square, SSIM "
         "0.91) cost ResNet-50 61% and EfficientNet 23% (3 seeds) but DINOv2 and VGG16 "
         "nothing (one seed each); shift-pattern made on two families cost ResNet-50 54% and, "
-        "made without it, EfficientNet 8% (3 seeds each). An attacker who JPEG-compresses the "
-        "images undoes wrong-target (--robust jpeg kept 6 of 58 points, one seed). Details "
+        "made without it, EfficientNet 8% (3 seeds each). An attacker who JPEG-compresses 28-px "
+        "images undoes wrong-target (--robust jpeg kept 6 of 58 points, one seed); on 512-px "
+        "images JPEG-75 left all of it (9.0% against 56.0% clean, one seed). At 512 px the "
+        "release's SSIM is 0.86; --strength low gives SSIM 0.95 and 18.5% against 55.5% "
+        "clean (one seed). Details "
         "and every row: docs/findings-lvlm.md"),
     "pairs": Recommendation(
         "wrong-target",
