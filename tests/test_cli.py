@@ -93,6 +93,49 @@ def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
     assert 8 < record["summary"]["max_linf_levels"] <= 16
 
 
+def test_large_images_get_the_recommendations_large_image_preset(tmp_path):
+    from mmguard.protect.recommend import RECOMMENDED
+
+    chosen = RECOMMENDED["triples"]
+    side = chosen.large_side
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = ["image,prompt,response"]
+    for index in range(3):  # flat canvases, as the 512-px set's
+        Image.new("RGB", (side + 40, side), (200, 180 + index, 90)).save(folder / f"{index}.png")
+        rows.append(f"{index}.png,What is shown?,thing {index % 2}")
+    (folder / "qa.csv").write_text("\n".join(rows) + "\n")
+    common = ["protect", "--data", str(folder / "qa.csv"), "--surrogate", "lvlm-test",
+              "--pgd-steps", "1", "--quiet"]
+    result = mmguard(*common, "--out", str(tmp_path / "auto"))
+    assert f"images of {side} px" in result.stderr
+    assert f"--strength {chosen.large_strength}" in result.stderr
+    record = json.loads((tmp_path / "auto" / "mmguard-run.json").read_text())
+    assert record["budgets"]["eps_levels"] == 4  # the low preset's budget
+    assert record["config"]["pgd_steps"] == 1  # the user's steps still win
+    mine = mmguard(*common, "--eps", "8/255", "--out", str(tmp_path / "mine"))
+    assert "images of" not in mine.stderr
+    assert json.loads((tmp_path / "mine" / "mmguard-run.json").read_text())[
+        "budgets"]["eps_levels"] == 8
+
+
+def test_size_strength_reads_the_median_shorter_side(tmp_path):
+    from mmguard.protect.recommend import Recommendation, size_strength
+
+    def image(name: str, size: tuple[int, int]) -> ImageRef:
+        Image.new("RGB", size).save(tmp_path / name)
+        return ImageRef(name, path=tmp_path / name)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    large = [image("a.png", (900, 600)), image("b.png", (600, 700)),
+             ImageRef("broken.png", path=broken), image("c.png", (40, 30))]
+    chosen = Recommendation("wrong-target", "measured", large_side=512, large_strength="low")
+    assert size_strength(chosen, large) == ("low", 600)  # the unreadable file is left out
+    assert size_strength(chosen, large[2:]) is None  # only a 30-px image is readable
+    assert size_strength(Recommendation("wrong-target", "measured"), large) is None
+
+
 def test_datasets_list_names_each_builtin():
     from mmguard.data.builtin import BUILTINS
 

@@ -21,7 +21,13 @@ from mmguard.data.resolve import resolve_dataset
 from mmguard.data.sources import fingerprint
 from mmguard.errors import MMGuardError
 from mmguard.protect.base import MethodConfig
-from mmguard.protect.recommend import RECOMMENDED, STRENGTHS, apply_strength, recommended_method
+from mmguard.protect.recommend import (
+    RECOMMENDED,
+    STRENGTHS,
+    apply_strength,
+    recommended_method,
+    size_strength,
+)
 from mmguard.protect.registry import METHODS, create_method
 from mmguard.protect.run import RunSummary, protect_dataset
 
@@ -147,7 +153,11 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
               help="Preset of budget and effort: "
                    + "; ".join(f"{name} {levels(s.eps)}/255 with {s.effort:g}x the method's "
                                "PGD steps" for name, s in STRENGTHS.items())
-                   + " [mid]. --eps and --pgd-steps given explicitly win.")
+                   + " [mid; without --method, "
+                   + "; ".join(f"{r.large_strength} for {kind} whose images' shorter side is "
+                               f"{r.large_side} px or more (median)"
+                               for kind, r in RECOMMENDED.items() if r.large_strength)
+                   + "]. --eps and --pgd-steps given explicitly win.")
 @click.option("--eps", type=EpsParam(), default=None,
               help="L-infinity budget on pixels in [0,1], as 8/255 or 0.0314; it holds on the "
                    "saved 8-bit files [8/255, or the --strength preset's].")
@@ -193,6 +203,14 @@ def protect(data, dataset_name, split, kind, method, strength, eps, out, limit, 
         click.echo(f"no --method given: using {method}{setting}, the best measured method "
                    f"for {dataset.kind}: {chosen.evidence}"
                    + (f". Caveat: {chosen.caveat}" if chosen.caveat else ""), err=True)
+        large = (size_strength(chosen, dataset.images()[:limit]) if strength is None
+                 and eps is None else None)
+        if large:
+            strength, side = large
+            click.echo(f"images of {side} px (median shorter side, at least "
+                       f"{chosen.large_side}): using --strength {strength}: "
+                       f"{chosen.large_evidence}. Give --strength or --eps to choose.",
+                       err=True)
     eps, given = apply_strength(method, strength, eps, given, base=recommended)
     protection = create_method(method, dataset.kind, eps=eps, seed=seed, **given)
     identity = ({"input": dataset.source} if dataset_name else fingerprint(dataset))

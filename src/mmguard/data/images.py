@@ -121,6 +121,24 @@ def open_pil(ref: ImageRef, item: str) -> Image.Image:
         raise BadItemError(item, f"cannot decode image: {exc}") from None
 
 
+def shorter_side(ref: ImageRef) -> int | None:
+    """The image's shorter side in pixels, from its header where it is a file; None if it
+    cannot be read (a protect run reports bad items itself, naming them)."""
+    try:
+        if ref.path is not None:
+            with Image.open(ref.path) as handle:  # lazy: reads the header only
+                return min(handle.size)
+        return min(ref.opener().size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def median_shorter_side(refs: Sequence[ImageRef], sample: int = 200) -> int | None:
+    """Median shorter side of the first `sample` readable images (None if none is)."""
+    sides = sorted(side for ref in refs[:sample] if (side := shorter_side(ref)) is not None)
+    return sides[(len(sides) - 1) // 2] if sides else None
+
+
 def load_image_uint8(ref: ImageRef, item: str) -> torch.Tensor:
     """The image as a uint8 tensor of shape (3, H, W), oriented and in RGB."""
     return _channels_first(to_rgb(open_pil(ref, item)))

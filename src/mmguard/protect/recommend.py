@@ -15,10 +15,13 @@ more steps to be used). An explicit `--eps` or `--pgd-steps` wins over the prese
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmguard.data.budget import as_levels
+from mmguard.data.images import median_shorter_side
+from mmguard.data.records import ImageRef
 from mmguard.errors import MMGuardError
 from mmguard.protect.registry import method_class
 
@@ -31,6 +34,12 @@ class Recommendation:
     # The method options of the measured setting, where they differ from its
     # defaults; options the user gives win.
     options: dict[str, Any] = field(default_factory=dict)
+    # Noise that protects a small image shows on a large, mostly flat one. From this
+    # median shorter side (px; 0: never) the default preset is `large_strength`, and
+    # `large_evidence` says what was measured there.
+    large_side: int = 0
+    large_strength: str | None = None
+    large_evidence: str = ""
 
     def describe_options(self) -> str:
         """The options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
@@ -67,9 +76,15 @@ RECOMMENDED: dict[str, Recommendation] = {
         "made without it, EfficientNet 8% (3 seeds each). An attacker who JPEG-compresses 28-px "
         "images undoes wrong-target (--robust jpeg kept 6 of 58 points, one seed); on 512-px "
         "images JPEG-75 left 97% of it (8.8% against 58.2% clean, 3 seeds). At 512 px the "
-        "release's SSIM is 0.86; --strength low gives SSIM 0.95 and 18.5% against 55.5% "
-        "clean (one seed). Details "
-        "and every row: docs/findings-lvlm.md"),
+        "mid release's SSIM is 0.86, so images that large get --strength low. Details "
+        "and every row: docs/findings-lvlm.md",
+        # 4x the 128-px input of smolvlm-lite, where the low preset was measured; on 28-px
+        # images it cost 39% (one seed), short of the 50% that mid reaches there.
+        large_side=512, large_strength="low",
+        large_evidence="on 512-px photos of emoji the low preset keeps SSIM 0.95 (mid: 0.86) "
+        "and a LoRA-fine-tuned smolvlm-lite answered 16.8% right against 59.0% clean and "
+        "53.8% with uniform noise of its 4/255 budget (3 seeds; "
+        "benchmarks/results/lab-real-size.md)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
@@ -113,6 +128,17 @@ def recommended_method(kind: str) -> Recommendation:
     if kind not in RECOMMENDED:
         raise MMGuardError(f"no recommended method for {kind!r} data; choose pairs or triples")
     return RECOMMENDED[kind]
+
+
+def size_strength(chosen: Recommendation, images: Sequence[ImageRef]) -> tuple[str, int] | None:
+    """(preset, median shorter side) when the images are large enough for the
+    recommendation's large-image preset; None otherwise."""
+    if not chosen.large_strength:
+        return None
+    side = median_shorter_side(images)
+    if side is None or side < chosen.large_side:
+        return None
+    return chosen.large_strength, side
 
 
 def apply_strength(method: str, strength: str | None, eps: float | None,
