@@ -10,6 +10,9 @@ recommendation also carries the method options of the measured setting, which
 Strength presets trade visibility for effect, as Fawkes' low/mid/high do: each sets
 the L-infinity budget and scales the method's default PGD steps (more budget needs
 more steps to be used). An explicit `--eps` or `--pgd-steps` wins over the preset.
+A recommendation may name the preset its own measurements chose for large images
+(`large_side`, `large_strength`), which `mmguard protect` applies when the user
+names neither a preset nor a budget.
 """
 
 from __future__ import annotations
