@@ -87,8 +87,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         large_side=512, large_strength="low",
         large_evidence="on 512-px photos of emoji the low preset keeps SSIM 0.95 (mid: 0.86) "
         "and a LoRA-fine-tuned smolvlm-lite answered 16.8% right against 59.0% clean and "
-        "53.8% with uniform noise of its 4/255 budget (3 seeds; "
-        "benchmarks/results/lab-real-size.md)"),
+        "53.8% with uniform noise of its 4/255 budget, and kept 91% of that drop when the "
+        "attacker JPEG-compressed the images (3 seeds; benchmarks/results/lab-real-size.md)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
