@@ -61,11 +61,13 @@ def test_protect_without_a_method_uses_the_recommended_one_and_says_why(tmp_path
 
 
 def test_a_recommendation_names_its_options_as_protect_flags():
-    from mmguard.protect.recommend import Recommendation
+    from mmguard.protect.recommend import Recommendation, as_flags
 
     chosen = Recommendation("wrong-target", "measured", options={
         "pgd_steps": 25, "step_size": 2 / 255, "pretrained_too": True, "robust_every": False})
     assert chosen.describe_options() == "--pgd-steps 25, --step-size 2/255, --pretrained-too"
+    # a share is no budget: it reads as itself, not as levels of 255
+    assert as_flags({"pattern_share": 0.5, "eps": 4 / 255}) == "--pattern-share 0.5, --eps 4/255"
 
 
 def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
@@ -94,7 +96,7 @@ def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
 
 
 def test_large_images_get_the_recommendations_large_image_preset(tmp_path):
-    from mmguard.protect.recommend import RECOMMENDED
+    from mmguard.protect.recommend import RECOMMENDED, STRENGTHS
 
     chosen = RECOMMENDED["triples"]
     side = chosen.large_side
@@ -109,14 +111,19 @@ def test_large_images_get_the_recommendations_large_image_preset(tmp_path):
               "--pgd-steps", "1", "--quiet"]
     result = mmguard(*common, "--out", str(tmp_path / "auto"))
     assert f"images of {side} px" in result.stderr
-    assert f"--strength {chosen.large_strength}" in result.stderr
+    assert f"--strength {chosen.large_strength} with --pattern-share 0.5" in result.stderr
     record = json.loads((tmp_path / "auto" / "mmguard-run.json").read_text())
-    assert record["budgets"]["eps_levels"] == 4  # the low preset's budget
+    assert record["budgets"]["eps_levels"] == round(STRENGTHS[chosen.large_strength].eps * 255)
+    measured = {name: value for name, value in chosen.large_options.items()
+                if name != "pgd_steps"}
+    assert measured  # the large-image setting is more than a budget
+    assert {name: record["config"][name] for name in measured} == measured
     assert record["config"]["pgd_steps"] == 1  # the user's steps still win
     mine = mmguard(*common, "--eps", "8/255", "--out", str(tmp_path / "mine"))
     assert "images of" not in mine.stderr
-    assert json.loads((tmp_path / "mine" / "mmguard-run.json").read_text())[
-        "budgets"]["eps_levels"] == 8
+    record = json.loads((tmp_path / "mine" / "mmguard-run.json").read_text())
+    assert record["budgets"]["eps_levels"] == 8
+    assert record["config"]["pattern_share"] == 0  # a chosen budget leaves the setting too
 
 
 def test_size_strength_reads_the_median_shorter_side(tmp_path):

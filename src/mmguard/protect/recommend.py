@@ -10,9 +10,9 @@ recommendation also carries the method options of the measured setting, which
 Strength presets trade visibility for effect, as Fawkes' low/mid/high do: each sets
 the L-infinity budget and scales the method's default PGD steps (more budget needs
 more steps to be used). An explicit `--eps` or `--pgd-steps` wins over the preset.
-A recommendation may name the preset its own measurements chose for large images
-(`large_side`, `large_strength`), which `mmguard protect` applies when the user
-names neither a preset nor a budget.
+A recommendation may name the preset and options its own measurements chose for
+large images (`large_side`, `large_strength`, `large_options`), which `mmguard
+protect` applies when the user names neither a preset nor a budget.
 """
 
 from __future__ import annotations
@@ -38,22 +38,30 @@ class Recommendation:
     # defaults; options the user gives win.
     options: dict[str, Any] = field(default_factory=dict)
     # Noise that protects a small image shows on a large, mostly flat one. From this
-    # median shorter side (px; 0: never) the default preset is `large_strength`, and
-    # `large_evidence` says what was measured there.
+    # median shorter side (px; 0: never) the default is preset `large_strength` with
+    # `large_options` over `options`, and `large_evidence` says what was measured there.
     large_side: int = 0
     large_strength: str | None = None
     large_evidence: str = ""
+    large_options: dict[str, Any] = field(default_factory=dict)
 
     def describe_options(self) -> str:
         """The options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
-        flags = []
-        for name, value in self.options.items():
-            flag = f"--{name.replace('_', '-')}"
-            if isinstance(value, bool):  # an on/off flag takes no value
-                flags += [flag] if value else []
-            else:
-                flags.append(f"{flag} {as_levels(value) if isinstance(value, float) else value}")
-        return ", ".join(flags)
+        return as_flags(self.options)
+
+
+def as_flags(options: dict[str, Any]) -> str:
+    """Method options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
+    flags = []
+    for name, value in options.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):  # an on/off flag takes no value
+            flags += [flag] if value else []
+        else:
+            # a budget or step size reads as levels ("2/255"), a share as itself ("0.5")
+            text = (as_levels(value) or f"{value:g}") if isinstance(value, float) else value
+            flags.append(f"{flag} {text}")
+    return ", ".join(flags)
 
 
 RECOMMENDED: dict[str, Recommendation] = {
@@ -64,7 +72,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         "budget (3 seeds; benchmarks/results/lab-bench.md); on 73-answer emoji categories, "
         "5.5% against 35.3% clean and 28.2% uniform (test split, 3 seeds); on 512-px "
         "photos of emoji (emoji-groups, 9 answers), 8.2% against 59.0% clean and 57.0% "
-        "uniform, and 16.8% with the low preset such photos get (3 seeds; "
+        "uniform, and 17.8% with the split budget such photos get (3 seeds; "
         "benchmarks/results/lab-real-size.md)",
         "measured with the attacker's own vision tower as the surrogate (white box). It protects "
         "against the tower families in its surrogate ensemble and no others: made on EfficientNet "
@@ -80,15 +88,23 @@ RECOMMENDED: dict[str, Recommendation] = {
         "ResNet-50 54% and, made without it, EfficientNet 8% (3 seeds each). An attacker who "
         "JPEG-compresses 28-px images undoes wrong-target (--robust jpeg kept 6 of 58 points, one "
         "seed); on 512-px images JPEG-75 left 97% of it (8.8% against 58.2% clean, 3 seeds). At 512"
-        " px the mid release's SSIM is 0.86, so images that large get --strength low. Details and "
+        " px the mid release's SSIM is 0.86, so images that large get the collision in half the "
+        "budget around a luma grid per answer (SSIM 0.95), which also cost a ResNet-50 attacker "
+        "34% (3 seeds); on 28-px images the two halves did not add (-51% and -26%). Details and "
         "every row: docs/findings-lvlm.md",
-        # 4x the 128-px input of smolvlm-lite, where the low preset was measured; on 28-px
-        # images it cost 39% (one seed), short of the 50% that mid reaches there.
-        large_side=512, large_strength="low",
-        large_evidence="on 512-px photos of emoji the low preset keeps SSIM 0.95 (mid: 0.86) "
-        "and a LoRA-fine-tuned smolvlm-lite answered 16.8% right against 59.0% clean and "
-        "53.8% with uniform noise of its 4/255 budget, and kept 91% of that drop when the "
-        "attacker JPEG-compressed the images (3 seeds; benchmarks/results/lab-real-size.md)"),
+        # 4x the 128-px input of smolvlm-lite, where it was measured. At that size the two
+        # halves of the budget add: the collision in 4/255 does what the low preset does
+        # alone, and a 4/255 luma grid per answer is a shortcut for a ResNet-50 attacker
+        # the release was not made on. On 28-px images they did not add (-51% / -26%).
+        large_side=512, large_strength="mid",
+        large_options={"pattern_share": 0.5, "pattern_cells": 8, "pattern_gray_noise": True,
+                       "pgd_steps": 20},
+        large_evidence="on 512-px photos of emoji a collision in half the 8/255 budget, around "
+        "a luma 8x8 grid per answer in the other half, keeps SSIM 0.95 (the plain collision at "
+        "8/255: 0.86) and left a LoRA-fine-tuned smolvlm-lite 17.8% right against 59.0% clean "
+        "and 57.0% with uniform noise, and a ResNet-50 attacker it was not made on "
+        "(smolvlm-lite-d) 37.8% against 57.2% clean and 58.0% uniform (3 seeds; "
+        "benchmarks/results/lab-real-size.md); a DINOv2 or VGG16 attacker is not reached"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
