@@ -104,7 +104,9 @@ RECOMMENDED: dict[str, Recommendation] = {
         "8/255: 0.86) and left a LoRA-fine-tuned smolvlm-lite 17.8% right against 59.0% clean "
         "and 57.0% with uniform noise, and a ResNet-50 attacker it was not made on "
         "(smolvlm-lite-d) 37.8% against 57.2% clean and 58.0% uniform (3 seeds; "
-        "benchmarks/results/lab-real-size.md); a DINOv2 or VGG16 attacker is not reached"),
+        "benchmarks/results/lab-real-size.md); it kept 71-124% of those drops when the "
+        "attackers JPEG-compressed or halved the images, and does not reach a DINOv2 "
+        "attacker (-2%; one seed each)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
