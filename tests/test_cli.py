@@ -95,7 +95,7 @@ def test_strength_presets_set_the_budget_unless_eps_is_given(tmp_path):
     assert 8 < record["summary"]["max_linf_levels"] <= 16
 
 
-def test_large_images_get_the_recommendations_large_image_preset(tmp_path):
+def test_large_images_get_the_recommendations_large_image_setting(tmp_path):
     from mmguard.protect.recommend import RECOMMENDED, STRENGTHS
 
     chosen = RECOMMENDED["triples"]
