@@ -105,8 +105,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         "and 57.0% with uniform noise, and a ResNet-50 attacker it was not made on "
         "(smolvlm-lite-d) 37.8% against 57.2% clean and 58.0% uniform (3 seeds; "
         "benchmarks/results/lab-real-size.md); it kept 71-124% of those drops when the "
-        "attackers JPEG-compressed or halved the images, and does not reach a DINOv2 "
-        "attacker (-2%; one seed each)"),
+        "attackers JPEG-compressed or halved the images, 68% when the white-box one turned "
+        "them gray, and does not reach a DINOv2 attacker (-2%; one seed each)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
