@@ -25,7 +25,6 @@ from mmguard.protect.recommend import (
     RECOMMENDED,
     STRENGTHS,
     apply_strength,
-    as_flags,
     recommended_method,
     size_strength,
 )
@@ -155,11 +154,8 @@ def load_input(data: Path | None, dataset_name: str | None, split: str | None,
                    + "; ".join(f"{name} {levels(s.eps)}/255 with {s.effort:g}x the method's "
                                "PGD steps" for name, s in STRENGTHS.items())
                    + " [mid; without --method, "
-                   + "; ".join(f"{r.large_strength}"
-                               + (f" with {as_flags(r.large_options)}" if r.large_options
-                                  else "")
-                               + f" for {kind} whose images' shorter side is {r.large_side} px "
-                               "or more (median)"
+                   + "; ".join(f"{r.describe_large()} for {kind} whose images' shorter side "
+                               f"is {r.large_side} px or more (median)"
                                for kind, r in RECOMMENDED.items() if r.large_strength)
                    + "]. --eps and --pgd-steps given explicitly win.")
 @click.option("--eps", type=EpsParam(), default=None,
@@ -212,10 +208,8 @@ def protect(data, dataset_name, split, kind, method, strength, eps, out, limit, 
         if large:
             strength, side = large
             recommended = {**recommended, **chosen.large_options}
-            setting = (f" with {as_flags(chosen.large_options)}" if chosen.large_options
-                       else "")
             click.echo(f"images of {side} px (median shorter side, at least "
-                       f"{chosen.large_side}): using --strength {strength}{setting}: "
+                       f"{chosen.large_side}): using --strength {chosen.describe_large()}: "
                        f"{chosen.large_evidence}. Give --strength or --eps to choose.",
                        err=True)
     eps, given = apply_strength(method, strength, eps, given, base=recommended)

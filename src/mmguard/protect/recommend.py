@@ -49,6 +49,11 @@ class Recommendation:
         """The options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
         return as_flags(self.options)
 
+    def describe_large(self) -> str:
+        """The large-image setting: "mid with --pattern-share 0.5, --pgd-steps 20"."""
+        flags = as_flags(self.large_options)
+        return f"{self.large_strength}" + (f" with {flags}" if flags else "")
+
 
 def as_flags(options: dict[str, Any]) -> str:
     """Method options as `mmguard protect` flags: "--pgd-steps 100, --pretrained-too"."""
