@@ -11,7 +11,7 @@ from mmguard.data.budget import (
 from mmguard.data.images import DecodedImage
 from mmguard.data.stealth import linf_levels, psnr_db
 from mmguard.errors import MMGuardError
-from mmguard.protect.pgd import pgd, project_delta
+from mmguard.protect.pgd import grid_of, pgd, project_delta, upsample_noise
 
 
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.0314", 0.0314), ("1", 1.0),
@@ -130,6 +130,33 @@ def test_pgd_around_centers_stays_within_eps_of_each_center(shared):
         assert float((d - c).abs().max()) > eps / 2  # it moved: the bound is the center's
         if not shared:
             assert float((x + d).min()) >= 0.0 and float((x + d).max()) <= 1.0
-    with pytest.raises(ValueError, match="centers"):
-        pgd(originals, centers, loss, eps=eps, step_size=0.02, steps=1, coarse=2,
-            centers=centers)
+
+
+@pytest.mark.parametrize("grid", [{"gray": True}, {"coarse": 2}, {"cells": 2, "gray": True}],
+                         ids=["luma", "coarse-2", "luma-2x2-cells"])
+def test_grid_pgd_moves_around_centers_in_its_own_form(grid):
+    # The grid is the move from each center: the result stays within eps of the center,
+    # differs from it by a luma (or coarse) move only, and reaches past half of eps.
+    generator = torch.Generator().manual_seed(2)
+    originals = [0.2 + 0.6 * torch.rand(3, 8, 8, generator=generator) for _ in range(2)]
+    centers = [0.1 * torch.sign(torch.randn(3, 8, 8, generator=generator)) for _ in range(2)]
+    eps = 0.05
+
+    def loss(images):
+        return sum((image - 0.5).pow(2).sum() for image in images)
+
+    deltas = pgd(originals, [c.clone() for c in centers], loss, eps=eps, step_size=0.02,
+                 steps=10, centers=centers, **grid)
+    for x, d, c in zip(originals, deltas, centers, strict=True):
+        move = d - c
+        assert float(move.abs().max()) <= eps + 1e-6
+        assert float(move.abs().max()) > eps / 2
+        assert float((x + d).min()) >= 0.0 and float((x + d).max()) <= 1.0
+        if grid.get("gray"):
+            assert float((move - move.mean(dim=0)).abs().max()) < 1e-6
+        # a move on a grid is its own grid upsampled again (the per-pixel center is not)
+        side = grid.get("cells") or 8 // grid.get("coarse", 1)
+        if side < 8:
+            assert torch.allclose(move, upsample_noise(grid_of(move, (side, side)), (8, 8)),
+                                  atol=1e-6)
+            assert not torch.allclose(c, upsample_noise(grid_of(c, (side, side)), (8, 8)))

@@ -722,12 +722,16 @@ def test_wrong_target_on_batch_statistics_moves_features_as_a_training_tower_rea
         create_method("wrong-target", "pairs", surrogate_bn="both", surrogates=("rn-test",))
 
 
-@pytest.mark.parametrize("drawn", [{}, {"cells": 4, "gray_noise": True, "values": "square"}],
-                         ids=["per-pixel-signs", "luma-square-wave-grid"])
-def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path, drawn):
+@pytest.mark.parametrize("drawn, luma_collision",
+                         [({}, False),
+                          ({"cells": 4, "gray_noise": True, "values": "square"}, True)],
+                         ids=["per-pixel-signs", "luma-square-wave-grid-luma-collision"])
+def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path, drawn,
+                                                                      luma_collision):
     eps, share = 16 / 255, 0.5
     method = create_method("wrong-target", "triples", surrogates=("lvlm-test",), pgd_steps=8,
                            batch_size=8, eps=eps, step_size=2 / 255, pattern_share=share,
+                           gray_noise=luma_collision,
                            **{f"pattern_{name}": value for name, value in drawn.items()})
     dataset = load_builtin("digits", "train", "triples")
     protect_dataset(dataset, method, tmp_path / "out", limit=16, progress=False)
@@ -749,6 +753,10 @@ def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path, 
         # at share 0.5 the noise keeps the pattern's sign wherever it is not zero
         moved = inside & (delta.abs() > 0.5 / 255)
         assert bool((delta[moved].sign() == center[moved].sign()).all())
+        if luma_collision:  # the collision's move is one value for R, G and B
+            offset = (delta - center)[:, inside.all(dim=0)]
+            assert float((offset - offset.mean(dim=0)).abs().max()) <= 0.5 / 255 + 1e-6
+            assert float(offset.abs().max()) > 2 / 255  # and it did move
         keys.append(key)
         saved.append(image + delta)
         with_pattern.append((image + center).clamp(0, 1))
@@ -759,9 +767,6 @@ def test_wrong_target_pattern_share_collides_around_the_class_pattern(tmp_path, 
     wanted = torch.stack([method.features_of[method.target_image_of[k]] for k in keys])
     assert float((after - wanted).norm(dim=1).mean()) < 0.9 * float(
         (start - wanted).norm(dim=1).mean())
-    with pytest.raises(MMGuardError, match="pattern_share"):
-        create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_share=0.5,
-                      coarse=2)
     with pytest.raises(MMGuardError, match="give pattern_share"):
         create_method("wrong-target", "triples", surrogates=("lvlm-test",), pattern_cells=8)
 

@@ -169,16 +169,17 @@ def pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             the given delta's size).
         gray: one noise channel for R, G and B (luma only); a given delta starts it as
             its channel mean.
-        centers: a fixed offset per delta (same indexing as `deltas`): each delta then
-            stays within eps of its center instead of zero (per pixel only; a center
-            with |center| <= budget - eps keeps the result within the budget).
+        centers: a fixed offset per delta (same indexing as `deltas`, each of its
+            delta's shape): each delta then stays within eps of its center instead of
+            zero (a center with |center| <= budget - eps keeps the result within the
+            budget). With grid noise the grid is the offset from the center, so a luma
+            or coarse move can sit around a center of any form.
     """
-    if centers is not None and is_grid(coarse, cells, gray):
-        raise ValueError("pgd: centers need per-pixel noise (coarse 1, no cells, not gray)")
     if is_grid(coarse, cells, gray):
         return _grid_pgd(originals, deltas, loss_fn, eps=eps,
                          sizes=step_sizes(step_size, steps, schedule), maximize=maximize,
-                         shared_by=shared_by, coarse=coarse, gray=gray, cells=cells)
+                         shared_by=shared_by, coarse=coarse, gray=gray, cells=cells,
+                         centers=centers)
     sign = 1.0 if maximize else -1.0
     zero = [None] * len(deltas)
     if shared_by is None:
@@ -223,11 +224,15 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
               loss_fn: Callable[[list[torch.Tensor]], torch.Tensor], *, eps: float,
               sizes: list[float], maximize: bool,
               shared_by: Sequence[int] | None, coarse: int, gray: bool,
-              cells: int = 0) -> list[torch.Tensor]:
+              cells: int = 0,
+              centers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     sign = 1.0 if maximize else -1.0
     owner = list(range(len(originals))) if shared_by is None else list(shared_by)
     shapes = [tuple(d.shape) for d in deltas]
-    starts = [d.detach().mean(dim=0, keepdim=True) if gray else d.detach() for d in deltas]
+    bases = list(centers) if centers is not None else [torch.zeros(())] * len(deltas)
+    # The grid is the move from each center: a delta given starts it as its offset.
+    offsets = [d.detach() - b for d, b in zip(deltas, bases, strict=True)]
+    starts = [d.mean(dim=0, keepdim=True) if gray else d for d in offsets]
     grids = [grid_of(d, grid_size(d, coarse, cells)).clamp(-eps, eps) for d in starts]
 
     def full_size(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -242,15 +247,19 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             # shared by images of several sizes). [0, 1] is kept by clamping in the
             # forward pass, as for shared noise: a grid cannot be projected per pixel.
             if (j, tuple(x.shape)) not in noise:
-                noise[j, tuple(x.shape)] = full_size(variables[j], tuple(x.shape))
+                if centers is not None and tuple(x.shape) != shapes[j]:
+                    raise ValueError("pgd: a center fits only images of its delta's shape")
+                noise[j, tuple(x.shape)] = bases[j] + full_size(variables[j], tuple(x.shape))
             images.append((x + noise[j, tuple(x.shape)]).clamp(0.0, 1.0))
         grads = torch.autograd.grad(loss_fn(images), variables)
         grids = [(g + sign * size * d.sign()).clamp(-eps, eps)
                  for g, d in zip(grids, grads, strict=True)]
-    full = [full_size(g, shape).contiguous() for g, shape in zip(grids, shapes, strict=True)]
+    full = [(b + full_size(g, shape)).contiguous()
+            for g, b, shape in zip(grids, bases, shapes, strict=True)]
     if shared_by is not None:
         return full
-    return [project_delta(x, d, eps) for x, d in zip(originals, full, strict=True)]
+    return [_project_around(x, d, c, eps) for x, d, c in
+            zip(originals, full, centers or [None] * len(full), strict=True)]
 
 
 def random_start(originals: Sequence[torch.Tensor], eps: float,

@@ -75,7 +75,6 @@ from mmguard.protect.grouping import (
     nearest_derangement,
     pattern_name,
 )
-from mmguard.protect.pgd import is_grid
 from mmguard.protect.surrogates import Surrogate, TextItem, create_surrogate
 
 
@@ -137,7 +136,8 @@ class WrongTargetConfig(SurrogateConfig):
                                   "(0: none; below 1).", min=0.0, max=0.95)
     # The pattern is drawn as class-pattern draws it, with class-pattern's options: a luma
     # 8 x 8 grid is the ResNet-50 family's shortcut (-73% on Fashion-MNIST), the square wave
-    # both CNN families'; the collision still moves per pixel around it.
+    # both CNN families'. The collision moves around it per pixel, or in the form the
+    # noise options give it (gray_noise: in luma, which a grayscale attacker keeps whole).
     pattern_cells: int = option(0, "wrong-target, with pattern_share: the pattern on a grid "
                                 "of this many x this many cells (class-pattern's cells; 0: "
                                 "per pixel).", min=0, max=1024)
@@ -177,10 +177,6 @@ class WrongTarget(BilevelMethod):
             raise MMGuardError("wrong-target: member_units needs the image target")
         if self.config.retrain_steps and self.config.retrain_epochs:
             raise MMGuardError("wrong-target: give retrain_steps or retrain_epochs, not both")
-        if self.config.pattern_share and is_grid(self.config.coarse, self.config.cells,
-                                                 self.config.gray_noise):
-            raise MMGuardError("wrong-target: pattern_share needs per-pixel noise (coarse 1, "
-                               "no cells, gray_noise off)")
         drawn = (self.config.pattern_cells or self.config.pattern_gray_noise
                  or self.config.pattern_values != "sign")
         if drawn and not self.config.pattern_share:
