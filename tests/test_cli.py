@@ -119,6 +119,12 @@ def test_large_images_get_the_recommendations_large_image_setting(tmp_path):
     assert measured  # the large-image setting is more than a budget
     assert {name: record["config"][name] for name in measured} == measured
     assert record["config"]["pgd_steps"] == 1  # the user's steps still win
+    # --gray-noise moves the collision half in luma too, around the same setting
+    luma = mmguard(*common, "--gray-noise", "--out", str(tmp_path / "luma"))
+    assert f"images of {side} px" in luma.stderr
+    record = json.loads((tmp_path / "luma" / "mmguard-run.json").read_text())
+    assert record["config"]["gray_noise"] is True
+    assert {name: record["config"][name] for name in measured} == measured
     mine = mmguard(*common, "--eps", "8/255", "--out", str(tmp_path / "mine"))
     assert "images of" not in mine.stderr
     record = json.loads((tmp_path / "mine" / "mmguard-run.json").read_text())
