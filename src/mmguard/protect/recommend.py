@@ -111,10 +111,10 @@ RECOMMENDED: dict[str, Recommendation] = {
         "(smolvlm-lite-d) 37.8% against 57.2% clean and 58.0% uniform (3 seeds; "
         "benchmarks/results/lab-real-size.md); it kept 72-124% of those drops when the "
         "attackers JPEG-compressed or halved the images (the ResNet-50 one halving them: 72%, "
-        "3 seeds), 107% when the white-box one blurred "
-        "them (sigma 1 px) and 68% when it turned them gray (91% with --gray-noise, which cost "
-        "the ResNet-50 attacker 26% instead), and does not reach a DINOv2 or a VGG16 attacker "
-        "(-2%, 0%; one seed each)"),
+        "3 seeds), 107% when the white-box one blurred them (sigma 1 px) and 58% when it "
+        "turned them gray (3 seeds; 91% with --gray-noise, which cost the ResNet-50 attacker "
+        "26% instead), and does not reach a DINOv2 or a VGG16 attacker (-2%, 0%; one seed "
+        "each)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
