@@ -258,8 +258,7 @@ def _grid_pgd(originals: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor],
             for g, b, shape in zip(grids, bases, shapes, strict=True)]
     if shared_by is not None:
         return full
-    return [_project_around(x, d, c, eps) for x, d, c in
-            zip(originals, full, centers or [None] * len(full), strict=True)]
+    return [_project_around(x, d, b, eps) for x, d, b in zip(originals, full, bases, strict=True)]
 
 
 def random_start(originals: Sequence[torch.Tensor], eps: float,
