@@ -112,8 +112,9 @@ RECOMMENDED: dict[str, Recommendation] = {
         "benchmarks/results/lab-real-size.md); it kept 72-124% of those drops when the "
         "attackers JPEG-compressed or halved the images (the ResNet-50 one halving them: 72%, "
         "3 seeds), 107% when the white-box one blurred them (sigma 1 px) and 58% when it "
-        "turned them gray (3 seeds; 91% with --gray-noise, which cost the ResNet-50 attacker "
-        "26% instead), and does not reach a DINOv2 or a VGG16 attacker (-2%, 0%; one seed "
+        "turned them gray (3 seeds; 91% with --gray-noise and 87% with --robust grayscale "
+        "--robust-every, which cost the ResNet-50 attacker 26% and 21% instead; one seed "
+        "each), and does not reach a DINOv2 or a VGG16 attacker (-2%, 0%; one seed "
         "each)"),
     "pairs": Recommendation(
         "wrong-target",
