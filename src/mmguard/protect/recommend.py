@@ -130,9 +130,12 @@ RECOMMENDED: dict[str, Recommendation] = {
         "attacker on another tower family (DINOv2), does not see the move; a fine-tuner at "
         "lr 3e-4 learns past most of it (median rank 34, uniform 15); on these 64-px images "
         "an attacker who JPEG-compresses, blurs or halves the resolution keeps 3-8% of its "
-        "effect on the linear probe (on 512-px scenes an earlier single-tower release held: "
-        "median rank 174 of 400, 51 uniform; not yet measured for this one); about 1.3 s per "
-        "image on 2 cores (docs/findings.md §10, §17, §25, §27, §28)",
+        "effect on the linear probe (on 512-px scenes a single-tower release kept all of it "
+        "under JPEG-75, one seed); on 600 training scenes of 512 px it left the probe's "
+        "median rank at 174 of 400 against 61 clean and 64 uniform (3 seeds), and a "
+        "fine-tuner, who learns little from 600 clean scenes (115), at 144 (one seed); "
+        "about 1.3 s per 64-px image and 2.9 s per 512-px scene on 2 cores "
+        "(docs/findings.md §10, §17, §25, §27, §28, §33)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
         # fine-tuner, which moves the weights away from the pretrained features (§22-§25).
         # Re-training in passes over the data keeps small folders cheap.
