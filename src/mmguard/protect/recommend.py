@@ -112,11 +112,10 @@ RECOMMENDED: dict[str, Recommendation] = {
         "benchmarks/results/lab-real-size.md); it kept 72-124% of those drops when the "
         "attackers JPEG-compressed or halved the images (the white-box one JPEG-compressing "
         "them: 89%, the ResNet-50 one halving them: 72%, 3 seeds each), 107% when the "
-        "white-box one blurred them (sigma 1 px) and 58% when it "
-        "turned them gray (3 seeds; 91% with --gray-noise and 87% with --robust grayscale "
-        "--robust-every, which cost the ResNet-50 attacker 26% and 21% instead; one seed "
-        "each), and does not reach a DINOv2 or a VGG16 attacker (-2%, 0%; one seed "
-        "each)"),
+        "white-box one blurred them (sigma 1 px) and 58% when it turned them gray (3 seeds; "
+        "91% with --gray-noise and 87% with --robust grayscale --robust-every, which cost the "
+        "ResNet-50 attacker 26% and 21% instead; one seed each), and does not reach a DINOv2 "
+        "or a VGG16 attacker (-2%, 0%; one seed each)"),
     "pairs": Recommendation(
         "wrong-target",
         "on emoji (test split, 3 seeds; benchmarks/results/lab-emoji-pairs.md) the right "
@@ -131,10 +130,10 @@ RECOMMENDED: dict[str, Recommendation] = {
         "attacker on another tower family (DINOv2), does not see the move; a fine-tuner at "
         "lr 3e-4 learns past most of it (median rank 34, uniform 15); on these 64-px images "
         "an attacker who JPEG-compresses, blurs or halves the resolution keeps 3-8% of its "
-        "effect on the linear probe (on 512-px scenes it kept 91-96% under each, one seed); "
-        "on 600 training scenes of 512 px it left the probe's "
-        "median rank at 174 of 400 against 61 clean and 64 uniform (3 seeds), and a "
-        "fine-tuner, who learns little from 600 clean scenes (115), at 144 (one seed); "
+        "effect on the linear probe (on 512-px scenes it kept 91-93% under each; JPEG over 3 "
+        "seeds, the others one); on 600 training scenes of 512 px it left the probe's median "
+        "rank at 174 of 400 against 61 clean and 64 uniform (3 seeds), and a fine-tuner, who "
+        "learns little from 600 clean scenes (115), at 144 (one seed); "
         "about 1.3 s per 64-px image and 2.9 s per 512-px scene on 2 cores "
         "(docs/findings.md §10, §17, §25, §27, §28, §33)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
