@@ -133,7 +133,8 @@ RECOMMENDED: dict[str, Recommendation] = {
         "effect on the linear probe (on 512-px scenes it kept 91-93% under each; JPEG over 3 "
         "seeds, the others one); on 1,500 training scenes of 512 px it left the median rank "
         "of 400 at 143 against the LiT fine-tuned in full, scored as trained (70 clean, 69 "
-        "uniform), and at 144 against the probe (48, 51; 3 seeds); "
+        "uniform; 135 against 68 and 70 with its statistics re-read), and at 144 against the "
+        "probe (48, 51; 3 seeds); "
         "about 1.3 s per 64-px image and 3.0 s per 512-px scene on 2 cores "
         "(docs/findings.md §10, §17, §25, §27, §28, §33, §34)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
