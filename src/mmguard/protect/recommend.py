@@ -130,12 +130,12 @@ RECOMMENDED: dict[str, Recommendation] = {
         "attacker on another tower family (DINOv2), does not see the move; a fine-tuner at "
         "lr 3e-4 learns past most of it (median rank 34, uniform 15); on these 64-px images "
         "an attacker who JPEG-compresses, blurs or halves the resolution keeps 3-8% of its "
-        "effect on the linear probe (on 512-px scenes it kept 91-93% under each; JPEG over 3 "
-        "seeds, the others one); on 1,500 training scenes of 512 px it left the median rank "
-        "of 400 at 143 against the LiT fine-tuned in full, scored as trained (70 clean, 69 "
-        "uniform; 135 against 68 and 70 with its statistics re-read), and at 144 against the "
-        "probe (48, 51; 3 seeds); "
-        "about 1.3 s per 64-px image and 3.0 s per 512-px scene on 2 cores "
+        "effect on the linear probe (on 600 scenes of 512 px it kept 91-93% under each; JPEG "
+        "over 3 seeds, the others one); on 1,500 training scenes of 512 px it left the median "
+        "rank of 400 at 143 against the LiT fine-tuned in full, scored as trained (70 clean, "
+        "69 uniform; 135 against 68 and 70 with its statistics re-read), and at 144 against "
+        "the probe (48, 51; 3 seeds); about 1.3 s per 64-px image and 3.0 s per 512-px scene "
+        "on 2 cores "
         "(docs/findings.md §10, §17, §25, §27, §28, §33, §34)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
         # fine-tuner, which moves the weights away from the pretrained features (§22-§25).
