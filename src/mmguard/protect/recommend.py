@@ -135,9 +135,10 @@ RECOMMENDED: dict[str, Recommendation] = {
         "rank of 400 at 143 against the LiT fine-tuned in full, scored as trained (70 clean, "
         "69 uniform; 135 against 68 and 70 with its statistics re-read), at 116 against one "
         "at lr 3e-4 (43, 42), and at 144 against the probe (48, 51; 3 seeds each); "
-        "against the fine-tuner there it kept 95-101% of its effect under JPEG-75, blur and "
-        "resize and 72% under grayscale (3 seeds each; grayscale alone halves his clean "
-        "result, and the release is 1.35x his gray uniform control); about 1.3 s "
+        "against the fine-tuner there it kept 95-101% of its effect under JPEG-75, blur, "
+        "resize and rare-word stripping and 72% under grayscale (3 seeds each; grayscale "
+        "alone halves his clean result, and the release is 1.35x his gray uniform control); "
+        "about 1.3 s "
         "per 64-px image and 3.0 s per 512-px scene on 2 cores "
         "(docs/findings.md §10, §17, §25, §27, §28, §33, §34, §35, §36)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
