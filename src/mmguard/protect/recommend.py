@@ -138,8 +138,7 @@ RECOMMENDED: dict[str, Recommendation] = {
         "against the fine-tuner there it kept 95-101% of its effect under JPEG-75, blur, "
         "resize and rare-word stripping and 72% under grayscale (3 seeds each; grayscale "
         "alone halves his clean result, and the release is 1.35x his gray uniform control); "
-        "about 1.3 s "
-        "per 64-px image and 3.0 s per 512-px scene on 2 cores "
+        "about 1.3 s per 64-px image and 3.0 s per 512-px scene on 2 cores "
         "(docs/findings.md §10, §17, §25, §27, §28, §33, §34, §35, §36)",
         # Both towers: the pretrained one holds the linear probe, the fine-tuned one the
         # fine-tuner, which moves the weights away from the pretrained features (§22-§25).
